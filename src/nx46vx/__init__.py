@@ -1,0 +1,18 @@
+"""nx46vx: resumable surface detection for the Vesuvius Challenge, in one call.
+
+>>> import nx46vx
+>>> result = nx46vx.run(input_roots=["/kaggle/input"], profile="kaggle-train")  # doctest: +SKIP
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("nx46vx")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.1.0"
+
+from .config import RunConfig, load_config
+from .errors import Nx46Error
+from .pipeline import RunResult, run
+
+__all__ = ["Nx46Error", "RunConfig", "RunResult", "__version__", "load_config", "run"]

@@ -1,0 +1,244 @@
+"""Atomic checkpoints, integrity, discovery across input roots, and compatibility.
+
+Layout: ``checkpoints/ckpt-<seq>/`` with payload files and ``manifest.json``
+(written last, holding the SHA-512 of every payload file), and
+``checkpoints/LATEST`` naming the newest committed one. A checkpoint is written
+into a hidden temporary directory, every file and the directory fsynced, then
+renamed into place; :func:`is_committed` is the one function that decides whether
+a checkpoint can be used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+import torch
+
+from .atomic import fsync_dir, write_bytes_atomic
+from .errors import CheckpointError
+from .journal import dumps
+
+log = logging.getLogger("nx46vx")
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+PREFIX = "ckpt-"
+FORMAT = 1
+
+
+def sha512_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha512()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """Serialise tensors and plain containers with ``torch.save``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str, bytes], manifest: dict[str, Any], *, keep_last: int) -> Path:
+    """Write ``checkpoints/ckpt-<seq>`` atomically and point ``LATEST`` at it.
+
+    Parameters
+    ----------
+    folder : path
+        The ``checkpoints`` folder.
+    payload : dict name → bytes
+        Payload files.
+    manifest : dict
+        Fields of the manifest; ``sha512`` and ``format`` are added here.
+    keep_last : int
+        Older committed checkpoints beyond this many are deleted (never the only valid one).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{seq:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{seq:08d}-", dir=folder))
+    try:
+        digests = {}
+        for name, data in payload.items():
+            _write_synced(tmp / name, data)
+            digests[name] = hashlib.sha512(data).hexdigest()
+        full = dict(manifest, sha512=digests, format=FORMAT, seq=seq)
+        _write_synced(tmp / MANIFEST, orjson.dumps(orjson.loads(dumps(full)), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        fsync_dir(tmp)
+        if final.exists():  # a leftover from a crashed run with the same seq: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_bytes_atomic(folder / LATEST, final.name.encode() + b"\n")
+    prune(folder, keep_last)
+    return final
+
+
+def read_manifest(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse ``manifest.json``; raises CheckpointError naming the file."""
+    path = Path(ckpt) / MANIFEST
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint has no manifest", path=path, expected="manifest.json", found="nothing") from None
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError("manifest is not JSON", path=path, expected="JSON", found=str(exc)) from None
+    if not isinstance(manifest, dict) or "sha512" not in manifest:
+        raise CheckpointError("manifest lacks checksums", path=path, expected="a sha512 table", found=type(manifest).__name__)
+    return manifest
+
+
+def check_integrity(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the manifest if every payload file matches its SHA-512, else raise CheckpointError."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    for name, want in manifest["sha512"].items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError("payload file missing", path=path, expected=f"sha512 {want[:16]}…", found="no file")
+        got = sha512_file(path)
+        if got != want:
+            raise CheckpointError("payload checksum mismatch", path=path, expected=f"sha512 {want[:16]}…", found=f"sha512 {got[:16]}…")
+    return manifest
+
+
+def is_committed(ckpt: str | os.PathLike[str]) -> bool:
+    """The one rule: a checkpoint counts when its manifest parses and every payload checksum holds."""
+    try:
+        check_integrity(ckpt)
+    except CheckpointError:
+        return False
+    return True
+
+
+def load_payload(ckpt: str | os.PathLike[str], name: str) -> Any:
+    """Load one torch payload file of a checkpoint (call after :func:`check_integrity`)."""
+    return torch.load(Path(ckpt) / name, map_location="cpu", weights_only=False)
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """``ckpt-*`` folders under ``folder``, oldest first (temporary ones excluded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def prune(folder: str | os.PathLike[str], keep_last: int) -> None:
+    """Delete committed checkpoints beyond the newest ``keep_last`` and stale temporaries; never the newest valid one."""
+    folder = Path(folder)
+    for stale in folder.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    committed = [p for p in list_checkpoints(folder) if is_committed(p)]
+    for old in committed[: max(0, len(committed) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint found somewhere, with the journal of the run that wrote it (if present)."""
+
+    path: Path
+    source: Path
+    journal: Path | None
+    order: tuple[int, int]
+
+
+def _journal_beside(run_root: Path) -> Path | None:
+    journal = run_root / "journal.jsonl"
+    return journal if journal.is_file() else None
+
+
+def extract_results_zip(archive: Path, into: Path) -> Path | None:
+    """Unpack the checkpoints and journal of a previous run's ``results.zip`` into ``into``; None if it holds none."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.startswith("checkpoints/") or n == "journal.jsonl"]
+            if not any(n.startswith("checkpoints/") for n in names):
+                return None
+            target = into / hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:16]
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            for name in names:
+                dest = (target / name).resolve()
+                if not str(dest).startswith(str(target.resolve())):
+                    continue  # refuse paths escaping the folder
+                zf.extract(name, target)
+            return target
+    except (OSError, zipfile.BadZipFile) as exc:
+        log.warning("cannot read %s: %s", archive, exc)
+        return None
+
+
+def find_checkpoints(roots: Iterable[Path], *, unpack_into: Path, depth: int = 3) -> list[Found]:
+    """Every ``ckpt-*`` under ``<root>/…/checkpoints/`` and inside ``results.zip`` files, newest first.
+
+    Order is by the manifest's ``ts_ns`` then seq (unreadable manifests sort last, so
+    they are still reported as corrupt when reached).
+    """
+    run_roots: list[Path] = []
+    for root in roots:
+        frontier = [Path(root)]
+        for _ in range(depth + 1):
+            nxt = []
+            for folder in frontier:
+                if (folder / "checkpoints").is_dir():
+                    run_roots.append(folder)
+                archive = folder / "results.zip"
+                if archive.is_file():
+                    unpacked = extract_results_zip(archive, unpack_into)
+                    if unpacked is not None:
+                        run_roots.append(unpacked)
+                try:
+                    nxt.extend(p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and p.name != "checkpoints")
+                except OSError:
+                    pass
+            frontier = nxt
+    found: dict[Path, Found] = {}
+    for run_root in run_roots:
+        for ckpt in list_checkpoints(run_root / "checkpoints"):
+            try:
+                manifest = read_manifest(ckpt)
+                order = (int(manifest.get("ts_ns", 0)), int(manifest.get("seq", 0)))
+            except CheckpointError:
+                order = (-1, -1)
+            found.setdefault(ckpt.resolve(), Found(ckpt, run_root, _journal_beside(run_root), order))
+    return sorted(found.values(), key=lambda f: f.order, reverse=True)
+
+
+def signature_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first field (dotted) where two config signatures differ, or None."""
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) != current.get(key):
+            a, b = stored.get(key), current.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = signature_difference(a, b)
+                return f"{key}.{sub}" if sub else key
+            return key
+    return None

@@ -1,0 +1,306 @@
+"""Run configuration: frozen dataclasses, TOML profiles, file and ``section.key=value`` overrides.
+
+Resolution order (later wins): the built-in defaults below, the profile
+(``configs/<name>.toml`` shipped inside the package), a user TOML file, environment
+variables ``NX46VX__SECTION__KEY=value``, then explicit overrides (``--set`` on the
+command line, keyword arguments of :func:`nx46vx.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to split it.
+
+    ``val_fraction`` of the training volumes (at least ``min_val_volumes``) are held
+    out *by volume* for validation; ``max_train_volumes`` caps how many training pairs
+    are used (0 = all).
+    """
+
+    include_deprecated: bool = False
+    val_fraction: float = 0.2
+    min_val_volumes: int = 1
+    max_train_volumes: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature bank parameters (see :mod:`nx46vx.features`).
+
+    ``pool_per_class`` labelled voxels of each class are drawn per volume into the
+    on-disk cache; epochs sample from these pools.
+    """
+
+    smooth_sigma: float = 1.0
+    entropy_window: int = 5
+    proj_half_window: int = 3
+    laplace_sigma: float = 1.5
+    bandpass_sigmas: tuple[float, float] = (1.0, 3.0)
+    hessian_sigma: float = 1.5
+    chunk_z: int = 64
+    pool_per_class: int = 20000
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The candidate grid and its training schedule (see :mod:`nx46vx.search`)."""
+
+    meta_neurons: int = 9
+    l1: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    max_iter: int = 120
+    max_epochs: int = 8
+    patience: int = 3
+    min_delta: float = 1e-4
+    samples_per_class: int = 50000
+    val_samples_per_class: int = 20000
+    grow_on_stagnation: bool = False
+    max_meta_neurons: int = 18
+    block_rows: int = 16384
+    batch_candidates: int = 0
+    fbeta: float = 0.5
+    init_scale: float = 0.01
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Segmentation of the test volumes.
+
+    ``method``: ``auto`` (best search candidate when the search ran, else the
+    baseline), ``baseline`` (smoothed-intensity Otsu), ``search``.
+    """
+
+    method: str = "auto"
+    baseline_sigma: float = 1.0
+    min_component_voxels: int = 64
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Time budget in seconds (0 = unlimited) and its split."""
+
+    total_s: float = 0.0
+    margin_s: float = 60.0
+    reserve_per_volume_s: float = 30.0
+    reserve_safety: float = 2.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint cadence and retention."""
+
+    every_iters: int = 10
+    keep_last: int = 3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; immutable, so a run's config can be hashed and compared."""
+
+    profile: str = "default"
+    seed: int = 46
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists), JSON-serialisable."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def available_profiles() -> list[str]:
+    """Names of the TOML profiles shipped with the package."""
+    root = resources.files("nx46vx") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml_text(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config is not valid TOML", path=origin, expected="TOML", found=str(exc)) from None
+
+
+def profile_dict(name: str) -> dict[str, Any]:
+    """The overrides a profile applies, as a nested dict."""
+    resource = resources.files("nx46vx") / "configs" / f"{name}.toml"
+    if not resource.is_file():
+        raise ConfigError(
+            "unknown profile",
+            expected=f"one of {available_profiles()}",
+            found=repr(name),
+        )
+    return _read_toml_text(resource.read_text(encoding="utf-8"), f"profile {name}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError("override must look like section.key=value", expected="section.key=value", found=text)
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def _apply(obj: Any, key: str, value: Any, origin: str) -> Any:
+    head, _, rest = key.partition(".")
+    names = {f.name: f for f in fields(obj)}
+    if head not in names:
+        raise ConfigError(
+            f"unknown setting {key!r} (from {origin})",
+            expected=f"one of {sorted(names)}",
+            found=head,
+        )
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{head!r} is not a section (from {origin})", expected="a value", found=key)
+        return replace(obj, **{head: _apply(current, rest, value, origin)})
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"section {head!r} needs a table (from {origin})", expected="a table", found=value)
+        for sub_key, sub_value in value.items():
+            current = _apply(current, str(sub_key), sub_value, origin)
+        return replace(obj, **{head: current})
+    return replace(obj, **{head: _coerce(current, value, key, origin)})
+
+
+def _coerce(current: Any, value: Any, key: str, origin: str) -> Any:
+    """Give ``value`` the type of the default it replaces, or raise a ConfigError."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                return value.lower() in {"true", "1", "yes"}
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if isinstance(current, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if isinstance(current, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if isinstance(current, tuple):
+            if not isinstance(value, (list, tuple)) or not value:
+                raise TypeError
+            element = current[0] if current else value[0]
+            return tuple(_coerce(element, v, key, origin) for v in value)
+        if isinstance(current, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"setting {key!r} has the wrong type (from {origin})",
+            expected=type(current).__name__,
+            found=repr(value),
+        ) from None
+    return value
+
+
+def _apply_nested(config: RunConfig, nested: Mapping[str, Any], origin: str) -> RunConfig:
+    for key, value in nested.items():
+        config = _apply(config, str(key), value, origin)
+    return config
+
+
+def load_config(
+    profile: str | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig`.
+
+    Parameters
+    ----------
+    profile : str, optional
+        Name of a shipped profile (``demo``, ``default``, ``kaggle-train``,
+        ``kaggle-submit``). Default ``default``.
+    config_file : path, optional
+        A TOML file with the same sections.
+    overrides : mapping or list of ``section.key=value`` strings, optional
+        Applied last.
+    environ : mapping, optional
+        Environment to read ``NX46VX__SECTION__KEY`` variables from (default
+        ``os.environ``).
+    """
+    name = profile or "default"
+    config = _apply_nested(RunConfig(), profile_dict(name), f"profile {name}")
+    config = replace(config, profile=name)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError("config file not found", path=path, expected="a TOML file", found="nothing")
+        config = _apply_nested(config, _read_toml_text(path.read_text(encoding="utf-8"), str(path)), str(path))
+    env = os.environ if environ is None else environ
+    for var, raw in sorted(env.items()):
+        if var.startswith("NX46VX__"):
+            key = var[len("NX46VX__"):].lower().replace("__", ".")
+            _, value = parse_override(f"{key}={raw}")
+            config = _apply(config, key, value, f"environment {var}")
+    if overrides:
+        items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else list(overrides.items())
+        for key, value in items:
+            config = _apply(config, key, value, "override")
+    _validate(config)
+    return config
+
+
+def _validate(config: RunConfig) -> None:
+    checks = [
+        (config.search.meta_neurons >= 1, "search.meta_neurons", ">= 1", config.search.meta_neurons),
+        (config.search.max_iter >= 1, "search.max_iter", ">= 1", config.search.max_iter),
+        (config.search.max_epochs >= 1, "search.max_epochs", ">= 1", config.search.max_epochs),
+        (all(v >= 0 for v in config.search.l1), "search.l1", "values >= 0", config.search.l1),
+        (all(v >= 0 for v in config.search.l2), "search.l2", "values >= 0", config.search.l2),
+        (config.search.samples_per_class >= 1, "search.samples_per_class", ">= 1", config.search.samples_per_class),
+        (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", config.data.val_fraction),
+        (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
+        (config.budget.total_s >= 0, "budget.total_s", ">= 0 (0 = unlimited)", config.budget.total_s),
+        (config.checkpoint.every_iters >= 1, "checkpoint.every_iters", ">= 1", config.checkpoint.every_iters),
+        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last", ">= 1", config.checkpoint.keep_last),
+        (
+            config.segment.method in {"auto", "baseline", "search"},
+            "segment.method",
+            "auto, baseline or search",
+            config.segment.method,
+        ),
+    ]
+    for ok, key, expected, found in checks:
+        if not ok:
+            raise ConfigError(f"invalid setting {key}", expected=expected, found=found)

@@ -1,0 +1,143 @@
+"""The time governor: one budget split into phases, deadlines, and graceful stop on signals.
+
+Follows PyTorch Lightning's ``Timer``: ``time.monotonic()``, elapsed time restored
+from the checkpoint, and a stop *signalled* (``should_stop()`` turns True) rather
+than raised, so training ends at an iteration boundary with a checkpoint.
+
+The session budget ``total_s`` (0 = unlimited) covers this notebook session. The
+training deadline is ``total_s − margin_s − reserve``, where the reserve for
+segmentation + packaging is the measured (or configured) cost per test volume ×
+number of test volumes × ``reserve_safety``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any, Callable
+
+from .config import BudgetConfig
+
+log = logging.getLogger("nx46vx")
+
+
+class Governor:
+    """Session clock, phase clocks and the stop flag.
+
+    Parameters
+    ----------
+    budget : BudgetConfig
+    n_test : int
+        Test volumes to segment after training.
+    clock : callable
+        Monotonic clock (tests may inject one).
+    """
+
+    def __init__(self, budget: BudgetConfig, *, n_test: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self.n_test = n_test
+        self.clock = clock
+        self.started = clock()
+        self.per_volume_s = budget.reserve_per_volume_s
+        self.phase_elapsed: dict[str, float] = {}
+        self.previous_elapsed: dict[str, float] = {}
+        self._phase: str | None = None
+        self._phase_start = 0.0
+        self.stop_reason: str | None = None
+        self._old_handlers: dict[int, Any] = {}
+
+    # -------------------------------------------------------------- clocks
+
+    def elapsed(self) -> float:
+        """Seconds since this session started."""
+        return self.clock() - self.started
+
+    def remaining(self) -> float:
+        """Seconds left in the session budget (infinite when unlimited)."""
+        if self.budget.total_s <= 0:
+            return float("inf")
+        return self.budget.total_s - self.elapsed()
+
+    def reserve(self) -> float:
+        """Seconds kept for segmentation + packaging."""
+        return self.per_volume_s * max(1, self.n_test) * self.budget.reserve_safety
+
+    def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int) -> None:
+        """Size the reserve from a measured feature/inference cost."""
+        if test_voxels > 0 and seconds_per_voxel > 0:
+            self.per_volume_s = max(seconds_per_voxel * test_voxels / max(1, self.n_test), 0.05)
+
+    def training_deadline(self) -> float:
+        """Session seconds after which training must stop (infinite when unlimited)."""
+        if self.budget.total_s <= 0:
+            return float("inf")
+        return self.budget.total_s - self.budget.margin_s - self.reserve()
+
+    def should_stop(self) -> bool:
+        """True once a signal arrived or the training deadline passed (sets :attr:`stop_reason`)."""
+        if self.stop_reason is None and self.elapsed() >= self.training_deadline():
+            self.stop_reason = "deadline"
+        return self.stop_reason is not None
+
+    def state(self) -> dict[str, Any]:
+        """Figures for ``TIME_BUDGET_STATE``."""
+        inf = float("inf")
+        return {
+            "elapsed_s": round(self.elapsed(), 3),
+            "total_s": self.budget.total_s,
+            "remaining_s": None if self.remaining() == inf else round(self.remaining(), 3),
+            "training_deadline_s": None if self.training_deadline() == inf else round(self.training_deadline(), 3),
+            "reserve_s": round(self.reserve(), 3),
+            "phase": self._phase,
+            "stop_reason": self.stop_reason,
+        }
+
+    # -------------------------------------------------------------- phases
+
+    def enter(self, phase: str) -> None:
+        """Start timing ``phase`` (closing the previous one)."""
+        self.leave()
+        self._phase, self._phase_start = phase, self.clock()
+
+    def leave(self) -> None:
+        if self._phase is not None:
+            self.phase_elapsed[self._phase] = self.phase_elapsed.get(self._phase, 0.0) + self.clock() - self._phase_start
+            self._phase = None
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase in this session, the open phase included."""
+        out = dict(self.phase_elapsed)
+        if self._phase is not None:
+            out[self._phase] = out.get(self._phase, 0.0) + self.clock() - self._phase_start
+        return out
+
+    def cumulative_seconds(self) -> dict[str, float]:
+        """Seconds per phase over this run and the runs it resumed."""
+        out = dict(self.previous_elapsed)
+        for phase, sec in self.phase_seconds().items():
+            out[phase] = out.get(phase, 0.0) + sec
+        return out
+
+    def restore(self, cumulative: dict[str, float]) -> None:
+        """Restore the elapsed time of the runs this one resumes."""
+        self.previous_elapsed = {k: float(v) for k, v in cumulative.items()}
+
+    # -------------------------------------------------------------- signals
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.stop_reason = "signal"
+        log.warning("received signal %d: stopping at the next iteration boundary", signum)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT request a graceful stop (main thread only; elsewhere a no-op)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                return
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()

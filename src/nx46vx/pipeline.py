@@ -1,0 +1,630 @@
+"""The seven phases under the services: the only module that checks the clock, journals and checkpoints.
+
+``run()`` = discovery → load → features → search → (distillation: not yet) →
+segmentation → packaging, with a hash-chained journal, atomic checkpoints at the
+``(epoch, candidate, iter)`` cursor, resume from the output folder or any input
+root, and a governor that stops training in time to deliver ``submission.zip``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .atomic import write_json_atomic
+from .config import RunConfig, load_config
+from .discovery import Discovery, TrainPair, discover
+from .errors import CheckpointError, Nx46Error, OutputNotWritableError
+from .features import FeatureCache, Pool, resolve_device, spec_dict
+from .governor import Governor
+from .journal import ChainLink, Journal, last_link
+from .metric import score_volume
+from .package import encode_mask, validate_submission, write_results_zip, write_submission
+from .search import CandidateSearch, N_PARAMS
+from .segment import BASELINE, SEARCH_MODEL, intensity_baseline, model_mask
+from .volumes import file_sha256, read_pair, read_volume, volume_voxels
+
+log = logging.getLogger("nx46vx")
+
+MIN_FREE_BYTES = 64 << 20
+VALIDATION_SEGMENT_VOLUMES = 4
+
+
+@dataclass
+class RunResult:
+    """What a run produced.
+
+    ``status``: ``complete``, ``stopped_by_deadline`` or ``stopped_by_signal``.
+    ``model_digest``: SHA-256 over the final model parameters (every candidate's
+    ``(w, α, β, b)`` and the standardiser), equal for an interrupted-and-resumed run
+    and an uninterrupted one.
+    """
+
+    status: str
+    stop_reason: str | None
+    output_dir: Path
+    submission: Path
+    journal: Path
+    run_id: str
+    cursor: dict[str, int]
+    model_digest: str
+    segmenter: str
+    validation_scores: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("output_dir", "submission", "journal"):
+            out[key] = str(out[key])
+        return out
+
+
+def default_output() -> Path:
+    """``/kaggle/working`` on Kaggle, ``./nx46vx-output`` elsewhere."""
+    kaggle = Path("/kaggle/working")
+    return kaggle if kaggle.is_dir() else Path("nx46vx-output")
+
+
+def check_output_writable(output: Path) -> None:
+    """Fail before any work when the output folder cannot hold the run's files."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".nx46vx-probe-{os.getpid()}"
+        with open(probe, "wb") as handle:
+            handle.write(b"0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise OutputNotWritableError("output folder is not writable", path=output, expected="a writable folder", found=str(exc)) from None
+    free = shutil.disk_usage(output).free
+    if free < MIN_FREE_BYTES:
+        raise OutputNotWritableError(
+            "output folder is nearly full", path=output, expected=f">= {MIN_FREE_BYTES >> 20} MiB free", found=f"{free >> 20} MiB free"
+        )
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+def config_signature(config: RunConfig, data_manifest: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: feature spec, grid, model, preprocessing, data."""
+    s = config.search
+    return {
+        "features": spec_dict(config.features),
+        "grid": {"meta_neurons": s.meta_neurons, "l1": list(s.l1), "l2": list(s.l2), "max_iter": s.max_iter},
+        "sampling": {
+            "seed": config.seed,
+            "samples_per_class": s.samples_per_class,
+            "val_samples_per_class": s.val_samples_per_class,
+            "pool_per_class": config.features.pool_per_class,
+            "val_fraction": config.data.val_fraction,
+            "min_val_volumes": config.data.min_val_volumes,
+        },
+        "model": {"kind": "sparse_logistic_meta_neuron", "n_params": N_PARAMS, "init_scale": s.init_scale, "fbeta": s.fbeta, "block_rows": s.block_rows},
+        "preprocessing": {"normalise": "p1-p99.5", "version": 1},
+        "data": _digest(sorted(data_manifest)),
+    }
+
+
+def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list[TrainPair], list[TrainPair]]:
+    """Validation split by volume, seeded; fewer than two pairs → no validation (and no search)."""
+    ordered = sorted(pairs, key=lambda p: p.id)
+    if len(ordered) < 2:
+        return ordered, []
+    order = np.random.default_rng([config.seed, 4]).permutation(len(ordered))
+    n_val = min(len(ordered) - 1, max(config.data.min_val_volumes, int(round(config.data.val_fraction * len(ordered)))))
+    val = sorted((ordered[i] for i in order[:n_val]), key=lambda p: p.id)
+    train = sorted((ordered[i] for i in order[n_val:]), key=lambda p: p.id)
+    return train, val
+
+
+def model_digest(search: CandidateSearch | None) -> str:
+    """SHA-256 over every candidate's parameters and the standardiser (empty model → digest of nothing)."""
+    h = hashlib.sha256()
+    if search is not None:
+        h.update(search.theta.numpy().tobytes())
+        if search.standardiser is not None:
+            h.update(search.standardiser.mean.tobytes())
+            h.update(search.standardiser.std.tobytes())
+    return h.hexdigest()
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: Mapping[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+
+
+class _Run:
+    """State of one ``run()`` call; methods are the phases."""
+
+    def __init__(self, config: RunConfig, output: Path, input_roots: Sequence[Path] | None, resume: str) -> None:
+        self.config = config
+        self.output = output
+        self.input_roots = input_roots
+        self.resume = resume
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.wall_start = time.monotonic()
+        self.device = resolve_device(config.search.device)
+        self.pending: list[tuple[str, str, dict[str, Any]]] = []
+        self.journal: Journal | None = None
+        self.search: CandidateSearch | None = None
+        self.resumed: dict[str, Any] | None = None
+        self.merkle_prev: str | None = None
+        self.io_seconds = 0.0
+        self.ckpt_seq = 0
+
+    # ------------------------------------------------------------------ journal helpers
+
+    def event(self, event: str, phase: str, data: dict[str, Any] | None = None) -> None:
+        if self.journal is None:
+            self.pending.append((event, phase, data or {}))
+        else:
+            self.journal.record(event, phase, data or {})
+
+    def phase(self, name: str) -> None:
+        assert self.journal is not None
+        self.governor.enter(name)
+        self.journal.record("PHASE_START", name, {"phase": name})
+        self.journal.record("TIME_BUDGET_STATE", name, self.governor.state())
+
+    def end_phase(self, name: str, data: dict[str, Any] | None = None) -> None:
+        assert self.journal is not None
+        self.governor.leave()
+        self.journal.record("PHASE_END", name, dict(data or {}, seconds=round(self.governor.phase_elapsed.get(name, 0.0), 6)))
+        self.journal.sync()
+
+    # ------------------------------------------------------------------ phases
+
+    def start(self) -> None:
+        check_output_writable(self.output)
+        previous = self.output / "journal.jsonl"
+        self.previous_journal: Path | None = None
+        if previous.exists():
+            journals = self.output / "journals"
+            journals.mkdir(exist_ok=True)
+            target = journals / f"journal-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.jsonl"
+            os.replace(previous, target)
+            self.previous_journal = target
+
+    def discover(self) -> Discovery:
+        found = discover(self.input_roots, include_deprecated=self.config.data.include_deprecated)
+        self.discovery = found
+        self.governor = Governor(self.config.budget, n_test=len(found.test))
+        self.test_voxels = sum(volume_voxels(t.image) for t in found.test)
+        self.governor.install_signal_handlers()
+        self.governor.enter("discovery")
+        pairs = list(found.train)
+        if self.config.data.max_train_volumes > 0:
+            pairs = sorted(pairs, key=lambda p: p.id)[: self.config.data.max_train_volumes]
+        self.train_pairs, self.val_pairs = split_train_val(pairs, self.config)
+        start = time.perf_counter()
+        self.hashes = {p.id: file_sha256(p.image) + file_sha256(p.label)[:16] for p in pairs}
+        self.io_seconds += time.perf_counter() - start
+        manifest = [("train", p.id, self.hashes[p.id]) for p in self.train_pairs] + [("val", p.id, self.hashes[p.id]) for p in self.val_pairs]
+        self.signature = config_signature(self.config, manifest)
+        self.event(
+            "DATASET_DISCOVERY",
+            "discovery",
+            {
+                "root": str(found.root),
+                "input_roots": [str(p) for p in found.input_roots],
+                "train_pairs": len(found.train),
+                "train": len(self.train_pairs),
+                "val": len(self.val_pairs),
+                "test_ids": [t.id for t in found.test],
+                "warnings": list(found.warnings),
+                **found.inventory,
+            },
+        )
+        return found
+
+    def choose_checkpoint(self) -> ChainLink:
+        """Pick the checkpoint to resume (journaling why others were skipped); return the journal link."""
+        link = ChainLink()
+        if self.previous_journal is not None:
+            link = last_link(self.previous_journal)
+        if self.resume == "never":
+            return link
+        unpack = self.output / ".attached"
+        if self.resume == "auto":
+            roots = [self.output] + [Path(p) for p in self.discovery.input_roots]
+            candidates = ckpt.find_checkpoints(roots, unpack_into=unpack)
+        else:
+            path = Path(self.resume)
+            if path.is_file() and path.name.endswith(".zip"):
+                unpacked = ckpt.extract_results_zip(path, unpack)
+                candidates = ckpt.find_checkpoints([unpacked], unpack_into=unpack) if unpacked else []
+            elif (path / ckpt.MANIFEST).is_file():
+                candidates = [ckpt.Found(path, path.parent.parent, ckpt._journal_beside(path.parent.parent), (0, 0))]
+            else:
+                candidates = ckpt.find_checkpoints([path], unpack_into=unpack)
+            if not candidates:
+                raise CheckpointError("no checkpoint at --resume path", path=path, expected="a checkpoint, run folder or results.zip", found="none")
+        for found in candidates:
+            try:
+                manifest = ckpt.check_integrity(found.path)
+            except CheckpointError as exc:
+                self.event("CHECKPOINT_CORRUPT", "resume", {"checkpoint": str(found.path), "error": str(exc)})
+                continue
+            field_name = ckpt.signature_difference(manifest.get("config_signature", {}), self.signature)
+            if field_name is not None:
+                self.event("RESUME_INCOMPATIBLE", "resume", {"checkpoint": str(found.path), "field": field_name})
+                continue
+            self.resumed = {"path": found.path, "manifest": manifest, "source": found.source}
+            if self.previous_journal is None:
+                if found.journal is not None:
+                    link = last_link(found.journal)
+                else:
+                    head = manifest.get("journal_head", {})
+                    link = ChainLink(head.get("hash", ChainLink().prev), int(head.get("next_seq", 0)))
+            return link
+        return link
+
+    def open_journal(self, link: ChainLink) -> None:
+        self.journal = Journal(self.output / "journal.jsonl", run_id=self.run_id, link=link)
+        self.journal.record(
+            "RUN_START",
+            "run",
+            {
+                "version": _version(),
+                "profile": self.config.profile,
+                "config": self.config.to_dict(),
+                "device": str(self.device),
+                "output": str(self.output),
+                "previous_journal": str(self.previous_journal) if self.previous_journal else None,
+            },
+        )
+        self.journal.record("BOOT", "run", _hardware())
+        for event, phase, data in self.pending:
+            self.journal.record(event, phase, data)
+        self.pending.clear()
+
+    def load_features(self) -> tuple[list[Pool], list[Pool]]:
+        """Phases 2 + 3: read each training volume once (on a cache miss), keep only its pool."""
+        cache = FeatureCache(self.output / "cache" / "features")
+        pools: dict[str, Pool] = {}
+        load_s = feat_s = 0.0
+        voxels = 0
+        from tqdm.auto import tqdm
+
+        pairs = self.train_pairs + self.val_pairs
+        for pair in tqdm(pairs, desc="features", unit="vol", disable=None, leave=False):
+            times = {}
+
+            def read(pair: TrainPair = pair) -> tuple[np.ndarray, np.ndarray]:
+                t0 = time.perf_counter()
+                image, label = read_pair(pair.image, pair.label)
+                times["load"] = time.perf_counter() - t0
+                times["voxels"] = image.size
+                return image, label
+
+            t0 = time.perf_counter()
+            pool, hit = cache.get_or_compute(self.hashes[pair.id], self.config.features, self.config.seed, read, device=self.device)
+            total = time.perf_counter() - t0
+            load_s += times.get("load", 0.0)
+            feat_s += total - times.get("load", 0.0)
+            voxels += int(times.get("voxels", 0))
+            pools[pair.id] = pool
+            self.journal.record(
+                "FEATURES_READY",
+                "features",
+                {"id": pair.id, "cache_hit": hit, "pool": int(pool.labels.size), "class_counts": pool.class_counts.tolist(), "seconds": round(total, 4)},
+            )
+        self.io_seconds += load_s
+        if voxels:
+            self.governor.measured_volume_cost(feat_s / voxels, self.test_voxels)
+        self.feature_stats = {"cache_hits": cache.hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt, "load_s": load_s, "features_s": feat_s}
+        return [pools[p.id] for p in self.train_pairs], [pools[p.id] for p in self.val_pairs]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def write_checkpoint(self, reason: str) -> None:
+        assert self.journal is not None
+        t0 = time.perf_counter()
+        tree_size, root = self.journal.merkle_root("checkpoint")
+        cursor = self.search.cursor() if self.search else {"epoch": 0, "candidate": 0, "iter": 0}
+        self.ckpt_seq = max(self.ckpt_seq, self._next_ckpt_seq())
+        payload = {
+            "search.pt": ckpt.torch_bytes(self.search.state_dict() if self.search else None),
+            "run.pt": ckpt.torch_bytes({"rng": _rng_states(), "elapsed": self.governor.cumulative_seconds(), "run_id": self.run_id}),
+        }
+        manifest = {
+            "ts_ns": time.time_ns(),
+            "run_id": self.run_id,
+            "version": _version(),
+            "git_sha": _git_sha(),
+            "config_signature": self.signature,
+            "epoch": cursor["epoch"],
+            "candidate_index": cursor["candidate"],
+            "candidate_total": len(self.search.grid) if self.search else 0,
+            "iter": cursor["iter"],
+            "max_iter": self.config.search.max_iter,
+            "stage": self.search.stage if self.search else "no_search",
+            "best_metrics": self.search.best if self.search else {},
+            "data_cursor": {"epoch_sample_seed": [self.config.seed, 0, cursor["epoch"]], "batch_start": cursor["candidate"]},
+            "rng": {"seed": self.config.seed, "derivation": "numpy default_rng([seed, stream, epoch, ...]) per draw; python/numpy/torch global states in run.pt"},
+            "merkle_prev": self.merkle_prev,
+            "merkle_curr": root,
+            "tree_size": tree_size,
+            "journal_head": {"hash": self.journal.prev, "next_seq": self.journal.seq},
+            "elapsed_by_phase": self.governor.cumulative_seconds(),
+            "reason": reason,
+        }
+        path = ckpt.write_checkpoint(self.output / "checkpoints", self.ckpt_seq, payload, manifest, keep_last=self.config.checkpoint.keep_last)
+        self.merkle_prev = root
+        seconds = time.perf_counter() - t0
+        self.io_seconds += seconds
+        self.journal.record("CHECKPOINT_WRITTEN", "checkpoint", {"path": str(path), "reason": reason, **cursor, "tree_size": tree_size, "merkle_root": root, "seconds": round(seconds, 6)})
+        self.journal.record("TRAIN_CURSOR", "checkpoint", dict(cursor, progress=self.search.progress() if self.search else 0.0))
+        self.journal.sync()
+
+    def _next_ckpt_seq(self) -> int:
+        existing = ckpt.list_checkpoints(self.output / "checkpoints")
+        last = max((int(p.name[len(ckpt.PREFIX):]) for p in existing if p.name[len(ckpt.PREFIX):].isdigit()), default=-1)
+        return last + 1
+
+    # ------------------------------------------------------------------ search
+
+    def run_search(self, train_pools: list[Pool], val_pools: list[Pool]) -> None:
+        assert self.journal is not None
+        cfg = self.config.search
+        self.search = CandidateSearch(cfg, train_pools, val_pools, seed=self.config.seed, device=self.device)
+        if self.resumed is not None:
+            state = ckpt.load_payload(self.resumed["path"], "search.pt")
+            run_state = ckpt.load_payload(self.resumed["path"], "run.pt")
+            if state is not None:
+                self.search.load_state_dict(state)
+            _restore_rng(run_state["rng"])
+            self.governor.restore(run_state["elapsed"])
+            manifest = self.resumed["manifest"]
+            self.merkle_prev = manifest.get("merkle_curr")
+            self.journal.record(
+                "RESUME_OK",
+                "resume",
+                {
+                    "checkpoint": str(self.resumed["path"]),
+                    "source": str(self.resumed["source"]),
+                    "source_run_id": manifest.get("run_id"),
+                    "source_hash": manifest.get("journal_head", {}).get("hash"),
+                    "merkle_root": manifest.get("merkle_curr"),
+                    **self.search.cursor(),
+                    "stage": self.search.stage,
+                },
+            )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_epochs * len(self.search.grid) * cfg.max_iter, desc="search", unit="cand-it", disable=None, leave=False)
+        every = self.config.checkpoint.every_iters
+        while not self.search.done:
+            if self.governor.should_stop():
+                self.journal.record("PRETIMEOUT_FLUSH", "search", dict(self.search.cursor(), reason=self.governor.stop_reason, **self.governor.state()))
+                self.write_checkpoint("pretimeout_flush")
+                break
+            events = self.search.advance()
+            checkpoint_due = None
+            for name, data in events:
+                self.journal.record(name, "search", data)
+                if name == "FIT_ITER":
+                    bar.update(data["batch_size"])
+                    if data["iter"] % every == 0 and data["iter"] < cfg.max_iter:
+                        checkpoint_due = "every_iters"
+                elif name == "CANDIDATE_DONE":
+                    checkpoint_due = "batch_end"
+                elif name == "EPOCH_DONE":
+                    checkpoint_due = "epoch_end"
+                    self.journal.record("TIME_BUDGET_STATE", "search", self.governor.state())
+            if checkpoint_due:
+                self.write_checkpoint(checkpoint_due)
+        bar.close()
+        if self.search.done:
+            self.write_checkpoint("search_done")
+
+    # ------------------------------------------------------------------ segmentation
+
+    def _segmenters(self) -> dict[str, Any]:
+        seg, feats = self.config.segment, self.config.features
+        out: dict[str, Any] = {BASELINE: lambda vol: intensity_baseline(vol, seg)}
+        if self.search is not None and (self.search.best or self.search.epoch_results):
+            best = self.search.best_model()
+            out[SEARCH_MODEL] = lambda vol: model_mask(vol, best, feats, seg, device=self.device)
+        return out
+
+    def choose_segmenter(self) -> tuple[str, Any, dict[str, float]]:
+        """Score every available segmenter on validation volumes by the competition metric; pick the best."""
+        segmenters = self._segmenters()
+        method = self.config.segment.method
+        if method != "auto":
+            if method not in segmenters:
+                raise Nx46Error("segmenter unavailable", expected=f"one of {sorted(segmenters)}", found=method, hint="no search model was trained")
+            segmenters = {method: segmenters[method]}
+        scores: dict[str, float] = {}
+        val = self.val_pairs[:VALIDATION_SEGMENT_VOLUMES]
+        if len(segmenters) > 1 and val:
+            volumes = [read_pair(p.image, p.label) for p in val]
+            for name, fn in segmenters.items():
+                scores[name] = float(np.mean([score_volume(fn(img), lab).score for img, lab in volumes]))
+            chosen = max(scores, key=lambda k: (scores[k], k == SEARCH_MODEL))
+        else:
+            chosen = next(iter(segmenters)) if len(segmenters) == 1 else SEARCH_MODEL
+        self.journal.record("SEGMENTER_CHOICE", "segmentation", {"chosen": chosen, "validation_scores": scores, "volumes": [p.id for p in val]})
+        return chosen, segmenters[chosen], scores
+
+    def segment_and_package(self) -> tuple[Path, str, dict[str, float]]:
+        self.phase("segmentation")
+        name, fn, scores = self.choose_segmenter()
+        masks: dict[str, bytes] = {}
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for test in self.discovery.test:
+            t0 = time.perf_counter()
+            volume = read_volume(test.image)
+            mask = fn(volume)
+            masks[test.id] = encode_mask(mask)
+            shapes[test.id] = volume.shape
+            self.journal.record(
+                "VOLUME_SEGMENTED",
+                "segmentation",
+                {"id": test.id, "segmenter": name, "shape": list(volume.shape), "positive_fraction": float(mask.mean()), "seconds": round(time.perf_counter() - t0, 4)},
+            )
+        self.end_phase("segmentation", {"segmenter": name})
+        self.phase("packaging")
+        submission = self.output / "submission.zip"
+        write_submission(submission, masks)
+        summary = validate_submission(submission, shapes)
+        self.journal.record("SUBMISSION_WRITTEN", "packaging", {"path": str(submission), "volumes": summary, "sha256": file_sha256(submission)})
+        return submission, name, scores
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _hardware() -> dict[str, Any]:
+    import platform
+
+    import psutil
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "ram_total_bytes": psutil.virtual_memory().total,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run(
+    input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+    resume: str = "auto",
+    config: RunConfig | None = None,
+) -> RunResult:
+    """Run the whole pipeline and return where everything is.
+
+    Parameters
+    ----------
+    input_roots : paths, optional
+        Folders to search for the competition data and for previous runs'
+        checkpoints (default: every folder under ``/kaggle/input``).
+    output : path, optional
+        Output folder (default ``/kaggle/working`` on Kaggle, ``./nx46vx-output`` elsewhere).
+    profile, config_file, overrides
+        See :func:`nx46vx.config.load_config`; ignored when ``config`` is given.
+    resume : ``auto`` | ``never`` | path
+        ``auto`` resumes the newest compatible checkpoint found in the output
+        folder or any input root; a path names a checkpoint, run folder or
+        ``results.zip``.
+
+    Returns
+    -------
+    RunResult
+    """
+    config = config or load_config(profile, config_file=config_file, overrides=overrides)
+    out = Path(output) if output is not None else default_output()
+    roots = [Path(p) for p in input_roots] if input_roots is not None else None
+    state = _Run(config, out, roots, resume)
+    state.start()
+    state.discover()
+    try:
+        link = state.choose_checkpoint()
+        state.open_journal(link)
+        journal = state.journal
+        assert journal is not None
+        state.end_phase("discovery", {"train": len(state.train_pairs), "val": len(state.val_pairs), "test": len(state.discovery.test)})
+
+        if state.train_pairs and state.val_pairs:
+            state.phase("features")
+            train_pools, val_pools = state.load_features()
+            state.end_phase("features", state.feature_stats)
+            state.phase("search")
+            state.run_search(train_pools, val_pools)
+            state.end_phase("search", {"cursor": state.search.cursor(), "iterations": state.search.iterations_done})
+        else:
+            journal.record("SEARCH_SKIPPED", "search", {"reason": "fewer than two training volumes", "train_pairs": len(state.discovery.train)})
+            if state.resumed is None:
+                state.write_checkpoint("no_search")
+        submission, segmenter, scores = state.segment_and_package()
+        stop = state.governor.stop_reason
+        status = {"deadline": "stopped_by_deadline", "signal": "stopped_by_signal", None: "complete"}[stop]
+        cursor = state.search.cursor() if state.search else {"epoch": 0, "candidate": 0, "iter": 0}
+        digest = model_digest(state.search)
+        result = RunResult(
+            status=status,
+            stop_reason=stop,
+            output_dir=out,
+            submission=submission,
+            journal=out / "journal.jsonl",
+            run_id=state.run_id,
+            cursor=cursor,
+            model_digest=digest,
+            segmenter=segmenter,
+            validation_scores=scores,
+            resumed_from=str(state.resumed["path"]) if state.resumed else None,
+            wall_s=time.monotonic() - state.wall_start,
+        )
+        postmortem = dict(result.to_dict(), phase_seconds=state.governor.phase_seconds(), cumulative_phase_seconds=state.governor.cumulative_seconds())
+        write_json_atomic(out / "postmortem.json", postmortem)
+        write_json_atomic(
+            out / "RUN_PROFILE_SUMMARY.json",
+            {
+                "wall_s": result.wall_s,
+                "phase_seconds": state.governor.phase_seconds(),
+                "journal_s": journal.write_seconds,
+                "io_s": state.io_seconds,
+                "journal_events": journal.events,
+                "iterations": state.search.iterations_done if state.search else 0,
+            },
+        )
+        journal.merkle_root("packaging")
+        journal.record("RUN_END", "run", {"status": status, "stop_reason": stop, "model_digest": digest, "cursor": cursor, "wall_s": round(result.wall_s, 3)})
+        journal.close()
+        write_results_zip(out / "results.zip", out, ["journal.jsonl", "checkpoints", "postmortem.json", "RUN_PROFILE_SUMMARY.json", "submission.zip"])
+        state.governor.leave()
+        return result
+    finally:
+        state.governor.restore_signal_handlers()
+        if state.journal is not None:
+            state.journal.close()

@@ -1,0 +1,383 @@
+"""The prox-trained candidate search, epoch by epoch, as a step-wise state machine.
+
+:class:`CandidateSearch` owns no clock, journal or file. Each call of
+:meth:`CandidateSearch.advance` does one unit of work — one FISTA iteration of the
+batch in flight, the end of a batch (final objectives + validation), or the end of
+an epoch — and returns the events it produced; the pipeline journals them and
+decides when to checkpoint. :meth:`state_dict` / :meth:`load_state_dict` capture
+everything needed to continue bit-exactly: the epoch sample, bootstraps and
+validation sample are re-derived from seeds, the rest is stored.
+
+The model of a candidate is ``z = w·x + α·(x∘x) + β·g + b`` on standardised
+features; the design row of a voxel is ``φ = [x, x∘x, g, 1]`` (P = 2F + G + 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..config import SearchConfig
+from ..features import G_NAMES, X_NAMES, Pool
+from .fista import BatchedFISTA, Design, FistaState
+from .grid import Candidate, make_grid
+from .sampling import Sample, balanced_sample, bootstrap_weights, validation_sample
+
+log = logging.getLogger("nx46vx")
+
+N_X, N_G = len(X_NAMES), len(G_NAMES)
+N_PARAMS = 2 * N_X + N_G + 1
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+_BINS = 1000
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Standardiser:
+    """Per-channel mean and std (float32, shape (C,)), fixed from the first epoch's sample."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> "Standardiser":
+        mean = features.mean(axis=0, dtype=np.float64).astype(np.float32)
+        std = features.std(axis=0, dtype=np.float64).astype(np.float32)
+        return cls(mean, np.where(std > 1e-8, std, 1.0).astype(np.float32))
+
+
+def design_rows(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[x, x∘x, g, 1]`` from raw features (n, C) → (n, P) float32 (same function for training and inference)."""
+    z = (features - mean) / std
+    x, g = z[:, :N_X], z[:, N_X:]
+    return torch.cat((x, x * x, g, torch.ones_like(z[:, :1])), dim=1)
+
+
+def penalised_mask(device: torch.device) -> torch.Tensor:
+    """1 on ``w, α, β``, 0 on the bias."""
+    mask = torch.ones(N_PARAMS, dtype=torch.float32, device=device)
+    mask[-1] = 0
+    return mask
+
+
+def threshold_scan(
+    probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, beta: float
+) -> dict[str, np.ndarray]:
+    """Weighted F1, IoU and Fβ of each candidate at its best-F1 threshold of :data:`THRESHOLDS`.
+
+    Parameters
+    ----------
+    probs : Tensor, shape (n, K)
+    labels : Tensor, shape (n,), {0, 1}
+    weights : Tensor, shape (n,)
+    """
+    n, k = probs.shape
+    bins = (probs * _BINS).long().clamp_(0, _BINS - 1)
+    offsets = torch.arange(k, device=probs.device) * _BINS
+    flat = (bins + offsets).reshape(-1)
+    wpos = (weights * labels).to(torch.float64)
+    wneg = (weights * (1 - labels)).to(torch.float64)
+    pos = torch.zeros(k * _BINS, dtype=torch.float64, device=probs.device).index_add_(0, flat, wpos.repeat_interleave(k))
+    neg = torch.zeros(k * _BINS, dtype=torch.float64, device=probs.device).index_add_(0, flat, wneg.repeat_interleave(k))
+    # counts at or above each bin edge
+    pos_ge = pos.view(k, _BINS).flip(1).cumsum(1).flip(1)
+    neg_ge = neg.view(k, _BINS).flip(1).cumsum(1).flip(1)
+    edges = torch.tensor([round(t * _BINS) for t in THRESHOLDS], device=probs.device)
+    tp, fp = pos_ge[:, edges], neg_ge[:, edges]
+    fn = wpos.sum() - tp
+    eps = 1e-12
+    f1 = 2 * tp / (2 * tp + fp + fn + eps)
+    iou = tp / (tp + fp + fn + eps)
+    b2 = beta * beta
+    fbeta = (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp + eps)
+    best = f1.argmax(dim=1)
+    pick = lambda m: m.gather(1, best[:, None])[:, 0].cpu().numpy()  # noqa: E731
+    return {"f1": pick(f1), "iou": pick(iou), "fbeta": pick(fbeta), "threshold": np.asarray(THRESHOLDS)[best.cpu().numpy()]}
+
+
+class CandidateSearch:
+    """Search over ``meta_neurons × l1 × l2`` candidates, epoch after epoch.
+
+    Parameters
+    ----------
+    config : SearchConfig
+    train_pools, val_pools : sequences of Pool
+        Labelled voxels of the training and validation volumes.
+    seed : int
+    device : torch.device
+    """
+
+    def __init__(self, config: SearchConfig, train_pools: Sequence[Pool], val_pools: Sequence[Pool], *, seed: int, device: torch.device) -> None:
+        self.config = config
+        self.train_pools = list(train_pools)
+        self.val_pools = list(val_pools)
+        self.seed = seed
+        self.device = device
+        self.solver = BatchedFISTA(block_rows=config.block_rows)
+        self.per_meta = len(config.l1) * len(config.l2)
+        # state (everything below is in state_dict)
+        self.meta_neurons = config.meta_neurons
+        self.grid: list[Candidate] = make_grid(self.meta_neurons, config.l1, config.l2)
+        self.theta = torch.zeros(0, N_PARAMS)
+        self.standardiser: Standardiser | None = None
+        self.epoch = 0
+        self.stage = "epoch_start"
+        self.batch_start = 0
+        self.fista: FistaState | None = None
+        self.active_marks: dict[str, list[int]] = {}
+        self.epoch_results: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.stagnation = 0
+        self.iterations_done = 0
+        # derived per epoch (not stored)
+        self._design: Design | None = None
+        self._lipschitz: torch.Tensor | None = None
+        self._val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._init_theta(0)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+    @property
+    def batch_size(self) -> int:
+        """Candidates advanced together: whole meta-neurons, all of them unless configured."""
+        if self.config.batch_candidates > 0:
+            metas = max(1, self.config.batch_candidates // self.per_meta)
+        else:
+            metas = self.meta_neurons
+        return min(metas * self.per_meta, len(self.grid))
+
+    def cursor(self) -> dict[str, int]:
+        """``(epoch, candidate, iter)``: first candidate of the batch in flight, last completed iteration."""
+        return {"epoch": self.epoch, "candidate": self.batch_start, "iter": self.fista.iter if self.fista else 0}
+
+    def progress(self) -> float:
+        """Fraction of the current epoch done, from the cursor (0..1)."""
+        total = len(self.grid) * self.config.max_iter
+        done = self.batch_start * self.config.max_iter + (self.fista.iter if self.fista else 0) * self.batch_size
+        return min(1.0, done / total)
+
+    # ------------------------------------------------------------------ setup
+
+    def _init_theta(self, first_meta: int) -> None:
+        """Seeded initial parameters for meta-neurons ``first_meta..meta_neurons-1`` (appended)."""
+        rows = []
+        for cand in self.grid[first_meta * self.per_meta :]:
+            rng = np.random.default_rng([self.seed, 2, cand.meta_neuron])
+            init = rng.normal(0.0, self.config.init_scale, N_PARAMS).astype(np.float32)
+            init[-1] = 0.0
+            rows.append(torch.from_numpy(init))
+        if rows:
+            self.theta = torch.cat((self.theta, torch.stack(rows)))
+
+    def _epoch_sample(self) -> Sample:
+        rng = np.random.default_rng([self.seed, 0, self.epoch])
+        return balanced_sample(self.train_pools, self.config.samples_per_class, rng)
+
+    def _prepare_epoch(self) -> None:
+        """Derive the epoch's design, bootstraps and step sizes (deterministic from seed and epoch)."""
+        sample = self._epoch_sample()
+        if self.standardiser is None:
+            self.standardiser = Standardiser.fit(sample.features)
+        mean = torch.from_numpy(self.standardiser.mean).to(self.device)
+        std = torch.from_numpy(self.standardiser.std).to(self.device)
+        phi = design_rows(torch.from_numpy(sample.features).to(self.device), mean, std).contiguous()
+        weights = torch.from_numpy(bootstrap_weights(phi.shape[0], range(self.meta_neurons), self.seed, self.epoch)).to(self.device)
+        self._design = Design(phi, torch.from_numpy(sample.labels).to(self.device)[:, None], weights, penalised_mask(self.device))
+        metas = torch.tensor([c.meta_neuron for c in self.grid], device=self.device)
+        l2 = torch.tensor([c.l2 for c in self.grid], device=self.device)
+        self._lipschitz = self.solver.lipschitz(self._design, metas, l2)
+        if self._val is None:
+            val = validation_sample(self.val_pools, self.config.val_samples_per_class, np.random.default_rng([self.seed, 3]))
+            self._val = (
+                design_rows(torch.from_numpy(val.features).to(self.device), mean, std),
+                torch.from_numpy(val.labels).to(self.device),
+                torch.from_numpy(val.weights).to(self.device),
+            )
+
+    def _batch_tensors(self) -> tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sl = slice(self.batch_start, min(len(self.grid), self.batch_start + self.batch_size))
+        cands = self.grid[sl]
+        metas = torch.tensor([c.meta_neuron for c in cands], device=self.device)
+        l1 = torch.tensor([c.l1 for c in cands], device=self.device, dtype=torch.float32)
+        l2 = torch.tensor([c.l2 for c in cands], device=self.device, dtype=torch.float32)
+        assert self._lipschitz is not None
+        return sl, metas, l1, l2, self._lipschitz[sl]
+
+    @staticmethod
+    def _active(theta: torch.Tensor) -> list[int]:
+        return (theta[:, :-1] != 0).sum(dim=1).cpu().tolist()
+
+    def _start_batch(self) -> None:
+        sl = slice(self.batch_start, min(len(self.grid), self.batch_start + self.batch_size))
+        x0 = self.theta[sl].to(self.device)
+        self.fista = self.solver.init_state(x0)
+        self.active_marks = {"start": self._active(x0)}
+        self.stage = "iterating"
+
+    # ------------------------------------------------------------------ the step
+
+    def advance(self) -> list[Event]:
+        """Do one unit of work; return the events it produced (empty when done)."""
+        if self.stage == "done":
+            return []
+        if self._design is None and self.stage != "epoch_end":
+            self._prepare_epoch()
+        if self.stage == "epoch_start":
+            self.batch_start = 0
+            self.epoch_results = []
+            self._start_batch()
+            return [("EPOCH_START", {"epoch": self.epoch, "candidates": len(self.grid), "batch_size": self.batch_size, "samples": int(self._design.phi.shape[0])})]
+        if self.stage == "iterating":
+            return [self._iterate()]
+        if self.stage == "batch_end":
+            return self._end_batch()
+        if self.stage == "epoch_end":
+            return self._end_epoch()
+        raise AssertionError(self.stage)
+
+    def _iterate(self) -> Event:
+        assert self.fista is not None and self._design is not None
+        sl, metas, l1, l2, lips = self._batch_tensors()
+        self.fista, objective = self.solver.step(self._design, self.fista, metas, l1, l2, lips)
+        self.iterations_done += 1
+        if self.fista.iter == max(1, self.config.max_iter // 2):
+            self.active_marks["mid"] = self._active(self.fista.x)
+        if self.fista.iter >= self.config.max_iter:
+            self.stage = "batch_end"
+        return (
+            "FIT_ITER",
+            {"epoch": self.epoch, "candidate": sl.start, "batch_size": sl.stop - sl.start, "iter": self.fista.iter, "objective": objective.cpu().tolist()},
+        )
+
+    def _end_batch(self) -> list[Event]:
+        assert self.fista is not None and self._design is not None and self._val is not None
+        sl, metas, l1, l2, _ = self._batch_tensors()
+        x = self.fista.x
+        objective = self.solver.objective(self._design, x, metas, l1, l2).cpu().numpy()
+        phi_val, y_val, w_val = self._val
+        scan = threshold_scan(torch.sigmoid(phi_val @ x.T), y_val, w_val, beta=self.config.fbeta)
+        end = self._active(x)
+        events = []
+        for j, cand in enumerate(self.grid[sl]):
+            record = {
+                "epoch": self.epoch,
+                "candidate": cand.index,
+                "meta_neuron": cand.meta_neuron,
+                "l1": cand.l1,
+                "l2": cand.l2,
+                "objective": float(objective[j]),
+                "val_f1": float(scan["f1"][j]),
+                "val_iou": float(scan["iou"][j]),
+                "val_fbeta": float(scan["fbeta"][j]),
+                "threshold": float(scan["threshold"][j]),
+                "active_start": int(self.active_marks["start"][j]),
+                "active_mid": int(self.active_marks.get("mid", end)[j]),
+                "active_end": int(end[j]),
+            }
+            self.epoch_results.append(record)
+            events.append(("CANDIDATE_DONE", record))
+        self.theta[sl] = x.cpu()
+        self.batch_start = sl.stop
+        self.fista = None
+        if self.batch_start >= len(self.grid):
+            self.stage = "epoch_end"
+        else:
+            self._start_batch()
+        return events
+
+    def _end_epoch(self) -> list[Event]:
+        best = max(self.epoch_results, key=lambda r: (r["val_f1"], -r["objective"], -r["candidate"]))
+        improved = not self.best or best["val_f1"] > self.best["val_f1"] + self.config.min_delta
+        if improved:
+            self.best = dict(best)
+            self.stagnation = 0
+        else:
+            self.stagnation += 1
+        record = {"epoch": self.epoch, "best_candidate": best["candidate"], "best_objective": best["objective"], "best_f1": best["val_f1"], "stagnation": self.stagnation}
+        self.history.append(record)
+        events: list[Event] = [("EPOCH_DONE", record)]
+        self.epoch += 1
+        self._design = None
+        stagnated = self.stagnation >= self.config.patience
+        if stagnated and self.config.grow_on_stagnation and self.meta_neurons < self.config.max_meta_neurons:
+            first = self.meta_neurons
+            self.meta_neurons += 1
+            self.grid = make_grid(self.meta_neurons, self.config.l1, self.config.l2)
+            self._init_theta(first)
+            self.stagnation = 0
+            events.append(("SEARCH_GROWN", {"epoch": self.epoch, "meta_neurons": self.meta_neurons, "candidates": len(self.grid)}))
+            stagnated = False
+        if stagnated or self.epoch >= self.config.max_epochs:
+            self.stage = "done"
+            events.append(("SEARCH_DONE", {"epochs": self.epoch, "reason": "stagnation" if stagnated else "epoch_cap", "best": self.best}))
+        else:
+            self.stage = "epoch_start"
+        return events
+
+    # ------------------------------------------------------------------ results
+
+    def best_model(self) -> dict[str, Any]:
+        """Parameters of the best candidate so far (by validation F1) with its standardiser and threshold.
+
+        Before any epoch finished, the candidate with the best validation F1 among
+        the batches done in the current epoch, else candidate 0's current parameters.
+        """
+        pool = self.epoch_results if not self.best else [self.best]
+        best = max(pool, key=lambda r: r["val_f1"]) if pool else {"candidate": 0, "threshold": 0.5, "val_f1": 0.0}
+        return {
+            "theta": self.theta[best["candidate"]].clone(),
+            "mean": self.standardiser.mean if self.standardiser is not None else np.zeros(N_X + N_G, np.float32),
+            "std": self.standardiser.std if self.standardiser is not None else np.ones(N_X + N_G, np.float32),
+            "threshold": float(best["threshold"]),
+            "candidate": int(best["candidate"]),
+            "val_f1": float(best["val_f1"]),
+        }
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here (tensors on CPU)."""
+        return {
+            "meta_neurons": self.meta_neurons,
+            "theta": self.theta.clone(),
+            "standardiser": None if self.standardiser is None else {"mean": self.standardiser.mean.copy(), "std": self.standardiser.std.copy()},
+            "epoch": self.epoch,
+            "stage": self.stage,
+            "batch_start": self.batch_start,
+            "fista": None if self.fista is None else self.fista.state_dict(),
+            "active_marks": {k: list(v) for k, v in self.active_marks.items()},
+            "epoch_results": [dict(r) for r in self.epoch_results],
+            "history": [dict(r) for r in self.history],
+            "best": dict(self.best),
+            "stagnation": self.stagnation,
+            "iterations_done": self.iterations_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.meta_neurons = int(state["meta_neurons"])
+        self.grid = make_grid(self.meta_neurons, self.config.l1, self.config.l2)
+        self.theta = state["theta"].clone()
+        std = state["standardiser"]
+        self.standardiser = None if std is None else Standardiser(np.asarray(std["mean"], np.float32), np.asarray(std["std"], np.float32))
+        self.epoch = int(state["epoch"])
+        self.stage = str(state["stage"])
+        self.batch_start = int(state["batch_start"])
+        self.fista = None if state["fista"] is None else FistaState.from_state_dict(state["fista"], self.device)
+        self.active_marks = {k: list(v) for k, v in state["active_marks"].items()}
+        self.epoch_results = [dict(r) for r in state["epoch_results"]]
+        self.history = [dict(r) for r in state["history"]]
+        self.best = dict(state["best"])
+        self.stagnation = int(state["stagnation"])
+        self.iterations_done = int(state["iterations_done"])
+        self._design = None
+        self._val = None

@@ -1,0 +1,144 @@
+"""Scroll-like synthetic volumes in the competition layout, for the demo and the tests.
+
+Each volume holds several wavy papyrus sheets (thin bright layers whose height
+varies smoothly across the plane), some pairs touching, some sheets with holes,
+oriented along a random axis, blurred and noisy like a CT chunk. Labels follow the
+competition: 0 background, 1 sheet, 2 unlabeled (everything outside a random
+labelled box, about half of the volume). Everything is deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+Shape = tuple[int, int, int]
+
+DEFAULT_SHAPES: tuple[Shape, ...] = ((48, 48, 48), (56, 48, 40), (40, 56, 48), (48, 40, 56))
+
+
+@dataclass(frozen=True)
+class SyntheticVolume:
+    """One generated chunk: ``image`` and ``label`` are uint8 arrays of shape (z, y, x)."""
+
+    image: np.ndarray
+    label: np.ndarray
+
+
+def make_volume(shape: Shape, rng: np.random.Generator, *, n_sheets: int = 4) -> SyntheticVolume:
+    """Generate one scroll-like chunk.
+
+    Parameters
+    ----------
+    shape : (z, y, x)
+        Output shape.
+    rng : numpy Generator
+        Source of every random draw.
+    n_sheets : int
+        Number of sheets (one extra sheet touching another is added).
+
+    Returns
+    -------
+    SyntheticVolume
+        uint8 image (z, y, x) and uint8 label (z, y, x) with values {0, 1, 2}.
+    """
+    axis = int(rng.integers(0, 3))
+    # Build with the sheet normal along axis 1 of a working shape, then move it.
+    work = list(shape)
+    work[1], work[axis] = work[axis], work[1]
+    depth, normal, width = work
+    a, c = np.meshgrid(np.arange(depth), np.arange(width), indexing="ij")
+    sheet_mask = np.zeros(work, dtype=bool)
+    ys = np.arange(normal)[None, :, None]
+    spacing = normal / (n_sheets + 1)
+    offsets = [spacing * (i + 1) + rng.uniform(-0.2, 0.2) * spacing for i in range(n_sheets)]
+    heights: list[np.ndarray] = []
+    for offset in offsets:
+        amp1, amp2 = rng.uniform(1.0, 0.25 * spacing), rng.uniform(0.5, 0.2 * spacing)
+        lam1, lam2 = rng.uniform(0.6, 1.5) * depth, rng.uniform(0.6, 1.5) * width
+        ph1, ph2 = rng.uniform(0, 2 * np.pi, 2)
+        heights.append(offset + amp1 * np.sin(2 * np.pi * a / lam1 + ph1) + amp2 * np.sin(2 * np.pi * c / lam2 + ph2))
+    # One sheet follows its neighbour closely so the two touch along the crests.
+    k = int(rng.integers(0, n_sheets))
+    heights.append(heights[k] + rng.uniform(2.0, 3.0) + 1.5 * np.sin(2 * np.pi * c / max(width, 1)))
+    for i, h in enumerate(heights):
+        thickness = rng.uniform(1.5, 2.5)
+        layer = np.abs(ys - h[:, None, :]) <= thickness / 2
+        if i % 2 == 1:  # every other sheet has a hole
+            ca, cc = rng.uniform(0.25, 0.75) * depth, rng.uniform(0.25, 0.75) * width
+            radius = rng.uniform(0.08, 0.15) * min(depth, width)
+            hole = (a - ca) ** 2 + (c - cc) ** 2 <= radius**2
+            layer &= ~hole[:, None, :]
+        sheet_mask |= layer
+    sheet_mask = np.ascontiguousarray(np.swapaxes(sheet_mask, 1, axis))
+
+    background, papyrus = rng.uniform(40, 70), rng.uniform(150, 190)
+    image = np.where(sheet_mask, papyrus, background).astype(np.float32)
+    image += ndimage.gaussian_filter(rng.normal(0, 12, shape).astype(np.float32), 4) * 3  # slow density drift
+    image = ndimage.gaussian_filter(image, rng.uniform(0.8, 1.2))
+    image += rng.normal(0, rng.uniform(10, 16), shape).astype(np.float32)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+    label = sheet_mask.astype(np.uint8)
+    lo = [int(rng.integers(0, max(1, s // 5))) for s in shape]
+    hi = [lo[i] + int(shape[i] * rng.uniform(0.7, 0.8)) for i in range(3)]
+    labelled = np.zeros(shape, dtype=bool)
+    labelled[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    label[~labelled] = 2
+    return SyntheticVolume(image=image, label=label)
+
+
+def write_tiff(path: str | os.PathLike[str], volume: np.ndarray) -> None:
+    """Write a (z, y, x) uint8 volume as a multi-page LZW TIFF (one page per z), like the competition."""
+    tifffile.imwrite(path, volume, photometric="minisblack", compression="lzw")
+
+
+def make_competition(
+    root: str | os.PathLike[str],
+    *,
+    n_train: int = 6,
+    n_test: int = 2,
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    seed: int = 0,
+    with_test_labels: bool = True,
+) -> Path:
+    """Write a small dataset in the competition layout under ``root``.
+
+    Layout: ``train.csv`` and ``test.csv`` (``id,scroll_id``), ``train_images/``,
+    ``train_labels/``, ``test_images/`` (``<id>.tif``), and, when
+    ``with_test_labels``, ``test_labels/`` holding the hidden truth so a demo
+    submission can be scored. Shapes cycle through ``shapes``.
+
+    Returns
+    -------
+    Path
+        ``root``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for sub in ("train_images", "train_labels", "test_images") + (("test_labels",) if with_test_labels else ()):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = rng.choice(np.arange(100_000, 3_000_000), size=n_train + n_test, replace=False)
+    rows: dict[str, list[tuple[int, int]]] = {"train": [], "test": []}
+    for i, vol_id in enumerate(int(v) for v in ids):
+        split = "train" if i < n_train else "test"
+        vol = make_volume(tuple(shapes[i % len(shapes)]), rng)
+        write_tiff(root / f"{split}_images" / f"{vol_id}.tif", vol.image)
+        if split == "train":
+            write_tiff(root / "train_labels" / f"{vol_id}.tif", vol.label)
+        elif with_test_labels:
+            write_tiff(root / "test_labels" / f"{vol_id}.tif", vol.label)
+        rows[split].append((vol_id, int(rng.integers(1, 6))))
+    for split, items in rows.items():
+        with open(root / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "scroll_id"])
+            writer.writerows(items)
+    return root

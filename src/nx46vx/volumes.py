@@ -1,0 +1,99 @@
+"""Reading and validating CT volumes and label volumes (multi-page TIFF, uint8, (z, y, x))."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .errors import LabelValueError, VolumeDtypeError, VolumeReadError, VolumeShapeError
+
+LABEL_VALUES = (0, 1, 2)
+BACKGROUND, SURFACE, UNLABELED = LABEL_VALUES
+
+
+def read_volume(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a 3-D uint8 volume.
+
+    Parameters
+    ----------
+    path : path
+        A multi-page TIFF, one page per z.
+
+    Returns
+    -------
+    ndarray, uint8, shape (z, y, x)
+
+    Raises
+    ------
+    VolumeReadError
+        Not a readable TIFF (corrupt, truncated, missing codec).
+    VolumeShapeError
+        Not 3-D.
+    VolumeDtypeError
+        Not uint8.
+    """
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            volume = tif.asarray()
+    except FileNotFoundError:
+        raise VolumeReadError("volume file not found", path=path, expected="a TIFF file", found="nothing") from None
+    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
+        raise VolumeReadError(
+            "cannot read TIFF", path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}"
+        ) from None
+    if volume.ndim != 3:
+        raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {volume.shape}")
+    if volume.dtype != np.uint8:
+        raise VolumeDtypeError("volume is not uint8", path=path, expected="uint8", found=str(volume.dtype))
+    if min(volume.shape) < 2:
+        raise VolumeShapeError("volume is too small", path=path, expected="at least 2 voxels per axis", found=f"shape {volume.shape}")
+    return volume
+
+
+def read_label(path: str | os.PathLike[str], *, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read a label volume and check its values (and its shape against its image).
+
+    Returns
+    -------
+    ndarray, uint8, shape (z, y, x), values in {0, 1, 2}
+    """
+    label = read_volume(path)
+    if image_shape is not None and label.shape != tuple(image_shape):
+        raise VolumeShapeError(
+            "label shape differs from its image", path=path, expected=f"shape {tuple(image_shape)}", found=f"shape {label.shape}"
+        )
+    bad = np.setdiff1d(np.unique(label), LABEL_VALUES)
+    if bad.size:
+        raise LabelValueError(
+            "label holds values outside {0, 1, 2}", path=path, expected="values in {0, 1, 2}", found=f"values {bad.tolist()}"
+        )
+    return label
+
+
+def read_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an (image, label) pair; both uint8 (z, y, x) of one shape."""
+    image = read_volume(image_path)
+    return image, read_label(label_path, image_shape=image.shape)
+
+
+def volume_voxels(path: str | os.PathLike[str]) -> int:
+    """Voxel count of a TIFF volume from its header (no decoding); 0 when unreadable."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return int(np.prod(tif.series[0].shape))
+    except Exception:  # an unreadable file fails later, with a clear error, when it is read
+        return 0
+
+
+def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (hex), read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
