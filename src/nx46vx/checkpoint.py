@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import orjson
 import torch
 
+from ._faults import maybe_kill
 from .atomic import fsync_dir, write_bytes_atomic
 from .errors import CheckpointError
 from .journal import dumps
@@ -84,6 +85,7 @@ def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str
         full = dict(manifest, sha512=digests, format=FORMAT, seq=seq)
         _write_synced(tmp / MANIFEST, orjson.dumps(orjson.loads(dumps(full)), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         fsync_dir(tmp)
+        maybe_kill("checkpoint_payload_written")
         if final.exists():  # a leftover from a crashed run with the same seq: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -60,8 +60,9 @@ class Governor:
         return self.budget.total_s - self.elapsed()
 
     def reserve(self) -> float:
-        """Seconds kept for segmentation + packaging."""
-        return self.per_volume_s * max(1, self.n_test) * self.budget.reserve_safety
+        """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share)."""
+        reserve = self.per_volume_s * max(1, self.n_test) * self.budget.reserve_safety
+        return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
 
     def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int) -> None:
         """Size the reserve from a measured feature/inference cost."""
@@ -72,7 +73,11 @@ class Governor:
         """Session seconds after which training must stop (infinite when unlimited)."""
         if self.budget.total_s <= 0:
             return float("inf")
-        return self.budget.total_s - self.budget.margin_s - self.reserve()
+        return self.budget.total_s - self.margin() - self.reserve()
+
+    def margin(self) -> float:
+        """Pre-timeout margin: ``margin_s``, but at most a quarter of a small budget."""
+        return min(self.budget.margin_s, 0.25 * self.budget.total_s)
 
     def should_stop(self) -> bool:
         """True once a signal arrived or the training deadline passed (sets :attr:`stop_reason`)."""

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import orjson
 
+from ._faults import maybe_kill
 from .errors import JournalError
 
 log = logging.getLogger("nx46vx")
@@ -190,6 +191,7 @@ class Journal:
         self.seq += 1
         self.events += 1
         self.write_seconds += time.perf_counter() - start
+        maybe_kill(event)
         return digest
 
     def merkle_root(self, phase: str) -> tuple[int, str]:

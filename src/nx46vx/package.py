@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 import tifffile
 
+from ._faults import maybe_kill
 from .atomic import write_atomic
 from .errors import SubmissionError
 
@@ -35,6 +36,7 @@ def write_submission(path: str | os.PathLike[str], masks: Mapping[str, bytes]) -
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
             for vol_id in sorted(masks):
                 archive.writestr(f"{vol_id}.tif", masks[vol_id])
+                maybe_kill("submission_member_written")
 
     return write_atomic(path, fill)
 

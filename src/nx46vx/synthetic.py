@@ -61,7 +61,7 @@ def make_volume(shape: Shape, rng: np.random.Generator, *, n_sheets: int = 4) ->
     offsets = [spacing * (i + 1) + rng.uniform(-0.2, 0.2) * spacing for i in range(n_sheets)]
     heights: list[np.ndarray] = []
     for offset in offsets:
-        amp1, amp2 = rng.uniform(1.0, 0.25 * spacing), rng.uniform(0.5, 0.2 * spacing)
+        amp1, amp2 = rng.uniform(0.5, max(0.6, 0.25 * spacing)), rng.uniform(0.3, max(0.4, 0.2 * spacing))
         lam1, lam2 = rng.uniform(0.6, 1.5) * depth, rng.uniform(0.6, 1.5) * width
         ph1, ph2 = rng.uniform(0, 2 * np.pi, 2)
         heights.append(offset + amp1 * np.sin(2 * np.pi * a / lam1 + ph1) + amp2 * np.sin(2 * np.pi * c / lam2 + ph2))

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nx46vx.synthetic import make_competition
+
+SHAPES = ((40, 40, 40), (48, 40, 36), (36, 44, 40))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small competition-layout dataset with volumes of different shapes (read-only by convention)."""
+    return make_competition(tmp_path_factory.mktemp("demo") / "data", n_train=6, n_test=2, shapes=SHAPES, seed=3)
+
+
+# Small but complete: the full 135-candidate grid and 120 iterations on small samples.
+FAST = ["features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000", "search.max_epochs=2"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m nx46vx.cli`` in a subprocess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("NX46VX_KILL_AT", None) if env is None or "NX46VX_KILL_AT" not in env else None
+    return subprocess.run([sys.executable, "-m", "nx46vx.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["run", "--input", str(data), "--output", str(out), "--profile", "demo"]
+    for item in FAST:
+        args += ["--set", item]
+    return args + list(extra)

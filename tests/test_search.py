@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from nx46vx.config import FeatureConfig, SearchConfig
+from nx46vx.features import FeatureCache, Pool, sample_pool
+from nx46vx.search import N_PARAMS, BatchedFISTA, CandidateSearch, Design, make_grid, penalised_mask
+from nx46vx.synthetic import make_volume
+
+CPU = torch.device("cpu")
+
+
+def _problem(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, N_PARAMS - 1)).astype(np.float32)
+    w = rng.normal(size=N_PARAMS - 1) * (rng.random(N_PARAMS - 1) < 0.4)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(x @ w)))).astype(np.float32)
+    phi = torch.from_numpy(np.hstack([x, np.ones((n, 1), np.float32)]))
+    return x, y, phi
+
+
+def _design(phi: torch.Tensor, y: np.ndarray, weights: torch.Tensor | None = None) -> Design:
+    n = phi.shape[0]
+    weights = torch.full((n, 1), 1.0 / n) if weights is None else weights
+    return Design(phi, torch.from_numpy(y)[:, None], weights, penalised_mask(CPU))
+
+
+@pytest.mark.parametrize("l1,l2", [(1e-3, 1e-2), (1e-2, 1e-3), (3e-3, 1e-4)])
+def test_fista_reaches_sklearn_elastic_net(l1: float, l2: float) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, phi = _problem()
+    design = _design(phi, y)
+    solver = BatchedFISTA(block_rows=1024)
+    metas, t1, t2 = torch.zeros(1, dtype=torch.long), torch.tensor([l1]), torch.tensor([l2])
+    lips = solver.lipschitz(design, metas, t2)
+    state = solver.init_state(torch.zeros(1, N_PARAMS))
+    for _ in range(2000):
+        state, _ = solver.step(design, state, metas, t1, t2, lips)
+    ours = solver.objective(design, state.x, metas, t1, t2).item()
+    # sklearn: (1/C)·(r‖w‖₁ + (1−r)/2‖w‖²) + Σ loss, i.e. n·(our objective) with 1/C = n(l1+l2), r = l1/(l1+l2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = LogisticRegression(penalty="elasticnet", solver="saga", l1_ratio=l1 / (l1 + l2), C=1 / (len(y) * (l1 + l2)), tol=1e-10, max_iter=100000)
+        clf.fit(x.astype(np.float64), y)
+    theta = torch.from_numpy(np.concatenate([clf.coef_[0], clf.intercept_]).astype(np.float32))[None]
+    reference = solver.objective(design, theta, metas, t1, t2).item()
+    assert abs(ours - reference) / reference < 1e-4
+
+
+def test_batched_equals_one_at_a_time() -> None:
+    _, y, phi = _problem(2000, seed=1)
+    grid = make_grid(2, (1e-4, 1e-2), (1e-3,))
+    rng = np.random.default_rng(0)
+    weights = torch.from_numpy(np.stack([np.bincount(rng.integers(0, 2000, 2000), minlength=2000) / 2000 for _ in range(2)], 1).astype(np.float32))
+    design = _design(phi, y, weights)
+    solver = BatchedFISTA(block_rows=512)
+    metas = torch.tensor([c.meta_neuron for c in grid])
+    l1 = torch.tensor([c.l1 for c in grid])
+    l2 = torch.tensor([c.l2 for c in grid])
+    lips = solver.lipschitz(design, metas, l2)
+    init = torch.from_numpy(np.random.default_rng(5).normal(0, 0.01, (len(grid), N_PARAMS)).astype(np.float32))
+    batch = solver.init_state(init)
+    for _ in range(60):
+        batch, _ = solver.step(design, batch, metas, l1, l2, lips)
+    for k in range(len(grid)):
+        one = solver.init_state(init[k : k + 1])
+        sl = slice(k, k + 1)
+        for _ in range(60):
+            one, _ = solver.step(design, one, metas[sl], l1[sl], l2[sl], lips[sl])
+        assert torch.allclose(one.x[0], batch.x[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pools() -> tuple[list[Pool], list[Pool]]:
+    rng = np.random.default_rng(11)
+    cfg = replace(FeatureConfig(), pool_per_class=2500)
+    out = []
+    for i in range(5):
+        vol = make_volume((40, 40, 40), rng)
+        out.append(sample_pool(vol.image, vol.label, cfg, rng=np.random.default_rng(i)))
+    return out[:3], out[3:]
+
+
+def _search(pools, **kw) -> CandidateSearch:
+    kw = {"max_epochs": 1, **kw}
+    cfg = replace(SearchConfig(), samples_per_class=2000, val_samples_per_class=2000, **kw)
+    return CandidateSearch(cfg, pools[0], pools[1], seed=3, device=CPU)
+
+
+def test_search_learns_and_meta_neurons_differ(pools) -> None:
+    search = _search(pools)
+    assert len(search.grid) == 135 and search.batch_size == 135
+    events = []
+    while not search.done:
+        events += search.advance()
+    names = [e[0] for e in events]
+    assert names.count("FIT_ITER") == 120 and names.count("CANDIDATE_DONE") == 135 and names.count("EPOCH_DONE") == 1
+    it = next(d for n, d in events if n == "FIT_ITER")
+    assert set(it) == {"epoch", "candidate", "batch_size", "iter", "objective"} and len(it["objective"]) == 135
+    done = [d for n, d in events if n == "CANDIDATE_DONE"]
+    assert set(done[0]) == {"epoch", "candidate", "meta_neuron", "l1", "l2", "objective", "val_f1", "val_iou", "val_fbeta", "threshold", "active_start", "active_mid", "active_end"}
+    # the all-positive predictor's F1 on the validation prevalence
+    val_y = np.concatenate([p.labels for p in pools[1]])
+    totals = np.sum([p.class_counts for p in pools[1]], axis=0)
+    prevalence = totals[1] / totals.sum()
+    all_positive_f1 = 2 * prevalence / (1 + prevalence)
+    best = max(d["val_f1"] for d in done)
+    assert best > all_positive_f1 + 0.25, (best, all_positive_f1, val_y.mean())
+    # same (l1, l2), different meta-neurons → different models
+    theta = search.theta
+    assert not torch.equal(theta[0], theta[15]) and not torch.equal(theta[15], theta[30])
+    assert abs(done[0]["objective"] - done[15]["objective"]) > 0
+
+
+def test_state_dict_resume_is_bit_exact(pools) -> None:
+    reference = _search(pools, max_iter=12, batch_candidates=45, max_epochs=2)
+    while not reference.done:
+        reference.advance()
+    for stop_after in (5, 14, 30, 40):
+        first = _search(pools, max_iter=12, batch_candidates=45, max_epochs=2)
+        for _ in range(stop_after):
+            first.advance()
+        state = first.state_dict()
+        second = _search(pools, max_iter=12, batch_candidates=45, max_epochs=2)
+        second.load_state_dict(state)
+        while not second.done:
+            second.advance()
+        assert torch.equal(second.theta, reference.theta), stop_after
+        assert second.history == reference.history
