@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import orjson
 import torch
 
 from . import checkpoint as ckpt
@@ -30,7 +31,7 @@ from .discovery import Discovery, TrainPair, discover
 from .errors import CheckpointError, Nx46Error, OutputNotWritableError
 from .features import FeatureCache, Pool, resolve_device, spec_dict
 from .governor import Governor
-from .journal import ChainLink, Journal, last_link
+from .journal import ChainLink, Journal, dumps, last_link
 from .metric import score_volume
 from .package import encode_mask, validate_submission, write_results_zip, write_submission
 from .search import CandidateSearch, N_PARAMS
@@ -113,7 +114,7 @@ def _digest(obj: Any) -> str:
 def config_signature(config: RunConfig, data_manifest: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: feature spec, grid, model, preprocessing, data."""
     s = config.search
-    return {
+    signature = {
         "features": spec_dict(config.features),
         "grid": {"meta_neurons": s.meta_neurons, "l1": list(s.l1), "l2": list(s.l2), "max_iter": s.max_iter},
         "sampling": {
@@ -128,6 +129,7 @@ def config_signature(config: RunConfig, data_manifest: Sequence[tuple[str, str, 
         "preprocessing": {"normalise": "p1-p99.5", "version": 1},
         "data": _digest(sorted(data_manifest)),
     }
+    return orjson.loads(dumps(signature))  # the JSON form, as a manifest stores it
 
 
 def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list[TrainPair], list[TrainPair]]:
