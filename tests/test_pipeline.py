@@ -231,7 +231,32 @@ def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: 
     assert _masks(result.submission)
     names = [e["event"] for e in _events(out / "journal.jsonl")]
     assert "PRETIMEOUT_FLUSH" in names
+    if budget != 20:
+        return
     # a later run continues from the flush checkpoint
     later = nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["search.max_epochs=500", "search.patience=500", "budget.total_s=12"])
     assert later.resumed_from is not None
     assert later.cursor != {"epoch": 0, "candidate": 0, "iter": 0}
+
+
+def test_full_output_disk_fails_before_training(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nx46vx.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OutputNotWritableError) as err:
+        nx46vx.run([demo_data], output=tmp_path / "out", profile="demo")
+    assert "nearly full" in str(err.value) and "got 1 MiB free" in str(err.value)
+    assert not (tmp_path / "out" / "journal.jsonl").exists()
+
+
+def test_inspect_verifies_a_checkpoint(reference: dict) -> None:
+    ckpt = sorted((reference["out"] / "checkpoints").glob("ckpt-*"))[-1]
+    proc = run_cli("inspect", str(ckpt))
+    assert proc.returncode == 0 and "payload files match their SHA-512" in proc.stdout
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for key in ("ts_ns", "run_id", "version", "git_sha", "config_signature", "epoch", "candidate_index", "candidate_total", "iter", "max_iter",
+                "best_metrics", "data_cursor", "rng", "merkle_prev", "merkle_curr", "tree_size", "sha512"):
+        assert key in manifest, key
+    (ckpt / "search.pt").write_bytes(b"damaged")
+    proc = run_cli("inspect", str(ckpt))
+    assert proc.returncode == 2 and "payload checksum mismatch" in proc.stderr

@@ -100,6 +100,15 @@ def threshold_scan(
     return {"f1": pick(f1), "iou": pick(iou), "fbeta": pick(fbeta), "threshold": np.asarray(THRESHOLDS)[best.cpu().numpy()]}
 
 
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for the batch buffers on ``device``."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 class CandidateSearch:
     """Search over ``meta_neurons × l1 × l2`` candidates, epoch after epoch.
 
@@ -149,12 +158,16 @@ class CandidateSearch:
 
     @property
     def batch_size(self) -> int:
-        """Candidates advanced together: whole meta-neurons, all of them unless configured."""
+        """Candidates advanced together: whole meta-neurons; ``batch_candidates`` or as many as memory allows."""
         if self.config.batch_candidates > 0:
             metas = max(1, self.config.batch_candidates // self.per_meta)
         else:
-            metas = self.meta_neurons
+            metas = min(self.meta_neurons, max(1, int(0.25 * _free_memory(self.device) // self._bytes_per_meta())))
         return min(metas * self.per_meta, len(self.grid))
+
+    def _bytes_per_meta(self) -> int:
+        """Working memory one meta-neuron's candidates add to a batch (logit, loss and weight blocks, float32)."""
+        return 4 * self.config.block_rows * self.per_meta * 4
 
     def cursor(self) -> dict[str, int]:
         """``(epoch, candidate, iter)``: first candidate of the batch in flight, last completed iteration."""

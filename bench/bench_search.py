@@ -1,0 +1,118 @@
+"""Batched FISTA over the 135-candidate grid vs the old per-candidate NumPy ISTA loop vs scikit-learn.
+
+Run: ``python bench/bench_search.py [--samples 1000000] [--old-candidates 2] [--sklearn-candidates 2]``.
+All three work on the same design rows (one synthetic training sample of labelled voxels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from nx46vx.config import FeatureConfig, SearchConfig
+from nx46vx.features import sample_pool
+from nx46vx.search import BatchedFISTA, Design, design_rows, make_grid, penalised_mask
+from nx46vx.search.engine import N_X, N_G, Standardiser
+from nx46vx.search.sampling import balanced_sample, bootstrap_weights
+from nx46vx.synthetic import make_volume
+
+
+def build_sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cfg = replace(FeatureConfig(), pool_per_class=n // 2)
+    pools = []
+    total = np.zeros(2, int)
+    while total.min() < n // 2:
+        vol = make_volume((96, 96, 96), rng)
+        pools.append(sample_pool(vol.image, vol.label, cfg, rng=rng))
+        total += np.bincount(pools[-1].labels, minlength=2)
+    sample = balanced_sample(pools, n // 2, np.random.default_rng(seed))
+    return sample.features, sample.labels
+
+
+def old_loop(x: np.ndarray, x2: np.ndarray, g: np.ndarray, y: np.ndarray, l1: float, l2: float, iters: int) -> None:
+    """The old fit_prox: full-batch ISTA, lr 0.08, zero init, one candidate at a time (OLD_SYSTEM.md)."""
+    n, f = x.shape
+    w, a, b_ = np.zeros(f), np.zeros(f), np.zeros(g.shape[1])
+    bias = 0.0
+    lr = 0.08
+    for _ in range(iters):
+        z = x @ w + x2 @ a + g @ b_ + bias
+        p = 1.0 / (1.0 + np.exp(-z))
+        r = (p - y) / n
+        gw, ga, gb = x.T @ r + l2 * w, x2.T @ r + l2 * a, g.T @ r + l2 * b_
+        bias -= lr * r.sum()
+        w, a, b_ = (np.sign(v - lr * gv) * np.maximum(np.abs(v - lr * gv) - lr * l1, 0) for v, gv in ((w, gw), (a, ga), (b_, gb)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=1_000_000)
+    parser.add_argument("--iters", type=int, default=120)
+    parser.add_argument("--old-candidates", type=int, default=2)
+    parser.add_argument("--sklearn-candidates", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}, building a sample of {args.samples:,} labelled voxels …", flush=True)
+    features, labels = build_sample(args.samples, 0)
+    n = features.shape[0]
+    std = Standardiser.fit(features)
+    phi = design_rows(torch.from_numpy(features), torch.from_numpy(std.mean), torch.from_numpy(std.std)).contiguous()
+    cfg = SearchConfig()
+    grid = make_grid(cfg.meta_neurons, cfg.l1, cfg.l2)
+    k = len(grid)
+
+    # (a) batched FISTA, all 135 candidates together
+    weights = torch.from_numpy(bootstrap_weights(n, range(cfg.meta_neurons), 0, 0))
+    design = Design(phi, torch.from_numpy(labels)[:, None], weights, penalised_mask(torch.device("cpu")))
+    solver = BatchedFISTA(block_rows=cfg.block_rows)
+    metas = torch.tensor([c.meta_neuron for c in grid])
+    l1 = torch.tensor([c.l1 for c in grid])
+    l2 = torch.tensor([c.l2 for c in grid])
+    lips = solver.lipschitz(design, metas, l2)
+    state = solver.init_state(torch.zeros(k, phi.shape[1]))
+    state, _ = solver.step(design, state, metas, l1, l2, lips)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        state, _ = solver.step(design, state, metas, l1, l2, lips)
+    batched = (time.perf_counter() - t0) / (args.iters * k)
+    print(f"(a) batched FISTA : {k} candidates x {args.iters} iterations on {n:,} samples: "
+          f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration", flush=True)
+
+    # (b) old per-candidate loop, a subset of candidates, scaled linearly
+    xs = phi[:, :N_X].numpy().astype(np.float64)
+    x2 = phi[:, N_X : 2 * N_X].numpy().astype(np.float64)
+    gs = phi[:, 2 * N_X : 2 * N_X + N_G].numpy().astype(np.float64)
+    y64 = labels.astype(np.float64)
+    t0 = time.perf_counter()
+    for cand in grid[: args.old_candidates]:
+        old_loop(xs, x2, gs, y64, cand.l1, cand.l2, args.iters)
+    old = (time.perf_counter() - t0) / (args.iters * args.old_candidates)
+    print(f"(b) old NumPy loop: timed {args.old_candidates} candidates x {args.iters} iterations, scaled linearly to {k}: "
+          f"{old * args.iters * k:.1f} s, {old * 1e3:.3f} ms per candidate-iteration", flush=True)
+
+    # (c) scikit-learn elastic-net logistic regression (saga), a few candidates
+    from sklearn.linear_model import LogisticRegression
+
+    xd = phi[:, :-1].numpy().astype(np.float64)
+    total_iters = 0
+    t0 = time.perf_counter()
+    for cand in grid[: args.sklearn_candidates]:
+        alpha = cand.l1 + cand.l2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf = LogisticRegression(penalty="elasticnet", solver="saga", l1_ratio=cand.l1 / alpha, C=1 / (n * alpha), max_iter=20, tol=1e-12)
+            clf.fit(xd, labels)
+        total_iters += int(clf.n_iter_[0])
+    sk = (time.perf_counter() - t0) / total_iters
+    print(f"(c) sklearn saga  : {args.sklearn_candidates} candidates, {total_iters} epochs: {sk * 1e3:.3f} ms per candidate-epoch")
+    print(f"batched vs old loop: {old / batched:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
