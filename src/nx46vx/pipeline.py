@@ -569,8 +569,8 @@ def run(
     roots = [Path(p) for p in input_roots] if input_roots is not None else None
     state = _Run(config, out, roots, resume)
     state.start()
-    state.discover()
     try:
+        state.discover()
         link = state.choose_checkpoint()
         state.open_journal(link)
         journal = state.journal
@@ -627,6 +627,7 @@ def run(
         state.governor.leave()
         return result
     finally:
-        state.governor.restore_signal_handlers()
+        if hasattr(state, "governor"):
+            state.governor.restore_signal_handlers()
         if state.journal is not None:
             state.journal.close()
