@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nx46vx.config import FeatureConfig, SearchConfig
-from nx46vx.features import FeatureCache, Pool, sample_pool
+from nx46vx.features import Pool, sample_pool
 from nx46vx.search import N_PARAMS, BatchedFISTA, CandidateSearch, Design, make_grid, penalised_mask
 from nx46vx.synthetic import make_volume
 

@@ -41,7 +41,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -330,7 +330,7 @@ class FeatureCache:
         write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
 
     def get_or_compute(
-        self, content_hash: str, config: FeatureConfig, seed: int, read: "callable[[], tuple[np.ndarray, np.ndarray]]", *, device: torch.device | None = None
+        self, content_hash: str, config: FeatureConfig, seed: int, read: Callable[[], tuple[np.ndarray, np.ndarray]], *, device: torch.device | None = None
     ) -> tuple[Pool, bool]:
         """(pool, hit). ``read()`` returns (image, label) and is only called on a miss."""
         path = self.path(content_hash, config, seed)
