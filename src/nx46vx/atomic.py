@@ -57,10 +57,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: bool = True) -> Path:
     """Atomically replace ``path`` with ``obj`` as JSON (sorted keys)."""
-    import orjson
-
-    data = orjson.dumps(orjson.loads(dumps(obj)), option=orjson.OPT_SORT_KEYS | (orjson.OPT_INDENT_2 if indent else 0))
-    return write_bytes_atomic(path, data + b"\n")
+    return write_bytes_atomic(path, dumps(obj, indent=indent) + b"\n")
 
 
 def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:

@@ -83,7 +83,7 @@ def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str
             _write_synced(tmp / name, data)
             digests[name] = hashlib.sha512(data).hexdigest()
         full = dict(manifest, sha512=digests, format=FORMAT, seq=seq)
-        _write_synced(tmp / MANIFEST, orjson.dumps(orjson.loads(dumps(full)), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        _write_synced(tmp / MANIFEST, dumps(full, indent=True))
         fsync_dir(tmp)
         maybe_kill("checkpoint_payload_written")
         if final.exists():  # a leftover from a crashed run with the same seq: replace it

@@ -52,9 +52,9 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot journal a {type(obj).__name__}")
 
 
-def dumps(obj: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, no spaces, UTF-8 (the journal's serialisation)."""
-    return orjson.dumps(obj, option=_ORJSON_OPTS, default=_default)
+def dumps(obj: Any, *, indent: bool = False) -> bytes:
+    """Canonical JSON bytes: sorted keys, UTF-8, no spaces (the journal's serialisation) unless ``indent``."""
+    return orjson.dumps(obj, option=_ORJSON_OPTS | (orjson.OPT_INDENT_2 if indent else 0), default=_default)
 
 
 def leaf_hash(body: bytes) -> bytes:
