@@ -73,7 +73,7 @@ class SearchConfig:
     val_samples_per_class: int = 20000
     grow_on_stagnation: bool = False
     max_meta_neurons: int = 18
-    block_rows: int = 16384
+    block_rows: int = 8192
     batch_candidates: int = 0
     fbeta: float = 0.5
     init_scale: float = 0.01

@@ -20,8 +20,7 @@ class Logistic:
         """Overwrite ``work`` with ``softplus(z) − y·z`` (stable form); ``z`` (nb, K), ``y`` (nb, 1)."""
         torch.abs(z, out=work)
         work.neg_().exp_().log1p_()
-        work.add_(z.clamp_min(0)).sub_(z * y)
-        return work
+        return work.add_(z.clamp_min(0)).addcmul_(z, y.expand_as(z), value=-1.0)
 
     @staticmethod
     def residual_(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

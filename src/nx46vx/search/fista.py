@@ -4,9 +4,9 @@ The solver is separate from what it minimises. It needs from the datafit
 ``loss_``, ``residual_`` and ``curvature`` (see :class:`~nx46vx.search.datafit.Logistic`),
 from the smooth penalty ``value`` and ``gradient``, and from the non-smooth penalty
 ``value`` and ``prox``. Data are scanned in row blocks with preallocated buffers:
-one GEMM per block gives the logits of both the current iterate ``x`` (for its
-objective) and the extrapolated point ``y`` (for the gradient), a second GEMM
-accumulates ``Φᵀ·R``.
+one GEMM per block gives the logits at the extrapolated point ``y`` (for its
+objective and the gradient), a second GEMM accumulates ``Φᵀ·R``; bootstrap
+weights are broadcast over runs of candidates that share a meta-neuron.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class BatchedFISTA:
     Parameters
     ----------
     block_rows : int
-        Rows of ``Φ`` per block (~16 K keeps the buffers in cache and avoids
+        Rows of ``Φ`` per block (~8 K rows keep the GEMMs efficient and avoid
         allocating ``(n, K)`` tensors).
     """
 
@@ -75,7 +75,7 @@ class BatchedFISTA:
     smooth_penalty = L2
     prox_penalty = L1
 
-    def __init__(self, *, block_rows: int = 16384) -> None:
+    def __init__(self, *, block_rows: int = 8192) -> None:
         self.block_rows = block_rows
 
     @staticmethod
@@ -99,33 +99,53 @@ class BatchedFISTA:
             lam[m] = torch.linalg.eigvalsh(gram)[-1]
         return (self.datafit.curvature * lam[metas.cpu()].to(l2.device, torch.float64) + l2.double()).to(torch.float32)
 
-    def _scan(self, design: Design, params: torch.Tensor, metas: torch.Tensor, with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One pass over the rows.
+    @staticmethod
+    def _weight_layout(metas: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """(meta-neuron of each group, group size) when candidates come in equal runs of one meta-neuron.
 
-        ``params`` is (K, P) (objective only) or (2K, P) = [x; y] (objective of x,
-        gradient at y). Returns (weighted data loss per candidate (K,), Φᵀ R (P, K) or None).
+        Then a block's weights are multiplied in by broadcasting ``(nb, groups, size)``
+        instead of gathering an ``(nb, K)`` copy; None means "gather".
         """
-        n = design.phi.shape[0]
-        k = params.shape[0] // (2 if with_gradient else 1)
-        dev = params.device
+        groups, counts = torch.unique_consecutive(metas, return_counts=True)
+        if bool((counts == counts[0]).all()) and groups.numel() * int(counts[0]) == metas.numel():
+            return groups, int(counts[0])
+        return None
+
+    def _scan(self, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass over the rows at ``theta`` (K, P).
+
+        Returns the weighted data loss per candidate (K,) float64 and, when
+        ``with_gradient``, ``Φᵀ R`` (P, K) at the same point.
+        """
+        n, p = design.phi.shape
+        k = theta.shape[0]
+        dev = theta.device
         loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
-        grad = torch.zeros(design.phi.shape[1], k, dtype=torch.float32, device=dev) if with_gradient else None
+        grad = torch.zeros(p, k, dtype=torch.float32, device=dev) if with_gradient else None
         rows = self.block_rows
-        z_buf = torch.empty(rows, params.shape[0], dtype=torch.float32, device=dev)
+        z_buf = torch.empty(rows, k, dtype=torch.float32, device=dev)
         work_buf = torch.empty(rows, k, dtype=torch.float32, device=dev)
-        params_t = params.T.contiguous()
+        theta_t = theta.T.contiguous()
+        layout = self._weight_layout(metas)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             nb = stop - start
             phi_b, y_b = design.phi[start:stop], design.y[start:stop]
             z = z_buf[:nb]
-            torch.matmul(phi_b, params_t, out=z)
-            w_b = design.weights[start:stop].index_select(1, metas)  # (nb, K)
-            loss = self.datafit.loss_(z[:, :k], y_b, work_buf[:nb])
-            loss.mul_(w_b)
-            loss_sum += loss.sum(dim=0, dtype=torch.float64)
+            torch.matmul(phi_b, theta_t, out=z)
+            if layout is None:
+                w_b = design.weights[start:stop].index_select(1, metas)  # (nb, K)
+                weigh = lambda t: t.mul_(w_b)  # noqa: E731
+            else:
+                groups, size = layout
+                w_b = design.weights[start:stop].index_select(1, groups)[:, :, None]  # (nb, groups, 1)
+                weigh = lambda t: t.view(nb, -1, size).mul_(w_b)  # noqa: E731
+            loss = self.datafit.loss_(z, y_b, work_buf[:nb])
+            weigh(loss)
+            loss_sum += loss.sum(dim=0)
             if with_gradient:
-                resid = self.datafit.residual_(z[:, k:], y_b).mul_(w_b)
+                resid = self.datafit.residual_(z, y_b)
+                weigh(resid)
                 grad.addmm_(phi_b.T, resid)
         return loss_sum, grad
 
@@ -147,13 +167,17 @@ class BatchedFISTA:
         FistaState
             The next state (the input is not modified).
         Tensor, float64, shape (K,)
-            Objective of the iterate *entering* this iteration (``x`` before the update).
+            Objective at the extrapolated point ``y = x + m·(x − x_prev)`` where the
+            gradient is taken (``y = x`` on the first iteration of a batch). Taking it
+            there shares the logits of the gradient pass, so the objective costs no
+            second GEMM; the objective of the final iterate is computed separately
+            (:meth:`objective`).
         """
         momentum = (state.t_prev - 1.0) / state.t
         x = state.x
         y = x + momentum * (x - state.x_prev)
-        data, grad = self._scan(design, torch.cat((x, y)), metas, with_gradient=True)
-        objective = data + self._penalty(x, l1, l2, design.penalised)
+        data, grad = self._scan(design, y, metas, with_gradient=True)
+        objective = data + self._penalty(y, l1, l2, design.penalised)
         grad_y = grad.T + self.smooth_penalty.gradient(y, l2, design.penalised)
         step = 1.0 / lipschitz
         x_new = self.prox_penalty.prox(y - step[:, None] * grad_y, l1 * step, design.penalised)
