@@ -59,6 +59,22 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
         assert required in names
     assert names.count("FIT_ITER") == 2 * 120  # two epochs of the full grid in one batch
     assert (out / "results.zip").is_file() and (out / "postmortem.json").is_file()
+    assert names.count("PHASE_START") == names.count("PHASE_END") == 5
+    profile = json.loads((out / "RUN_PROFILE_SUMMARY.json").read_text())
+    assert abs(sum(profile["phase_seconds"].values()) - profile["wall_s"]) <= 0.05 * profile["wall_s"]
+    assert 0 < profile["shares"]["journal"] < 0.02
+    assert profile["candidate_iterations"] == 2 * 135 * 120 and profile["candidates_per_s"] > 0
+    post = json.loads((out / "postmortem.json").read_text())
+    assert post["status"] == "complete" and post["bottleneck_phase"] in profile["phase_seconds"]
+    assert all(v == 100.0 for k, v in post["phase_percent_done"].items() if k != "distillation")
+    stats = json.loads((out / "GLOBAL_STATS.json").read_text())
+    assert stats["files_processed"] == 6 + 2 and stats["materials"] > 0 and stats["anchored_voxels"] > 0
+    assert stats["active_weights"]["total"]["end"] > 0 and len(stats["active_weights"]["per_candidate"]) == 135
+    previews = sorted(p.name for p in (out / "previews").glob("*.png"))
+    assert previews == sorted([n.replace(".tif", ".png") for n in masks] + ["training_curve.png"])
+    roadmap = json.loads((out / "roadmap_realtime.json").read_text())
+    assert roadmap["global_progress_percent"] == 100.0 and roadmap["train_progress_percent"] == 100.0
+    assert "PROGRESS_INTEGRITY_ALERT" not in names
     with zipfile.ZipFile(out / "results.zip") as zf:
         assert "journal.jsonl" in zf.namelist() and any(n.startswith("checkpoints/ckpt-") for n in zf.namelist())
 
@@ -120,6 +136,11 @@ def test_kill_parity(kill_at: str, reference: dict, demo_data: Path, tmp_path: P
     killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL
     assert (out / "journal.jsonl").is_file()
+    if kill_at.startswith("FIT_ITER"):  # half-way through training: partial reports survive the kill
+        roadmap = json.loads((out / "roadmap_realtime.json").read_text())
+        assert 0 < roadmap["global_progress_percent"] < 100 and roadmap["phase"] == "search"
+        stats = json.loads((out / "GLOBAL_STATS.json").read_text())
+        assert stats["phase"] == "features" and stats["files_processed"] == 6
     resumed = run_cli(*run_args(demo_data, out))
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)
@@ -222,15 +243,31 @@ def test_sigterm_stops_gracefully(demo_data: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("budget", [20, 60, 120])
 def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    overrides = FAST + [f"budget.total_s={budget}", "search.max_epochs=500", "search.patience=500"]
+    overrides = FAST + [f"budget.total_s={budget}", "search.max_epochs=500", "search.patience=500", "progress.interval_s=5"]
     start = time.monotonic()
     result = nx46vx.run([demo_data], output=out, profile="demo", overrides=overrides)
     elapsed = time.monotonic() - start
     assert elapsed < budget
     assert result.status == "stopped_by_deadline"
     assert _masks(result.submission)
-    names = [e["event"] for e in _events(out / "journal.jsonl")]
+    events = _events(out / "journal.jsonl")
+    names = [e["event"] for e in events]
     assert "PRETIMEOUT_FLUSH" in names
+    # the reported global progress is the one computed from the cursor (full grid in one batch, 2 epochs… capped at 500)
+    roadmap = json.loads((out / "roadmap_realtime.json").read_text())
+    c = roadmap["cursor"]
+    epoch_fraction = (c["candidate"] * 120 + c["iter"] * 135) / (135 * 120)
+    train = (c["epoch"] + epoch_fraction) / 500
+    w = roadmap["weights"]
+    expected = (w["discovery"] + w["features"] + w["segmentation"] + w["packaging"] + w["search"] * train) / sum(w.values())
+    assert roadmap["global_progress_percent"] == pytest.approx(100 * expected, abs=1e-4)
+    assert roadmap["global_progress_percent"] < 100
+    # progress never stalls while the cursor advances
+    seen = [(e["data"]["cursor"], e["data"]["global_progress_percent"]) for e in events if e["event"] == "GLOBAL_PROGRESS_REALTIME" and e["data"]["phase"] == "search"]
+    for (c1, g1), (c2, g2) in zip(seen, seen[1:]):
+        if (c2["epoch"], c2["candidate"], c2["iter"]) > (c1["epoch"], c1["candidate"], c1["iter"]):
+            assert g2 > g1
+    assert "PROGRESS_INTEGRITY_ALERT" not in names
     if budget != 20:
         return
     # a later run continues from the flush checkpoint

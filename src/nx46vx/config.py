@@ -112,6 +112,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ProgressConfig:
+    """``GLOBAL_PROGRESS_REALTIME`` cadence (5–15 s) besides every phase change; ``HEALTH`` every ``health_every`` reports."""
+
+    interval_s: float = 10.0
+    health_every: int = 6
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; immutable, so a run's config can be hashed and compared."""
 
@@ -123,6 +131,7 @@ class RunConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), JSON-serialisable."""
@@ -293,6 +302,8 @@ def _validate(config: RunConfig) -> None:
         (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
         (config.budget.total_s >= 0, "budget.total_s", ">= 0 (0 = unlimited)", config.budget.total_s),
         (config.checkpoint.every_iters >= 1, "checkpoint.every_iters", ">= 1", config.checkpoint.every_iters),
+        (5.0 <= config.progress.interval_s <= 15.0, "progress.interval_s", "between 5 and 15 seconds", config.progress.interval_s),
+        (config.progress.health_every >= 1, "progress.health_every", ">= 1", config.progress.health_every),
         (config.checkpoint.keep_last >= 1, "checkpoint.keep_last", ">= 1", config.checkpoint.keep_last),
         (
             config.segment.method in {"auto", "baseline", "search"},

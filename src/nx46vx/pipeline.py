@@ -34,6 +34,9 @@ from .governor import Governor
 from .journal import ChainLink, Journal, dumps, last_link
 from .metric import score_volume
 from .package import encode_mask, validate_submission, write_results_zip, write_submission
+from .progress import Progress, calibrate, train_progress
+from . import reports
+from .telemetry import boot_info, health, mask_stats
 from .search import CandidateSearch, N_PARAMS
 from .segment import BASELINE, SEARCH_MODEL, intensity_baseline, model_mask
 from .volumes import file_sha256, read_pair, read_volume, volume_voxels
@@ -188,6 +191,14 @@ class _Run:
         self.merkle_prev: str | None = None
         self.io_seconds = 0.0
         self.ckpt_seq = 0
+        self.governor = Governor(config.budget, n_test=0)
+        self.progress = Progress()
+        self.stats: dict[str, Any] = {"files_processed": 0, "slices_processed": 0, "voxels_processed": 0, "volumes": {}}
+        self._last_report = float("-inf")
+        self._reports = 0
+        self._shown = 0.0
+        self._session_iters_start = 0
+        self.resumed_rate: float | None = None
 
     # ------------------------------------------------------------------ journal helpers
 
@@ -202,17 +213,78 @@ class _Run:
         self.governor.enter(name)
         self.journal.record("PHASE_START", name, {"phase": name})
         self.journal.record("TIME_BUDGET_STATE", name, self.governor.state())
+        self.report(force=True)
 
     def end_phase(self, name: str, data: dict[str, Any] | None = None) -> None:
         assert self.journal is not None
         self.governor.leave()
+        if name != "search":  # training progress always comes from the cursor
+            self.progress.set(name, 1.0)
         self.journal.record("PHASE_END", name, dict(data or {}, seconds=round(self.governor.phase_elapsed.get(name, 0.0), 6)))
+        self.write_global_stats(name)
+        self.report(force=True)
+        self.journal.record("HEALTH", name, health())
         self.journal.sync()
+
+    # ------------------------------------------------------------------ progress and stats
+
+    def report(self, *, force: bool = False) -> None:
+        """``GLOBAL_PROGRESS_REALTIME`` + ``roadmap_realtime.json`` every ``progress.interval_s`` and when forced."""
+        assert self.journal is not None
+        now = self.governor.elapsed()
+        if not force and now - self._last_report < self.config.progress.interval_s:
+            return
+        self._last_report = now
+        self._reports += 1
+        cursor = self.search.cursor() if self.search else {"epoch": 0, "candidate": 0, "iter": 0}
+        if self.search is not None:
+            self.progress.set("search", train_progress(self.search.epoch, self.search.progress(), self.config.search.max_epochs, done=self.search.done))
+        computed = self.progress.global_progress()
+        remaining = self.progress.remaining_estimate(sum(self.governor.cumulative_seconds().values()))
+        roadmap = {
+            "global_progress_percent": round(100.0 * computed, 6),
+            "train_progress_percent": round(100.0 * self.progress.fractions["search"], 6),
+            "phase": self.governor.state()["phase"],
+            "phase_percent": {p: round(100.0 * f, 6) for p, f in self.progress.fractions.items()},
+            "weights": self.progress.weights,
+            "cursor": cursor,
+            "remaining_estimate_s": None if remaining is None else round(remaining, 3),
+            "elapsed_s": round(now, 3),
+            "run_id": self.run_id,
+        }
+        path = self.output / "roadmap_realtime.json"
+        write_json_atomic(path, roadmap)
+        phase = roadmap["phase"] or "run"
+        self.journal.record("GLOBAL_PROGRESS_REALTIME", phase, roadmap)
+        shown = orjson.loads(path.read_bytes())["global_progress_percent"]
+        if shown != roadmap["global_progress_percent"] or shown + 1e-9 < self._shown:
+            self.journal.record("PROGRESS_INTEGRITY_ALERT", phase, {"shown_percent": shown, "computed_percent": roadmap["global_progress_percent"], "previous_shown_percent": self._shown})
+        self._shown = shown
+        if self._reports % self.config.progress.health_every == 0:
+            self.journal.record("HEALTH", phase, health())
+
+    def count_volume(self, shape: Sequence[int]) -> None:
+        self.stats["files_processed"] += 1
+        self.stats["slices_processed"] += int(shape[0])
+        self.stats["voxels_processed"] += int(np.prod(shape))
+
+    def write_global_stats(self, phase: str) -> None:
+        search = self.search
+        stats = reports.global_stats(
+            dict(self.stats, phase=phase),
+            search.epoch_results if search else [],
+            search_s=self.governor.phase_seconds().get("search", 0.0),
+            candidate_iterations=(search.candidate_iterations - self._session_iters_start) if search else 0,
+            samples=2 * self.config.search.samples_per_class,
+        )
+        write_json_atomic(self.output / "GLOBAL_STATS.json", stats)
 
     # ------------------------------------------------------------------ phases
 
     def start(self) -> None:
         check_output_writable(self.output)
+        self.governor.install_signal_handlers()
+        self.governor.enter("discovery")
         previous = self.output / "journal.jsonl"
         self.previous_journal: Path | None = None
         if previous.exists():
@@ -225,10 +297,8 @@ class _Run:
     def discover(self) -> Discovery:
         found = discover(self.input_roots, include_deprecated=self.config.data.include_deprecated)
         self.discovery = found
-        self.governor = Governor(self.config.budget, n_test=len(found.test))
+        self.governor.n_test = len(found.test)
         self.test_voxels = sum(volume_voxels(t.image) for t in found.test)
-        self.governor.install_signal_handlers()
-        self.governor.enter("discovery")
         pairs = list(found.train)
         if self.config.data.max_train_volumes > 0:
             pairs = sorted(pairs, key=lambda p: p.id)[: self.config.data.max_train_volumes]
@@ -310,7 +380,8 @@ class _Run:
                 "previous_journal": str(self.previous_journal) if self.previous_journal else None,
             },
         )
-        self.journal.record("BOOT", "run", _hardware())
+        self.journal.record("BOOT", "run", boot_info())
+        self.journal.record("PHASE_START", "discovery", {"phase": "discovery"})  # the phase opened before the journal could
         for event, phase, data in self.pending:
             self.journal.record(event, phase, data)
         self.pending.clear()
@@ -332,6 +403,7 @@ class _Run:
                 image, label = read_pair(pair.image, pair.label)
                 times["load"] = time.perf_counter() - t0
                 times["voxels"] = image.size
+                self.count_volume(image.shape)
                 return image, label
 
             t0 = time.perf_counter()
@@ -341,6 +413,8 @@ class _Run:
             feat_s += total - times.get("load", 0.0)
             voxels += int(times.get("voxels", 0))
             pools[pair.id] = pool
+            self.progress.set("features", len(pools) / len(pairs))
+            self.report()
             self.journal.record(
                 "FEATURES_READY",
                 "features",
@@ -384,6 +458,8 @@ class _Run:
             "tree_size": tree_size,
             "journal_head": {"hash": self.journal.prev, "next_seq": self.journal.seq},
             "elapsed_by_phase": self.governor.cumulative_seconds(),
+            "candidate_iterations_per_s": self._session_rate(),
+            "global_progress": self.progress.global_progress(),
             "reason": reason,
         }
         path = ckpt.write_checkpoint(self.output / "checkpoints", self.ckpt_seq, payload, manifest, keep_last=self.config.checkpoint.keep_last)
@@ -393,6 +469,12 @@ class _Run:
         self.journal.record("CHECKPOINT_WRITTEN", "checkpoint", {"path": str(path), "reason": reason, **cursor, "tree_size": tree_size, "merkle_root": root, "seconds": round(seconds, 6)})
         self.journal.record("TRAIN_CURSOR", "checkpoint", dict(cursor, progress=self.search.progress() if self.search else 0.0))
         self.journal.sync()
+
+    def _session_rate(self) -> float | None:
+        """Candidate-iterations per second of search in this session (None before any)."""
+        seconds = self.governor.phase_seconds().get("search", 0.0)
+        done = (self.search.candidate_iterations - self._session_iters_start) if self.search else 0
+        return done / seconds if seconds > 0 and done else None
 
     def _next_ckpt_seq(self) -> int:
         existing = ckpt.list_checkpoints(self.output / "checkpoints")
@@ -413,6 +495,9 @@ class _Run:
             _restore_rng(run_state["rng"])
             self.governor.restore(run_state["elapsed"])
             manifest = self.resumed["manifest"]
+            self.resumed_rate = manifest.get("candidate_iterations_per_s")
+            self.progress.weights = calibrate(run_state["elapsed"])
+            self.journal.record("PHASE_WEIGHT_CALIBRATION", "resume", {"weights": self.progress.weights, "measured_seconds": run_state["elapsed"]})
             self.merkle_prev = manifest.get("merkle_curr")
             self.journal.record(
                 "RESUME_OK",
@@ -427,6 +512,7 @@ class _Run:
                     "stage": self.search.stage,
                 },
             )
+        self._session_iters_start = self.search.candidate_iterations
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_epochs * len(self.search.grid) * cfg.max_iter, desc="search", unit="cand-it", disable=None, leave=False)
@@ -451,6 +537,7 @@ class _Run:
                     self.journal.record("TIME_BUDGET_STATE", "search", self.governor.state())
             if checkpoint_due:
                 self.write_checkpoint(checkpoint_due)
+            self.report()
         bar.close()
         if self.search.done:
             self.write_checkpoint("search_done")
@@ -459,7 +546,7 @@ class _Run:
 
     def _segmenters(self) -> dict[str, Any]:
         seg, feats = self.config.segment, self.config.features
-        out: dict[str, Any] = {BASELINE: lambda vol: intensity_baseline(vol, seg)}
+        out: dict[str, Any] = {BASELINE: lambda vol: (intensity_baseline(vol, seg), None)}
         if self.search is not None and (self.search.best or self.search.epoch_results):
             best = self.search.best_model()
             out[SEARCH_MODEL] = lambda vol: model_mask(vol, best, feats, seg, device=self.device)
@@ -478,7 +565,7 @@ class _Run:
         if len(segmenters) > 1 and val:
             volumes = [read_pair(p.image, p.label) for p in val]
             for name, fn in segmenters.items():
-                scores[name] = float(np.mean([score_volume(fn(img), lab).score for img, lab in volumes]))
+                scores[name] = float(np.mean([score_volume(fn(img)[0], lab).score for img, lab in volumes]))
             chosen = max(scores, key=lambda k: (scores[k], k == SEARCH_MODEL))
         else:
             chosen = next(iter(segmenters)) if len(segmenters) == 1 else SEARCH_MODEL
@@ -490,17 +577,24 @@ class _Run:
         name, fn, scores = self.choose_segmenter()
         masks: dict[str, bytes] = {}
         shapes: dict[str, tuple[int, int, int]] = {}
-        for test in self.discovery.test:
+        previews = self.output / "previews"
+        previews.mkdir(exist_ok=True)
+        for done, test in enumerate(self.discovery.test, start=1):
             t0 = time.perf_counter()
             volume = read_volume(test.image)
-            mask = fn(volume)
+            self.count_volume(volume.shape)
+            mask, prob = fn(volume)
             masks[test.id] = encode_mask(mask)
             shapes[test.id] = volume.shape
+            self.stats["volumes"][test.id] = mask_stats(mask, prob)
+            reports.write_slice_preview(previews / f"{test.id}.png", volume, mask)
             self.journal.record(
                 "VOLUME_SEGMENTED",
                 "segmentation",
                 {"id": test.id, "segmenter": name, "shape": list(volume.shape), "positive_fraction": float(mask.mean()), "seconds": round(time.perf_counter() - t0, 4)},
             )
+            self.progress.set("segmentation", done / len(self.discovery.test))
+            self.report()
         self.end_phase("segmentation", {"segmenter": name})
         self.phase("packaging")
         submission = self.output / "submission.zip"
@@ -510,28 +604,55 @@ class _Run:
         return submission, name, scores
 
 
+    def finish(self, result: RunResult) -> None:
+        """Close packaging with the training curve, then write the post-mortem and the profile."""
+        assert self.journal is not None
+        if self.search is not None and self.search.history:
+            reports.write_curve(self.output / "previews" / "training_curve.png", [h["best_objective"] for h in self.search.history])
+        self.end_phase("packaging", {"submission": str(result.submission)})
+        phase_seconds = self.governor.phase_seconds()
+        wall = time.monotonic() - self.wall_start
+        latest = ckpt.list_checkpoints(self.output / "checkpoints")
+        write_json_atomic(
+            self.output / "postmortem.json",
+            reports.postmortem(
+                dict(result.to_dict(), cumulative_phase_seconds=self.governor.cumulative_seconds()),
+                phase_fractions=self.progress.fractions,
+                phase_seconds=phase_seconds,
+                latest_checkpoint=str(latest[-1]) if latest else None,
+            ),
+        )
+        search = self.search
+        profile = reports.profile_summary(
+            wall_s=wall,
+            phase_seconds=phase_seconds,
+            journal_s=self.journal.write_seconds,
+            io_s=self.io_seconds,
+            journal_events=self.journal.events,
+            candidate_iterations=(search.candidate_iterations - self._session_iters_start) if search else 0,
+            search_s=phase_seconds.get("search", 0.0),
+            resumed_rate=self.resumed_rate,
+        )
+        write_json_atomic(self.output / "RUN_PROFILE_SUMMARY.json", profile)
+        self.journal.record("RUN_PROFILE_SUMMARY", "packaging", profile)
+
+
+RESULT_MEMBERS = [
+    "journal.jsonl",
+    "checkpoints",
+    "postmortem.json",
+    "RUN_PROFILE_SUMMARY.json",
+    "GLOBAL_STATS.json",
+    "roadmap_realtime.json",
+    "previews",
+    "submission.zip",
+]
+
+
 def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _hardware() -> dict[str, Any]:
-    import platform
-
-    import psutil
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "ram_total_bytes": psutil.virtual_memory().total,
-        "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def run(
@@ -586,6 +707,7 @@ def run(
             state.end_phase("search", {"cursor": state.search.cursor(), "iterations": state.search.iterations_done})
         else:
             journal.record("SEARCH_SKIPPED", "search", {"reason": "fewer than two training volumes", "train_pairs": len(state.discovery.train)})
+            state.progress.set("search", 1.0)  # nothing to train
             if state.resumed is None:
                 state.write_checkpoint("no_search")
         submission, segmenter, scores = state.segment_and_package()
@@ -607,27 +729,13 @@ def run(
             resumed_from=str(state.resumed["path"]) if state.resumed else None,
             wall_s=time.monotonic() - state.wall_start,
         )
-        postmortem = dict(result.to_dict(), phase_seconds=state.governor.phase_seconds(), cumulative_phase_seconds=state.governor.cumulative_seconds())
-        write_json_atomic(out / "postmortem.json", postmortem)
-        write_json_atomic(
-            out / "RUN_PROFILE_SUMMARY.json",
-            {
-                "wall_s": result.wall_s,
-                "phase_seconds": state.governor.phase_seconds(),
-                "journal_s": journal.write_seconds,
-                "io_s": state.io_seconds,
-                "journal_events": journal.events,
-                "iterations": state.search.iterations_done if state.search else 0,
-            },
-        )
+        state.finish(result)
         journal.merkle_root("packaging")
         journal.record("RUN_END", "run", {"status": status, "stop_reason": stop, "model_digest": digest, "cursor": cursor, "wall_s": round(result.wall_s, 3)})
         journal.close()
-        write_results_zip(out / "results.zip", out, ["journal.jsonl", "checkpoints", "postmortem.json", "RUN_PROFILE_SUMMARY.json", "submission.zip"])
-        state.governor.leave()
+        write_results_zip(out / "results.zip", out, RESULT_MEMBERS)
         return result
     finally:
-        if hasattr(state, "governor"):
-            state.governor.restore_signal_handlers()
+        state.governor.restore_signal_handlers()
         if state.journal is not None:
             state.journal.close()

@@ -64,7 +64,9 @@ def model_probability(volume: np.ndarray, model: dict[str, Any], features: Featu
     return out
 
 
-def model_mask(volume: np.ndarray, model: dict[str, Any], features: FeatureConfig, config: SegmentConfig, *, device: torch.device | None = None) -> np.ndarray:
-    """Search-model mask, uint8 {0, 1}, shape (z, y, x)."""
+def model_mask(
+    volume: np.ndarray, model: dict[str, Any], features: FeatureConfig, config: SegmentConfig, *, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search-model mask, uint8 {0, 1}, and its probability map, float32, both shape (z, y, x)."""
     prob = model_probability(volume, model, features, device=device)
-    return remove_small_components(prob >= float(model["threshold"]), config.min_component_voxels)
+    return remove_small_components(prob >= float(model["threshold"]), config.min_component_voxels), prob

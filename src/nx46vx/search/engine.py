@@ -144,6 +144,7 @@ class CandidateSearch:
         self.best: dict[str, Any] = {}
         self.stagnation = 0
         self.iterations_done = 0
+        self.candidate_iterations = 0
         # derived per epoch (not stored)
         self._design: Design | None = None
         self._lipschitz: torch.Tensor | None = None
@@ -263,6 +264,7 @@ class CandidateSearch:
         sl, metas, l1, l2, lips = self._batch_tensors()
         self.fista, objective = self.solver.step(self._design, self.fista, metas, l1, l2, lips)
         self.iterations_done += 1
+        self.candidate_iterations += sl.stop - sl.start
         if self.fista.iter == max(1, self.config.max_iter // 2):
             self.active_marks["mid"] = self._active(self.fista.x)
         if self.fista.iter >= self.config.max_iter:
@@ -374,6 +376,7 @@ class CandidateSearch:
             "best": dict(self.best),
             "stagnation": self.stagnation,
             "iterations_done": self.iterations_done,
+            "candidate_iterations": self.candidate_iterations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -392,5 +395,6 @@ class CandidateSearch:
         self.best = dict(state["best"])
         self.stagnation = int(state["stagnation"])
         self.iterations_done = int(state["iterations_done"])
+        self.candidate_iterations = int(state["candidate_iterations"])
         self._design = None
         self._val = None
