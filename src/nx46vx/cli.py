@@ -1,6 +1,6 @@
 """Command line: a thin layer over the Python API.
 
-``nx46vx run | demo | verify | score | inspect``.
+``nx46vx run | demo | verify | score | inspect | wheelhouse``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_wheelhouse(args: argparse.Namespace) -> int:
+    from .wheelhouse import build_wheelhouse
+
+    wheels = build_wheelhouse(args.folder, include_all=args.all)
+    for wheel in wheels:
+        print(wheel)
+    print(f"{len(wheels)} wheels in {args.folder}: upload the folder as a Kaggle dataset, then in the notebook\n"
+          f"  pip install --no-index --find-links /kaggle/input/<dataset> nx46vx")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nx46vx", description="Vesuvius surface detection with resumable training and a verifiable journal.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -112,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, metavar="DIR", help="folder of <id>.tif labels (or a folder holding train_labels/ or test_labels/)")
     p.add_argument("--pred", required=True, metavar="SUBMISSION.zip")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("wheelhouse", help="pack nx46vx and the dependencies Kaggle lacks into a folder of wheels for offline install")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--all", action="store_true", help="pack the whole requirement closure (torch included: several GB)")
+    p.set_defaults(func=_cmd_wheelhouse)
 
     p = sub.add_parser("inspect", help="print and verify a checkpoint manifest")
     p.add_argument("checkpoint", metavar="CKPT")

@@ -120,6 +120,17 @@ class ProgressConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """Optional upload of the latest committed checkpoint as a Kaggle Model (``kagglehub.model_upload``).
+
+    Empty ``model_handle`` (e.g. ``user/nx46vx/pyTorch/default``) = never; never under ``kaggle-submit``.
+    """
+
+    model_handle: str = ""
+    version_notes: str = "nx46vx checkpoint"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; immutable, so a run's config can be hashed and compared."""
 
@@ -132,6 +143,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists), JSON-serialisable."""

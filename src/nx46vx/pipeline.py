@@ -635,6 +635,34 @@ class _Run:
         )
         write_json_atomic(self.output / "RUN_PROFILE_SUMMARY.json", profile)
         self.journal.record("RUN_PROFILE_SUMMARY", "packaging", profile)
+        self.publish()
+
+    def publish(self) -> None:
+        """Upload the latest committed checkpoint as a Kaggle Model when configured; journal why not otherwise."""
+        assert self.journal is not None
+        handle = self.config.publish.model_handle
+        committed = [p for p in ckpt.list_checkpoints(self.output / "checkpoints") if ckpt.is_committed(p)]
+        reason = None
+        if not handle:
+            reason = "publish.model_handle is not set"
+        elif self.config.profile == "kaggle-submit":
+            reason = "never under kaggle-submit"
+        elif not committed:
+            reason = "no committed checkpoint"
+        else:
+            try:
+                import kagglehub
+            except ImportError:
+                reason = "kagglehub is not importable"
+        if reason is not None:
+            self.journal.record("PUBLISH_SKIPPED", "packaging", {"reason": reason, "model_handle": handle})
+            return
+        try:
+            kagglehub.model_upload(handle, str(committed[-1]), version_notes=self.config.publish.version_notes)
+        except Exception as exc:  # an upload failure must never cost the submission
+            self.journal.record("PUBLISH_SKIPPED", "packaging", {"reason": f"upload failed: {type(exc).__name__}: {exc}", "model_handle": handle})
+            return
+        self.journal.record("PUBLISH_OK", "packaging", {"model_handle": handle, "checkpoint": str(committed[-1])})
 
 
 RESULT_MEMBERS = [
