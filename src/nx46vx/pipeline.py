@@ -579,7 +579,9 @@ class _Run:
         shapes: dict[str, tuple[int, int, int]] = {}
         previews = self.output / "previews"
         previews.mkdir(exist_ok=True)
-        for done, test in enumerate(self.discovery.test, start=1):
+        from tqdm.auto import tqdm
+
+        for done, test in enumerate(tqdm(self.discovery.test, desc="segmentation", unit="vol", disable=None, leave=False), start=1):
             t0 = time.perf_counter()
             volume = read_volume(test.image)
             self.count_volume(volume.shape)
