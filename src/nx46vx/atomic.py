@@ -7,11 +7,15 @@ through :func:`write_atomic`.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
+
+import numpy as np
 
 from .journal import dumps
 
@@ -64,3 +68,30 @@ def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     """Atomically copy a file."""
     with open(src, "rb") as source:
         return write_atomic(dst, lambda handle: shutil.copyfileobj(source, handle, 1 << 22))
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        h.update(key.encode())
+        h.update(str(arrays[key].dtype).encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()
+
+
+def save_arrays_checked(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> Path:
+    """Atomically write ``arrays`` as an ``.npz`` carrying the SHA-256 of their bytes."""
+    buffer = io.BytesIO()
+    np.savez(buffer, sha256=np.array(_arrays_digest(arrays)), **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_arrays_checked(path: str | os.PathLike[str], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read arrays written by :func:`save_arrays_checked`; raises ValueError (or OSError) unless the checksum holds."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in keys}
+        stored = str(data["sha256"])
+    actual = _arrays_digest(arrays)
+    if stored != actual:
+        raise ValueError(f"checksum expected {stored}, got {actual}")
+    return arrays

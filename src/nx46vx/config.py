@@ -81,16 +81,52 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Teacher → student distillation (see :mod:`nx46vx.distill`).
+
+    ``teachers``: any of ``ensemble`` (top ``ensemble_k`` search candidates),
+    ``torchscript:<path>``, ``tiff:<dir>``, ``python:<module>:<callable>``; every
+    listed teacher is required. Loss ``λ·BCE(label≠2) + (1−λ)·BCE(teacher soft target)``
+    with ``λ = label_weight`` and temperature ``temperature``.
+    """
+
+    enabled: bool = True
+    teachers: tuple[str, ...] = ("ensemble",)
+    ensemble_k: int = 5
+    width: int = 16
+    depth: int = 3
+    patch: int = 64
+    batch: int = 2
+    steps: int = 2000
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    label_weight: float = 0.5
+    temperature: float = 2.0
+    positive_fraction: float = 0.5
+    max_volumes: int = 16
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class SegmentConfig:
     """Segmentation of the test volumes.
 
-    ``method``: ``auto`` (best search candidate when the search ran, else the
-    baseline), ``baseline`` (smoothed-intensity Otsu), ``search``.
+    ``method``: ``auto`` (whichever of the available segmenters scores best on the
+    validation volumes), ``baseline`` (smoothed-intensity Otsu), ``search``,
+    ``ensemble``, ``student``. Probability maps are cut by 3-D hysteresis with
+    thresholds chosen on validation; when hysteresis keeps less than
+    ``min_ratio`` of the voxels, the top ``fallback_percent`` % are kept instead.
     """
 
     method: str = "auto"
     baseline_sigma: float = 1.0
     min_component_voxels: int = 64
+    overlap: float = 0.5
+    flip_tta: bool = False
+    min_ratio: float = 0.005
+    fallback_percent: float = 5.0
+    validation_volumes: int = 4
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -318,10 +355,19 @@ def _validate(config: RunConfig) -> None:
         (config.progress.health_every >= 1, "progress.health_every", ">= 1", config.progress.health_every),
         (config.checkpoint.keep_last >= 1, "checkpoint.keep_last", ">= 1", config.checkpoint.keep_last),
         (
-            config.segment.method in {"auto", "baseline", "search"},
+            config.segment.method in {"auto", "baseline", "search", "ensemble", "student"},
             "segment.method",
-            "auto, baseline or search",
+            "auto, baseline, search, ensemble or student",
             config.segment.method,
+        ),
+        (0.0 <= config.segment.overlap < 1.0, "segment.overlap", "in [0, 1)", config.segment.overlap),
+        (0.0 <= config.distill.label_weight <= 1.0, "distill.label_weight", "in [0, 1]", config.distill.label_weight),
+        (config.distill.temperature > 0, "distill.temperature", "> 0", config.distill.temperature),
+        (
+            config.distill.patch % (2 ** config.distill.depth) == 0,
+            "distill.patch",
+            f"a multiple of 2**depth = {2 ** config.distill.depth}",
+            config.distill.patch,
         ),
     ]
     for ok, key, expected, found in checks:

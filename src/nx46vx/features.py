@@ -35,7 +35,6 @@ so no candidate, epoch or later run recomputes features of training volumes.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import write_atomic
+from .atomic import load_arrays_checked, save_arrays_checked
 from .config import FeatureConfig
 
 log = logging.getLogger("nx46vx")
@@ -299,24 +298,12 @@ class FeatureCache:
     def path(self, content_hash: str, config: FeatureConfig, seed: int) -> Path:
         return self.folder / f"pool-{content_hash[:24]}-{spec_id(config)}-p{config.pool_per_class}-s{seed}.npz"
 
-    @staticmethod
-    def _digest(arrays: dict[str, np.ndarray]) -> str:
-        h = hashlib.sha256()
-        for key in sorted(arrays):
-            h.update(key.encode())
-            h.update(np.ascontiguousarray(arrays[key]).tobytes())
-        return h.hexdigest()
-
     def load(self, path: Path) -> Pool | None:
         """The cached pool, or None when absent or corrupt (corrupt files are counted and logged)."""
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in ("features", "labels", "coords", "class_counts")}
-                stored = str(data["sha256"])
-            if stored != self._digest(arrays):
-                raise ValueError(f"checksum expected {stored}, got {self._digest(arrays)}")
+            arrays = load_arrays_checked(path, ("features", "labels", "coords", "class_counts"))
         except Exception as exc:  # any unreadable or inconsistent file is recomputed
             self.corrupt += 1
             log.warning("feature cache %s is corrupt (%s); recomputing", path, exc)
@@ -324,10 +311,7 @@ class FeatureCache:
         return Pool(**arrays)
 
     def store(self, path: Path, pool: Pool) -> None:
-        arrays = {"features": pool.features, "labels": pool.labels, "coords": pool.coords, "class_counts": pool.class_counts}
-        buffer = io.BytesIO()
-        np.savez(buffer, sha256=np.array(self._digest(arrays)), **arrays)
-        write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
+        save_arrays_checked(path, {"features": pool.features, "labels": pool.labels, "coords": pool.coords, "class_counts": pool.class_counts})
 
     def get_or_compute(
         self, content_hash: str, config: FeatureConfig, seed: int, read: Callable[[], tuple[np.ndarray, np.ndarray]], *, device: torch.device | None = None

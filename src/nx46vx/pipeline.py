@@ -16,16 +16,17 @@ import shutil
 import subprocess
 import time
 import uuid
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import orjson
 import torch
 
 from . import checkpoint as ckpt
-from .atomic import write_json_atomic
+from .atomic import load_arrays_checked, save_arrays_checked, write_json_atomic
 from .config import RunConfig, load_config
 from .discovery import Discovery, TrainPair, discover
 from .errors import CheckpointError, Nx46Error, OutputNotWritableError
@@ -38,13 +39,14 @@ from .progress import Progress, calibrate, train_progress
 from . import reports
 from .telemetry import boot_info, health, mask_stats
 from .search import CandidateSearch, N_PARAMS
-from .segment import BASELINE, SEARCH_MODEL, intensity_baseline, model_mask
+from . import distill
+from .segment import normalised
+from .segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, intensity_baseline, postprocess, probability, sliding_window, tune_postprocess
 from .volumes import file_sha256, read_pair, read_volume, volume_voxels
 
 log = logging.getLogger("nx46vx")
 
 MIN_FREE_BYTES = 64 << 20
-VALIDATION_SEGMENT_VOLUMES = 4
 
 
 @dataclass
@@ -130,6 +132,7 @@ def config_signature(config: RunConfig, data_manifest: Sequence[tuple[str, str, 
         },
         "model": {"kind": "sparse_logistic_meta_neuron", "n_params": N_PARAMS, "init_scale": s.init_scale, "fbeta": s.fbeta, "block_rows": s.block_rows},
         "preprocessing": {"normalise": "p1-p99.5", "version": 1},
+        "distill": {k: v for k, v in dataclasses.asdict(config.distill).items() if k not in ("checkpoint_every", "device")},
         "data": _digest(sorted(data_manifest)),
     }
     return orjson.loads(dumps(signature))  # the JSON form, as a manifest stores it
@@ -147,14 +150,16 @@ def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list
     return train, val
 
 
-def model_digest(search: CandidateSearch | None) -> str:
-    """SHA-256 over every candidate's parameters and the standardiser (empty model → digest of nothing)."""
+def model_digest(search: CandidateSearch | None, student: distill.DistillState | None = None) -> str:
+    """SHA-256 over every candidate's parameters, the standardiser and the student's weights (what exists)."""
     h = hashlib.sha256()
     if search is not None:
         h.update(search.theta.numpy().tobytes())
         if search.standardiser is not None:
             h.update(search.standardiser.mean.tobytes())
             h.update(search.standardiser.std.tobytes())
+    if student is not None:
+        h.update(distill.student_digest(student))
     return h.hexdigest()
 
 
@@ -199,6 +204,9 @@ class _Run:
         self._shown = 0.0
         self._session_iters_start = 0
         self.resumed_rate: float | None = None
+        self.distill_state: distill.DistillState | None = None
+        self.distill_device = resolve_device(config.distill.device)
+        self.teacher_val_probs: dict[str, list[np.ndarray] | None] = {}
 
     # ------------------------------------------------------------------ journal helpers
 
@@ -436,6 +444,7 @@ class _Run:
         self.ckpt_seq = max(self.ckpt_seq, self._next_ckpt_seq())
         payload = {
             "search.pt": ckpt.torch_bytes(self.search.state_dict() if self.search else None),
+            "distill.pt": ckpt.torch_bytes(distill.state_dict(self.distill_state) if self.distill_state else None),
             "run.pt": ckpt.torch_bytes({"rng": _rng_states(), "elapsed": self.governor.cumulative_seconds(), "run_id": self.run_id}),
         }
         manifest = {
@@ -450,6 +459,7 @@ class _Run:
             "iter": cursor["iter"],
             "max_iter": self.config.search.max_iter,
             "stage": self.search.stage if self.search else "no_search",
+            "distill_step": self.distill_state.step if self.distill_state else 0,
             "best_metrics": self.search.best if self.search else {},
             "data_cursor": {"epoch_sample_seed": [self.config.seed, 0, cursor["epoch"]], "batch_start": cursor["candidate"]},
             "rng": {"seed": self.config.seed, "derivation": "numpy default_rng([seed, stream, epoch, ...]) per draw; python/numpy/torch global states in run.pt"},
@@ -513,6 +523,7 @@ class _Run:
                 },
             )
         self._session_iters_start = self.search.candidate_iterations
+        finished_before = self.search.done  # resumed after the search: its checkpoints already say so
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_epochs * len(self.search.grid) * cfg.max_iter, desc="search", unit="cand-it", disable=None, leave=False)
@@ -539,38 +550,190 @@ class _Run:
                 self.write_checkpoint(checkpoint_due)
             self.report()
         bar.close()
-        if self.search.done:
+        if self.search.done and not finished_before:
             self.write_checkpoint("search_done")
+
+    # ------------------------------------------------------------------ distillation
+
+    def _teacher_targets(self, teachers: list[distill.Teacher], pairs: Sequence[TrainPair]) -> tuple[list[distill.DistillVolume], dict[str, float]]:
+        """Read the distillation volumes and their soft targets (teacher outputs cached per volume and teacher)."""
+        cache = self.output / "cache" / "teachers"
+        cache.mkdir(parents=True, exist_ok=True)
+        volumes, covered = [], {t.spec: 0 for t in teachers}
+        for pair in pairs:
+            image, label = read_pair(pair.image, pair.label)
+            probs = []
+            for teacher in teachers:
+                path = cache / f"{self.hashes[pair.id][:24]}-{teacher.sha256[:16]}.npz"
+                prob = None
+                try:
+                    prob = load_arrays_checked(path, ("prob",))["prob"].astype(np.float32) if path.is_file() else None
+                except Exception as exc:  # a corrupt cache entry is recomputed, never used
+                    log.warning("teacher cache %s is corrupt (%s); recomputing", path, exc)
+                if prob is None:
+                    prob = teacher.predict(pair.id, image)
+                    if prob is not None:
+                        save_arrays_checked(path, {"prob": prob.astype(np.float16)})
+                        prob = prob.astype(np.float16).astype(np.float32)  # what a later cache hit returns
+                covered[teacher.spec] += prob is not None
+                probs.append(prob)
+            volumes.append(distill.DistillVolume(pair.id, normalised(image), label, distill.soft_target(probs)))
+        coverage = {spec: 100.0 * n / max(1, len(pairs)) for spec, n in covered.items()}
+        return volumes, coverage
+
+    def run_distillation(self) -> None:
+        """Phase 5: load every teacher, train the student step by step, checkpoint it like the search."""
+        assert self.journal is not None
+        cfg = self.config.distill
+        self.phase("distillation")
+        if not cfg.enabled:
+            self.journal.record("DISTILLATION_SKIPPED", "distillation", {"reason": "distill.enabled is false"})
+            self.progress.set("distillation", 1.0)
+            self.end_phase("distillation")
+            return
+        if self.governor.should_stop():
+            self.journal.record("DISTILLATION_SKIPPED", "distillation", {"reason": f"stop requested ({self.governor.stop_reason})"})
+            self.end_phase("distillation")
+            return
+        self.journal.record("DISTILLATION_START", "distillation", {"teachers": list(cfg.teachers), "steps": cfg.steps, "device": str(self.distill_device)})
+        ensemble = self._ensemble_probability() if self.search is not None else None
+        ensemble_digest = hashlib.sha256(self.search.top_models(cfg.ensemble_k)["thetas"].numpy().tobytes()).hexdigest() if self.search else ""
+        roots = [Path(p) for p in self.discovery.input_roots]
+        teachers = []
+        for spec in cfg.teachers:
+            self.journal.record("DISTILLATION_TEACHER_LOAD_BEGIN", "distillation", {"teacher": spec})
+            t0 = time.perf_counter()
+            try:
+                teacher = distill.load_teacher(spec, roots=roots, ensemble=ensemble, ensemble_digest=ensemble_digest, patch=cfg.patch, device=self.distill_device)
+            except distill.DistillationNotExecuted as exc:
+                self.journal.record("DISTILLATION_TEACHER_LOAD_END", "distillation", {"teacher": spec, "ok": False, "error": str(exc)})
+                raise
+            teachers.append(teacher)
+            self.journal.record("DISTILLATION_TEACHER_LOAD_END", "distillation", {"teacher": spec, "ok": True, "sha256": teacher.sha256, "seconds": round(time.perf_counter() - t0, 4)})
+        pairs = self.train_pairs[: cfg.max_volumes]
+        volumes, coverage = self._teacher_targets(teachers, pairs)
+        val = self.val_pairs[: self.config.segment.validation_volumes]
+        val_volumes = [read_pair(p.image, p.label) for p in val]
+        self.teacher_val_probs = {}
+        for teacher in teachers:
+            probs = [teacher.predict(p.id, img) for p, (img, _) in zip(val, val_volumes)]
+            self.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
+        state = distill.init_state(cfg, seed=self.config.seed, device=self.distill_device)
+        if self.resumed is not None:
+            saved = ckpt.load_payload(self.resumed["path"], "distill.pt")
+            if saved is not None:
+                distill.load_state_dict(state, saved)
+                self.journal.record("RESUME_OK", "distillation", {"checkpoint": str(self.resumed["path"]), "distill_step": state.step})
+        self.distill_state = state
+        targets = [distill.soft_target([self.teacher_val_probs[t.spec][i] if self.teacher_val_probs[t.spec] else None for t in teachers]) for i in range(len(val))]
+
+        def agreement() -> float | None:
+            pairs_ = [(sliding_window(img, distill.student_network(state), patch=cfg.patch, device=self.distill_device), t) for (img, _), t in zip(val_volumes, targets) if t is not None]
+            return float(np.mean([distill.agreement(sp, t) for sp, t in pairs_])) if pairs_ else None
+
+        before = agreement()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="distillation", unit="step", disable=None, leave=False)
+        stopped = None
+        while state.step < cfg.steps:
+            if self.governor.should_stop():
+                stopped = self.governor.stop_reason
+                self.journal.record("PRETIMEOUT_FLUSH", "distillation", {"distill_step": state.step, "reason": stopped, **self.governor.state()})
+                self.write_checkpoint("pretimeout_flush")
+                break
+            batch = distill.sample_batch(volumes, state.step, cfg, seed=self.config.seed)
+            self.journal.record("DISTILLATION_BATCH_BEGIN", "distillation", {"step": state.step + 1, "patches": int(batch["image"].shape[0]), "covered": int(batch["covered"].sum())})
+            terms = distill.train_step(state, batch, cfg)
+            self.journal.record("DISTILLATION_LOSS_STEP", "distillation", {"step": state.step, "total": terms["total"], "label": terms["label"], "teacher": terms["teacher"]})
+            self.journal.record("DISTILLATION_STUDENT_UPDATE", "distillation", {"step": state.step, "lr": terms["lr"], "grad_norm": terms["grad_norm"]})
+            self.journal.record("DISTILLATION_BATCH_END", "distillation", {"step": state.step})
+            bar.update(1)
+            self.progress.set("distillation", state.step / max(1, cfg.steps))
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                self.write_checkpoint("distillation_milestone")
+                self.journal.record("DISTILLATION_CHECKPOINT_WRITTEN", "distillation", {"step": state.step})
+            self.report()
+        bar.close()
+        if state.step == 0 and stopped is None:
+            raise distill.DistillationNotExecuted("no optimiser step ran", expected=f"{cfg.steps} steps", found="0 steps", hint="set distill.steps > 0 or distill.enabled = false")
+        after = agreement()
+        self.journal.record(
+            "DISTILLATION_END",
+            "distillation",
+            {"steps": state.step, "stopped": stopped, "teacher_coverage_percent": coverage, "agreement_before": before, "agreement_after": after},
+        )
+        self.end_phase("distillation", {"steps": state.step})
 
     # ------------------------------------------------------------------ segmentation
 
-    def _segmenters(self) -> dict[str, Any]:
-        seg, feats = self.config.segment, self.config.features
-        out: dict[str, Any] = {BASELINE: lambda vol: (intensity_baseline(vol, seg), None)}
+    def _probability_sources(self) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+        """Learned probability maps available to segment with: search model, ensemble, student."""
+        feats, seg = self.config.features, self.config.segment
+        out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         if self.search is not None and (self.search.best or self.search.epoch_results):
-            best = self.search.best_model()
-            out[SEARCH_MODEL] = lambda vol: model_mask(vol, best, feats, seg, device=self.device)
+            best = self.search.top_models(1)
+            out[SEARCH_MODEL] = lambda vol: probability(vol, best["thetas"], best["mean"], best["std"], feats, device=self.device)
+            out[ENSEMBLE] = self._ensemble_probability()
+        if self.distill_state is not None and self.distill_state.step > 0:
+            network = distill.student_network(self.distill_state)
+            out[STUDENT] = lambda vol: sliding_window(vol, network, patch=self.config.distill.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=self.distill_device)
         return out
 
-    def choose_segmenter(self) -> tuple[str, Any, dict[str, float]]:
-        """Score every available segmenter on validation volumes by the competition metric; pick the best."""
-        segmenters = self._segmenters()
-        method = self.config.segment.method
-        if method != "auto":
-            if method not in segmenters:
-                raise Nx46Error("segmenter unavailable", expected=f"one of {sorted(segmenters)}", found=method, hint="no search model was trained")
-            segmenters = {method: segmenters[method]}
+    def _ensemble_probability(self) -> Callable[[np.ndarray], np.ndarray]:
+        assert self.search is not None
+        top = self.search.top_models(self.config.distill.ensemble_k)
+        return lambda vol: probability(vol, top["thetas"], top["mean"], top["std"], self.config.features, device=self.device)
+
+    def choose_segmenter(self) -> tuple[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None, dict[str, Any]]], dict[str, float]]:
+        """Score every segmenter on validation volumes by the competition metric (post-processing tuned per source); pick the best.
+
+        Journals ``VALIDATION_REPORT`` (baseline, best search candidate, ensemble,
+        student, and each external teacher that covers the validation volumes) and
+        ``SEGMENTER_CHOICE``.
+        """
+        seg = self.config.segment
+        sources = self._probability_sources()
+        names = [BASELINE] + list(sources)
+        if seg.method != "auto":
+            wanted = {"baseline": BASELINE, "search": SEARCH_MODEL, "ensemble": ENSEMBLE, "student": STUDENT}[seg.method]
+            if wanted not in names:
+                raise Nx46Error("segmenter unavailable", expected=f"one of {names}", found=seg.method, hint="train the model it needs first")
+            names = [wanted]
+        val = self.val_pairs[: seg.validation_volumes]
+        volumes = [read_pair(p.image, p.label) for p in val] if val else []
         scores: dict[str, float] = {}
-        val = self.val_pairs[:VALIDATION_SEGMENT_VOLUMES]
-        if len(segmenters) > 1 and val:
-            volumes = [read_pair(p.image, p.label) for p in val]
-            for name, fn in segmenters.items():
-                scores[name] = float(np.mean([score_volume(fn(img)[0], lab).score for img, lab in volumes]))
-            chosen = max(scores, key=lambda k: (scores[k], k == SEARCH_MODEL))
-        else:
-            chosen = next(iter(segmenters)) if len(segmenters) == 1 else SEARCH_MODEL
-        self.journal.record("SEGMENTER_CHOICE", "segmentation", {"chosen": chosen, "validation_scores": scores, "volumes": [p.id for p in val]})
-        return chosen, segmenters[chosen], scores
+        params: dict[str, PostParams] = {name: PostParams(min_component=seg.min_component_voxels) for name in sources}
+        if volumes:
+            labels = [lab for _, lab in volumes]
+            if BASELINE in names:
+                scores[BASELINE] = float(np.mean([score_volume(intensity_baseline(img, seg), lab).score for img, lab in volumes]))
+            for name in names:
+                if name in sources:
+                    probs = [sources[name](img) for img, _ in volumes]
+                    params[name], scores[name] = tune_postprocess(list(zip(probs, labels)), seg)
+            teacher_scores = {}
+            for teacher, probs in self.teacher_val_probs.items():
+                if probs is not None:
+                    _, teacher_scores[teacher] = tune_postprocess(list(zip(probs, labels)), seg)
+            self.journal.record(
+                "VALIDATION_REPORT",
+                "segmentation",
+                {"volumes": [p.id for p in val], "scores": scores, "teachers": teacher_scores, "params": {k: v.to_dict() for k, v in params.items() if k in scores}},
+            )
+        preference = [STUDENT, ENSEMBLE, SEARCH_MODEL, BASELINE]  # ties (and no validation) favour the more trained model
+        chosen = max(names, key=lambda k: (scores.get(k, -1.0), -preference.index(k)))
+        self.journal.record("SEGMENTER_CHOICE", "segmentation", {"chosen": chosen, "validation_scores": scores, "params": params[chosen].to_dict() if chosen in params else None})
+        if chosen == BASELINE:
+            return chosen, lambda vol: (intensity_baseline(vol, seg), None, {}), scores
+        source, chosen_params = sources[chosen], params[chosen]
+
+        def segment(vol: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+            prob = source(vol)
+            mask, info = postprocess(prob, chosen_params, seg)
+            return mask, prob, info
+
+        return chosen, segment, scores
 
     def segment_and_package(self) -> tuple[Path, str, dict[str, float]]:
         self.phase("segmentation")
@@ -585,7 +748,7 @@ class _Run:
             t0 = time.perf_counter()
             volume = read_volume(test.image)
             self.count_volume(volume.shape)
-            mask, prob = fn(volume)
+            mask, prob, info = fn(volume)
             masks[test.id] = encode_mask(mask)
             shapes[test.id] = volume.shape
             self.stats["volumes"][test.id] = mask_stats(mask, prob)
@@ -593,7 +756,7 @@ class _Run:
             self.journal.record(
                 "VOLUME_SEGMENTED",
                 "segmentation",
-                {"id": test.id, "segmenter": name, "shape": list(volume.shape), "positive_fraction": float(mask.mean()), "seconds": round(time.perf_counter() - t0, 4)},
+                {"id": test.id, "segmenter": name, "shape": list(volume.shape), "positive_fraction": float(mask.mean()), **info, "seconds": round(time.perf_counter() - t0, 4)},
             )
             self.progress.set("segmentation", done / len(self.discovery.test))
             self.report()
@@ -735,6 +898,7 @@ def run(
             state.phase("search")
             state.run_search(train_pools, val_pools)
             state.end_phase("search", {"cursor": state.search.cursor(), "iterations": state.search.iterations_done})
+            state.run_distillation()
         else:
             journal.record("SEARCH_SKIPPED", "search", {"reason": "fewer than two training volumes", "train_pairs": len(state.discovery.train)})
             state.progress.set("search", 1.0)  # nothing to train
@@ -744,7 +908,7 @@ def run(
         stop = state.governor.stop_reason
         status = {"deadline": "stopped_by_deadline", "signal": "stopped_by_signal", None: "complete"}[stop]
         cursor = state.search.cursor() if state.search else {"epoch": 0, "candidate": 0, "iter": 0}
-        digest = model_digest(state.search)
+        digest = model_digest(state.search, state.distill_state)
         result = RunResult(
             status=status,
             stop_reason=stop,

@@ -1,37 +1,57 @@
 """Phase 6: turn test volumes into {0, 1} surface masks.
 
-Two segmenters, both pure functions of a volume:
+Every learned segmenter yields a probability map, which :func:`postprocess` cuts:
 
-* ``intensity_baseline`` — Gaussian-smoothed intensity, Otsu threshold, then
-  removal of 26-connected components under ``min_component_voxels``. Needs no
-  training; used when no search model exists.
-* ``search_model`` — the best search candidate's probability map
-  ``σ(φ·θ)`` computed chunk by chunk from the feature bank, thresholded at the
-  candidate's validation threshold, same small-component clean-up.
+1. 3-D hysteresis (``skimage.filters.apply_hysteresis_threshold``): voxels above
+   ``low`` connected to a voxel above ``high``;
+2. when hysteresis keeps less than ``min_ratio`` of the volume, a
+   percentile-calibrated fallback keeps the top ``fallback_percent`` % instead
+   (both ratios are reported);
+3. topological clean-up: remove 26-connected components under ``min_component``
+   voxels, fill enclosed holes, optional binary closing.
+
+The thresholds and clean-up parameters are chosen on validation volumes by the
+competition metric (:func:`tune_postprocess`). Probability sources:
+
+* ``probability`` — the mean of ``σ(φ·θ_k)`` over one or more search candidates
+  (the best candidate, or the top-k ensemble), computed chunk by chunk from the
+  feature bank;
+* :func:`sliding_window` — any 3-D network (the student, a TorchScript teacher)
+  over overlapping windows blended with Gaussian weights, optional flip TTA.
+
+``intensity_baseline`` needs no training: smoothed intensity, Otsu threshold,
+small components removed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.filters import threshold_otsu
+from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
 from .config import FeatureConfig, SegmentConfig
-from .features import iter_feature_chunks
+from .features import iter_feature_chunks, normalise
+from .metric import score_volume
 from .search.engine import design_rows
 
 BASELINE = "intensity_baseline"
 SEARCH_MODEL = "search_model"
+ENSEMBLE = "ensemble"
+STUDENT = "student"
+_CONN26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop 26-connected components smaller than ``min_voxels``; uint8 {0, 1}, shape as ``mask``."""
     if min_voxels <= 1 or not mask.any():
         return mask.astype(np.uint8)
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, _ = ndimage.label(mask, structure=_CONN26)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_voxels
     keep[0] = False
@@ -46,27 +66,134 @@ def intensity_baseline(volume: np.ndarray, config: SegmentConfig) -> np.ndarray:
     return remove_small_components(smooth > threshold_otsu(smooth), config.min_component_voxels)
 
 
-def model_probability(volume: np.ndarray, model: dict[str, Any], features: FeatureConfig, *, device: torch.device | None = None) -> np.ndarray:
-    """Probability map of a search model, float32 (z, y, x), computed per feature chunk.
+def normalised(volume: np.ndarray) -> np.ndarray:
+    """uint8 volume → float32 in ~[0, 1] by its 1st/99.5th percentiles (the network input)."""
+    low, high = normalise(volume)
+    return ((volume.astype(np.float32) - low) / (high - low)).astype(np.float32)
 
-    ``model`` holds ``theta`` (P,), ``mean`` and ``std`` (C,) as returned by
-    :meth:`nx46vx.search.CandidateSearch.best_model`.
-    """
+
+# ----------------------------------------------------------------------------- probability sources
+
+
+def probability(
+    volume: np.ndarray, thetas: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray, features: FeatureConfig, *, device: torch.device | None = None
+) -> np.ndarray:
+    """Mean of ``σ(φ·θ_k)`` over candidates ``thetas`` (k, P) (or one (P,)), float32 (z, y, x)."""
     out = np.empty(volume.shape, dtype=np.float32)
-    theta = torch.as_tensor(model["theta"], dtype=torch.float32)
-    mean = torch.as_tensor(np.asarray(model["mean"]), dtype=torch.float32)
-    std = torch.as_tensor(np.asarray(model["std"]), dtype=torch.float32)
+    thetas = torch.as_tensor(np.asarray(thetas), dtype=torch.float32)
+    thetas = thetas[None] if thetas.ndim == 1 else thetas
+    mean_t = torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+    std_t = torch.as_tensor(np.asarray(std), dtype=torch.float32)
     for z0, z1, feats in iter_feature_chunks(volume, features, device=device):
         dev = feats.device
-        rows = feats.reshape(feats.shape[0], -1).T
-        logits = design_rows(rows, mean.to(dev), std.to(dev)) @ theta.to(dev)
-        out[z0:z1] = torch.sigmoid(logits).reshape(feats.shape[1:]).cpu().numpy()
+        rows = design_rows(feats.reshape(feats.shape[0], -1).T, mean_t.to(dev), std_t.to(dev))
+        probs = torch.sigmoid(rows @ thetas.to(dev).T).mean(dim=1)
+        out[z0:z1] = probs.reshape(feats.shape[1:]).cpu().numpy()
     return out
 
 
-def model_mask(
-    volume: np.ndarray, model: dict[str, Any], features: FeatureConfig, config: SegmentConfig, *, device: torch.device | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search-model mask, uint8 {0, 1}, and its probability map, float32, both shape (z, y, x)."""
-    prob = model_probability(volume, model, features, device=device)
-    return remove_small_components(prob >= float(model["threshold"]), config.min_component_voxels), prob
+def _window_weights(patch: int) -> torch.Tensor:
+    """Separable Gaussian blending weights (σ = patch/4), shape (p, p, p)."""
+    t = torch.arange(patch, dtype=torch.float32) - (patch - 1) / 2
+    g = torch.exp(-0.5 * (t / (patch / 4)) ** 2)
+    return (g[:, None, None] * g[None, :, None] * g[None, None, :]).clamp_min(1e-3)
+
+
+def _starts(size: int, patch: int, stride: int) -> list[int]:
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch, stride)) + [size - patch]
+    return sorted(set(starts))
+
+
+def sliding_window(
+    volume: np.ndarray,
+    network: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    patch: int,
+    overlap: float = 0.5,
+    flip_tta: bool = False,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
+
+    ``network`` maps a (1, 1, p, p, p) float tensor (the :func:`normalised`
+    volume) to logits of the same spatial shape. Windows are blended with
+    Gaussian weights; a volume smaller than ``patch`` along an axis is
+    edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
+    """
+    device = device or torch.device("cpu")
+    image = torch.from_numpy(normalised(volume))
+    pads = [max(0, patch - s) for s in image.shape]
+    if any(pads):
+        image = torch.nn.functional.pad(image[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
+    shape = image.shape
+    acc = torch.zeros(shape, dtype=torch.float32)
+    norm = torch.zeros(shape, dtype=torch.float32)
+    weights = _window_weights(patch)
+    stride = max(1, int(round(patch * (1 - overlap))))
+    flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
+    with torch.no_grad():
+        for z, y, x in itertools.product(*(_starts(s, patch, stride) for s in shape)):
+            window = image[z : z + patch, y : y + patch, x : x + patch][None, None].to(device)
+            logits = torch.zeros_like(window)
+            for axes in flips:
+                flipped = window.flip(axes) if axes else window
+                out = network(flipped).float()
+                logits += out.flip(axes) if axes else out
+            logits /= len(flips)
+            acc[z : z + patch, y : y + patch, x : x + patch] += torch.sigmoid(logits[0, 0]).cpu() * weights
+            norm[z : z + patch, y : y + patch, x : x + patch] += weights
+    prob = (acc / norm).numpy()
+    return np.ascontiguousarray(prob[: volume.shape[0], : volume.shape[1], : volume.shape[2]])
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+@dataclass(frozen=True)
+class PostParams:
+    """How a probability map becomes a mask (chosen on validation)."""
+
+    high: float = 0.7
+    low: float = 0.5
+    min_component: int = 64
+    fill_holes: bool = True
+    closing: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def postprocess(prob: np.ndarray, params: PostParams, config: SegmentConfig) -> tuple[np.ndarray, dict[str, float]]:
+    """Probability map (z, y, x) → uint8 {0, 1} mask, with the ratios that decided it."""
+    mask = apply_hysteresis_threshold(prob, params.low, params.high)
+    hysteresis_ratio = float(mask.mean())
+    fallback = hysteresis_ratio < config.min_ratio
+    if fallback:
+        cut = float(np.percentile(prob, 100.0 - config.fallback_percent))
+        mask = prob >= cut
+    if params.closing > 0:
+        mask = ndimage.binary_closing(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=params.closing)
+    if params.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    mask = remove_small_components(mask, params.min_component)
+    return mask, {"hysteresis_ratio": hysteresis_ratio, "fallback": fallback, "final_ratio": float(mask.mean())}
+
+
+def postprocess_grid(config: SegmentConfig) -> Iterable[PostParams]:
+    """The parameter combinations tried on validation volumes."""
+    for high in (0.5, 0.7, 0.9):
+        for min_component in (config.min_component_voxels, 4 * config.min_component_voxels):
+            for closing in (0, 1):
+                yield PostParams(high=high, low=high - 0.3, min_component=min_component, closing=closing)
+
+
+def tune_postprocess(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmentConfig) -> tuple[PostParams, float]:
+    """Best :class:`PostParams` and its mean competition score over (probability, label) validation pairs."""
+    best, best_score = PostParams(), -math.inf
+    for params in postprocess_grid(config):
+        score = float(np.mean([score_volume(postprocess(prob, params, config)[0], label).score for prob, label in pairs]))
+        if score > best_score + 1e-12:
+            best, best_score = params, score
+    return best, best_score

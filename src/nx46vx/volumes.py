@@ -15,6 +15,23 @@ LABEL_VALUES = (0, 1, 2)
 BACKGROUND, SURFACE, UNLABELED = LABEL_VALUES
 
 
+def read_any(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a 3-D TIFF of any dtype, shape (z, y, x); raises VolumeReadError / VolumeShapeError."""
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            volume = tif.asarray()
+    except FileNotFoundError:
+        raise VolumeReadError("volume file not found", path=path, expected="a TIFF file", found="nothing") from None
+    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
+        raise VolumeReadError(
+            "cannot read TIFF", path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}"
+        ) from None
+    if volume.ndim != 3:
+        raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {volume.shape}")
+    return volume
+
+
 def read_volume(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a 3-D uint8 volume.
 
@@ -37,17 +54,7 @@ def read_volume(path: str | os.PathLike[str]) -> np.ndarray:
         Not uint8.
     """
     path = Path(path)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            volume = tif.asarray()
-    except FileNotFoundError:
-        raise VolumeReadError("volume file not found", path=path, expected="a TIFF file", found="nothing") from None
-    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
-        raise VolumeReadError(
-            "cannot read TIFF", path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}"
-        ) from None
-    if volume.ndim != 3:
-        raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {volume.shape}")
+    volume = read_any(path)
     if volume.dtype != np.uint8:
         raise VolumeDtypeError("volume is not uint8", path=path, expected="uint8", found=str(volume.dtype))
     if min(volume.shape) < 2:

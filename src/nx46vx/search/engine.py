@@ -341,21 +341,20 @@ class CandidateSearch:
 
     # ------------------------------------------------------------------ results
 
-    def best_model(self) -> dict[str, Any]:
-        """Parameters of the best candidate so far (by validation F1) with its standardiser and threshold.
+    def top_models(self, k: int) -> dict[str, Any]:
+        """The ``k`` candidates with the best validation F1 (latest results of each), with the standardiser.
 
-        Before any epoch finished, the candidate with the best validation F1 among
-        the batches done in the current epoch, else candidate 0's current parameters.
+        Returns ``thetas`` (k', P) float32 tensor, ``candidates`` (their indices),
+        ``val_f1`` and ``mean`` / ``std`` (C,). Before any batch finished: candidate 0.
         """
-        pool = self.epoch_results if not self.best else [self.best]
-        best = max(pool, key=lambda r: r["val_f1"]) if pool else {"candidate": 0, "threshold": 0.5, "val_f1": 0.0}
+        results = sorted(self.epoch_results or ([self.best] if self.best else []), key=lambda r: (-r["val_f1"], r["candidate"]))[: max(1, k)]
+        chosen = [int(r["candidate"]) for r in results] or [0]
         return {
-            "theta": self.theta[best["candidate"]].clone(),
+            "thetas": self.theta[chosen].clone(),
+            "candidates": chosen,
+            "val_f1": [float(r["val_f1"]) for r in results],
             "mean": self.standardiser.mean if self.standardiser is not None else np.zeros(N_X + N_G, np.float32),
             "std": self.standardiser.std if self.standardiser is not None else np.ones(N_X + N_G, np.float32),
-            "threshold": float(best["threshold"]),
-            "candidate": int(best["candidate"]),
-            "val_f1": float(best["val_f1"]),
         }
 
     # ------------------------------------------------------------------ checkpoint state
