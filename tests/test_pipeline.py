@@ -55,11 +55,16 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
         assert mask.shape == tifffile.imread(demo_data / "test_images" / name).shape
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     names = [e["event"] for e in _events(out / "journal.jsonl")]
-    for required in ("RUN_START", "DATASET_DISCOVERY", "FIT_ITER", "CANDIDATE_DONE", "EPOCH_DONE", "CHECKPOINT_WRITTEN", "MERKLE_ROOT", "SEGMENTER_CHOICE", "SUBMISSION_WRITTEN", "RUN_END"):
+    for required in (
+        "RUN_START", "DATASET_DISCOVERY", "FIT_ITER", "CANDIDATE_DONE", "EPOCH_DONE", "CHECKPOINT_WRITTEN", "MERKLE_ROOT",
+        "DISTILLATION_START", "DISTILLATION_TEACHER_LOAD_BEGIN", "DISTILLATION_TEACHER_LOAD_END", "DISTILLATION_BATCH_BEGIN",
+        "DISTILLATION_LOSS_STEP", "DISTILLATION_STUDENT_UPDATE", "DISTILLATION_BATCH_END", "DISTILLATION_CHECKPOINT_WRITTEN",
+        "DISTILLATION_END", "VALIDATION_REPORT", "SEGMENTER_CHOICE", "SUBMISSION_WRITTEN", "RUN_END",
+    ):
         assert required in names
     assert names.count("FIT_ITER") == 2 * 120  # two epochs of the full grid in one batch
     assert (out / "results.zip").is_file() and (out / "postmortem.json").is_file()
-    assert names.count("PHASE_START") == names.count("PHASE_END") == 5
+    assert names.count("PHASE_START") == names.count("PHASE_END") == 6
     profile = json.loads((out / "RUN_PROFILE_SUMMARY.json").read_text())
     assert abs(sum(profile["phase_seconds"].values()) - profile["wall_s"]) <= 0.05 * profile["wall_s"]
     assert 0 < profile["shares"]["journal"] < 0.02
@@ -130,7 +135,9 @@ def test_unwritable_output_fails_before_training(demo_data: Path, tmp_path: Path
 # ----------------------------------------------------------------------------- kill parity and resume
 
 
-@pytest.mark.parametrize("kill_at", ["FIT_ITER:57", "checkpoint_payload_written:9", "CANDIDATE_DONE:140", "submission_member_written:1"])
+@pytest.mark.parametrize(
+    "kill_at", ["FIT_ITER:57", "checkpoint_payload_written:9", "CANDIDATE_DONE:140", "DISTILLATION_LOSS_STEP:30", "submission_member_written:1"]
+)
 def test_kill_parity(kill_at: str, reference: dict, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})

@@ -364,7 +364,9 @@ class _Run:
             if field_name is not None:
                 self.event("RESUME_INCOMPATIBLE", "resume", {"checkpoint": str(found.path), "field": field_name})
                 continue
-            self.resumed = {"path": found.path, "manifest": manifest, "source": found.source}
+            # Read the payload now: this run's own checkpoints may prune the folder it came from.
+            payload = {name: ckpt.load_payload(found.path, name) for name in ("search.pt", "run.pt", "distill.pt")}
+            self.resumed = {"path": found.path, "manifest": manifest, "source": found.source, "payload": payload}
             if self.previous_journal is None:
                 if found.journal is not None:
                     link = last_link(found.journal)
@@ -498,8 +500,8 @@ class _Run:
         cfg = self.config.search
         self.search = CandidateSearch(cfg, train_pools, val_pools, seed=self.config.seed, device=self.device)
         if self.resumed is not None:
-            state = ckpt.load_payload(self.resumed["path"], "search.pt")
-            run_state = ckpt.load_payload(self.resumed["path"], "run.pt")
+            state = self.resumed["payload"]["search.pt"]
+            run_state = self.resumed["payload"]["run.pt"]
             if state is not None:
                 self.search.load_state_dict(state)
             _restore_rng(run_state["rng"])
@@ -620,7 +622,7 @@ class _Run:
             self.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
         state = distill.init_state(cfg, seed=self.config.seed, device=self.distill_device)
         if self.resumed is not None:
-            saved = ckpt.load_payload(self.resumed["path"], "distill.pt")
+            saved = self.resumed["payload"]["distill.pt"]
             if saved is not None:
                 distill.load_state_dict(state, saved)
                 self.journal.record("RESUME_OK", "distillation", {"checkpoint": str(self.resumed["path"]), "distill_step": state.step})
