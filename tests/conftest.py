@@ -19,7 +19,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Small but complete: the full 135-candidate grid and 120 iterations on small samples.
-FAST = ["distill.steps=40", "features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000", "search.max_epochs=2"]
+FAST = ["distill.steps=30", "distill.checkpoint_every=10", "features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000", "search.max_epochs=2"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

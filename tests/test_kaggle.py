@@ -81,10 +81,11 @@ def test_publication_with_a_stand_in_kagglehub(demo_data: Path, tmp_path: Path, 
     assert Path(uploads[0][1]).parent == out / "checkpoints" and "manifest.json" in uploads[0][2]
     assert "PUBLISH_OK" in [e["event"] for e in _events(out / "journal.jsonl")]
     # without a handle, or under kaggle-submit, nothing is uploaded and the journal says why
-    nx46vx.run([demo_data], output=tmp_path / "plain", profile="demo", overrides=FAST)
+    cheap = ["distill.enabled=false", "search.max_epochs=1"]  # publication does not depend on them
+    nx46vx.run([demo_data], output=tmp_path / "plain", profile="demo", overrides=FAST + cheap)
     skipped = [e["data"]["reason"] for e in _events(tmp_path / "plain" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["publish.model_handle is not set"]
-    nx46vx.run([demo_data], output=tmp_path / "submit", profile="kaggle-submit", overrides=overrides)
+    nx46vx.run([demo_data], output=tmp_path / "submit", profile="kaggle-submit", overrides=overrides + cheap)
     skipped = [e["data"]["reason"] for e in _events(tmp_path / "submit" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["never under kaggle-submit"]
     assert len(log.read_text().splitlines()) == 1

@@ -136,7 +136,7 @@ def test_unwritable_output_fails_before_training(demo_data: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "kill_at", ["FIT_ITER:57", "checkpoint_payload_written:9", "CANDIDATE_DONE:140", "DISTILLATION_LOSS_STEP:30", "submission_member_written:1"]
+    "kill_at", ["FIT_ITER:57", "checkpoint_payload_written:9", "CANDIDATE_DONE:140", "DISTILLATION_LOSS_STEP:15", "submission_member_written:1"]
 )
 def test_kill_parity(kill_at: str, reference: dict, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -307,9 +307,16 @@ def student_digest(state: DistillState) -> bytes:
     return b"".join(v.detach().cpu().numpy().tobytes() for v in state.student.state_dict().values())
 
 
-def agreement(student_prob: np.ndarray, teacher_prob: np.ndarray) -> float:
-    """Fraction of voxels where student and teacher agree at 0.5."""
-    return float(((student_prob >= 0.5) == (teacher_prob >= 0.5)).mean())
+def agreement(state: DistillState, probe: dict[str, torch.Tensor]) -> float | None:
+    """Fraction of voxels of the covered probe patches where student and teacher agree at probability 0.5."""
+    covered = probe["covered"]
+    if not bool(covered.any()):
+        return None
+    device = next(state.student.parameters()).device
+    state.student.eval()
+    with torch.no_grad():
+        student = torch.sigmoid(state.student(probe["image"][covered].to(device)).float()).cpu()
+    return float(((student >= 0.5) == (probe["target"][covered] >= 0.5)).float().mean())
 
 
 __all__ = [

@@ -627,12 +627,12 @@ class _Run:
                 distill.load_state_dict(state, saved)
                 self.journal.record("RESUME_OK", "distillation", {"checkpoint": str(self.resumed["path"]), "distill_step": state.step})
         self.distill_state = state
-        targets = [distill.soft_target([self.teacher_val_probs[t.spec][i] if self.teacher_val_probs[t.spec] else None for t in teachers]) for i in range(len(val))]
-
-        def agreement() -> float | None:
-            pairs_ = [(sliding_window(img, distill.student_network(state), patch=cfg.patch, device=self.distill_device), t) for (img, _), t in zip(val_volumes, targets) if t is not None]
-            return float(np.mean([distill.agreement(sp, t) for sp, t in pairs_])) if pairs_ else None
-
+        val_dvols = [
+            distill.DistillVolume(p.id, normalised(img), lab, distill.soft_target([self.teacher_val_probs[t.spec][i] if self.teacher_val_probs[t.spec] else None for t in teachers]))
+            for i, (p, (img, lab)) in enumerate(zip(val, val_volumes))
+        ]
+        probe = distill.sample_batch(val_dvols, 0, dataclasses.replace(cfg, batch=8), seed=self.config.seed + 1) if val_dvols else None
+        agreement = (lambda: distill.agreement(state, probe)) if probe is not None else (lambda: None)  # noqa: E731
         before = agreement()
         from tqdm.auto import tqdm
 

@@ -114,6 +114,7 @@ def sliding_window(
     overlap: float = 0.5,
     flip_tta: bool = False,
     device: torch.device | None = None,
+    batch: int = 8,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
@@ -121,6 +122,7 @@ def sliding_window(
     volume) to logits of the same spatial shape. Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
+    Windows go through the network ``batch`` at a time.
     """
     device = device or torch.device("cpu")
     image = torch.from_numpy(normalised(volume))
@@ -133,17 +135,19 @@ def sliding_window(
     weights = _window_weights(patch)
     stride = max(1, int(round(patch * (1 - overlap))))
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
+    positions = list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
     with torch.no_grad():
-        for z, y, x in itertools.product(*(_starts(s, patch, stride) for s in shape)):
-            window = image[z : z + patch, y : y + patch, x : x + patch][None, None].to(device)
-            logits = torch.zeros_like(window)
+        for first in range(0, len(positions), batch):
+            chunk = positions[first : first + batch]
+            windows = torch.stack([image[z : z + patch, y : y + patch, x : x + patch] for z, y, x in chunk])[:, None].to(device)
+            logits = torch.zeros_like(windows)
             for axes in flips:
-                flipped = window.flip(axes) if axes else window
-                out = network(flipped).float()
+                out = network(windows.flip(axes) if axes else windows).float()
                 logits += out.flip(axes) if axes else out
-            logits /= len(flips)
-            acc[z : z + patch, y : y + patch, x : x + patch] += torch.sigmoid(logits[0, 0]).cpu() * weights
-            norm[z : z + patch, y : y + patch, x : x + patch] += weights
+            probs = torch.sigmoid(logits / len(flips))[:, 0].cpu()
+            for (z, y, x), window_prob in zip(chunk, probs):
+                acc[z : z + patch, y : y + patch, x : x + patch] += window_prob * weights
+                norm[z : z + patch, y : y + patch, x : x + patch] += weights
     prob = (acc / norm).numpy()
     return np.ascontiguousarray(prob[: volume.shape[0], : volume.shape[1], : volume.shape[2]])
 
