@@ -305,3 +305,11 @@ def test_inspect_verifies_a_checkpoint(reference: dict) -> None:
     (ckpt / "search.pt").write_bytes(b"damaged")
     proc = run_cli("inspect", str(ckpt))
     assert proc.returncode == 2 and "payload checksum mismatch" in proc.stderr
+
+
+def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path) -> None:
+    """A segmenter whose measured cost would not fit the budget left is not chosen; the journal says why."""
+    result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["budget.reserve_safety=1e9", "budget.total_s=3600"])
+    choice = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")
+    assert choice["predicted_test_seconds"]["student"] > choice["time_left_s"]
+    assert "student" in choice["excluded_for_time"] and result.segmenter == choice["chosen"] == "intensity_baseline"

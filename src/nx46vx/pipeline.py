@@ -705,14 +705,21 @@ class _Run:
         val = self.val_pairs[: seg.validation_volumes]
         volumes = [read_pair(p.image, p.label) for p in val] if val else []
         scores: dict[str, float] = {}
+        seconds_per_voxel: dict[str, float] = {}
         params: dict[str, PostParams] = {name: PostParams(min_component=seg.min_component_voxels) for name in sources}
         if volumes:
             labels = [lab for _, lab in volumes]
+            voxels = sum(lab.size for lab in labels)
             if BASELINE in names:
-                scores[BASELINE] = float(np.mean([score_volume(intensity_baseline(img, seg), lab).score for img, lab in volumes]))
+                t0 = time.perf_counter()
+                masks = [intensity_baseline(img, seg) for img, _ in volumes]
+                seconds_per_voxel[BASELINE] = (time.perf_counter() - t0) / voxels
+                scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
             for name in names:
                 if name in sources:
+                    t0 = time.perf_counter()
                     probs = [sources[name](img) for img, _ in volumes]
+                    seconds_per_voxel[name] = (time.perf_counter() - t0) / voxels
                     params[name], scores[name] = tune_postprocess(list(zip(probs, labels)), seg)
             teacher_scores = {}
             for teacher, probs in self.teacher_val_probs.items():
@@ -723,9 +730,24 @@ class _Run:
                 "segmentation",
                 {"volumes": [p.id for p in val], "scores": scores, "teachers": teacher_scores, "params": {k: v.to_dict() for k, v in params.items() if k in scores}},
             )
+        # The submission must exist before the deadline: only segmenters whose measured cost fits the time left.
+        predicted = {k: v * self.test_voxels * self.config.budget.reserve_safety for k, v in seconds_per_voxel.items()}
+        time_left = self.governor.remaining() - self.governor.margin()
+        feasible = [k for k in names if predicted.get(k, 0.0) <= time_left] or [BASELINE if BASELINE in names else min(names, key=lambda k: predicted.get(k, 0.0))]
         preference = [STUDENT, ENSEMBLE, SEARCH_MODEL, BASELINE]  # ties (and no validation) favour the more trained model
-        chosen = max(names, key=lambda k: (scores.get(k, -1.0), -preference.index(k)))
-        self.journal.record("SEGMENTER_CHOICE", "segmentation", {"chosen": chosen, "validation_scores": scores, "params": params[chosen].to_dict() if chosen in params else None})
+        chosen = max(feasible, key=lambda k: (scores.get(k, -1.0), -preference.index(k)))
+        self.journal.record(
+            "SEGMENTER_CHOICE",
+            "segmentation",
+            {
+                "chosen": chosen,
+                "validation_scores": scores,
+                "params": params[chosen].to_dict() if chosen in params else None,
+                "predicted_test_seconds": predicted,
+                "time_left_s": None if time_left == float("inf") else time_left,
+                "excluded_for_time": sorted(set(names) - set(feasible)),
+            },
+        )
         if chosen == BASELINE:
             return chosen, lambda vol: (intensity_baseline(vol, seg), None, {}), scores
         source, chosen_params = sources[chosen], params[chosen]
