@@ -39,6 +39,7 @@ from .config import FeatureConfig, SegmentConfig
 from .features import iter_feature_chunks, normalise
 from .metric import score_volume
 from .search.engine import design_rows
+from .telemetry import free_memory
 
 BASELINE = "intensity_baseline"
 SEARCH_MODEL = "search_model"
@@ -114,7 +115,7 @@ def sliding_window(
     overlap: float = 0.5,
     flip_tta: bool = False,
     device: torch.device | None = None,
-    batch: int = 8,
+    batch: int = 0,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
@@ -122,7 +123,9 @@ def sliding_window(
     volume) to logits of the same spatial shape. Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
-    Windows go through the network ``batch`` at a time.
+    Windows go through the network ``batch`` at a time; 0 sizes the batch from
+    the free memory of ``device`` (a tenth of it, at ~64 float32 activations per
+    window voxel), between 1 and 16.
     """
     device = device or torch.device("cpu")
     image = torch.from_numpy(normalised(volume))
@@ -136,6 +139,8 @@ def sliding_window(
     stride = max(1, int(round(patch * (1 - overlap))))
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
     positions = list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
+    if batch <= 0:
+        batch = int(np.clip(0.1 * free_memory(device) // (64 * 4 * patch**3), 1, 16))
     with torch.no_grad():
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]

@@ -59,6 +59,13 @@ def _nvml() -> list[dict[str, Any]]:
     return gpus
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for working buffers on ``device`` (GPU memory or available RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
 def boot_info() -> dict[str, Any]:
     """Static facts for the ``BOOT`` event."""
     return {

@@ -23,6 +23,7 @@ import torch
 
 from ..config import SearchConfig
 from ..features import G_NAMES, X_NAMES, Pool
+from ..telemetry import free_memory
 from .fista import BatchedFISTA, Design, FistaState
 from .grid import Candidate, make_grid
 from .sampling import Sample, balanced_sample, bootstrap_weights, validation_sample
@@ -100,15 +101,6 @@ def threshold_scan(
     return {"f1": pick(f1), "iou": pick(iou), "fbeta": pick(fbeta), "threshold": np.asarray(THRESHOLDS)[best.cpu().numpy()]}
 
 
-def _free_memory(device: torch.device) -> int:
-    """Bytes free for the batch buffers on ``device``."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 class CandidateSearch:
     """Search over ``meta_neurons × l1 × l2`` candidates, epoch after epoch.
 
@@ -163,7 +155,7 @@ class CandidateSearch:
         if self.config.batch_candidates > 0:
             metas = max(1, self.config.batch_candidates // self.per_meta)
         else:
-            metas = min(self.meta_neurons, max(1, int(0.25 * _free_memory(self.device) // self._bytes_per_meta())))
+            metas = min(self.meta_neurons, max(1, int(0.25 * free_memory(self.device) // self._bytes_per_meta())))
         return min(metas * self.per_meta, len(self.grid))
 
     def _bytes_per_meta(self) -> int:
