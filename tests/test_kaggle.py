@@ -74,18 +74,18 @@ def test_publication_with_a_stand_in_kagglehub(demo_data: Path, tmp_path: Path, 
     monkeypatch.syspath_prepend(str(stand_in))
     monkeypatch.delitem(sys.modules, "kagglehub", raising=False)
     out = tmp_path / "out"
-    overrides = FAST + ["publish.model_handle=me/nx46vx/pyTorch/default"]
+    cheap = ["distill.enabled=false", "search.max_epochs=1"]  # publication does not depend on them
+    overrides = FAST + ["publish.model_handle=me/nx46vx/pyTorch/default"] + cheap
     nx46vx.run([demo_data], output=out, profile="demo", overrides=overrides)
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(uploads) == 1 and uploads[0][0] == "me/nx46vx/pyTorch/default"
     assert Path(uploads[0][1]).parent == out / "checkpoints" and "manifest.json" in uploads[0][2]
     assert "PUBLISH_OK" in [e["event"] for e in _events(out / "journal.jsonl")]
     # without a handle, or under kaggle-submit, nothing is uploaded and the journal says why
-    cheap = ["distill.enabled=false", "search.max_epochs=1"]  # publication does not depend on them
     nx46vx.run([demo_data], output=tmp_path / "plain", profile="demo", overrides=FAST + cheap)
     skipped = [e["data"]["reason"] for e in _events(tmp_path / "plain" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["publish.model_handle is not set"]
-    nx46vx.run([demo_data], output=tmp_path / "submit", profile="kaggle-submit", overrides=overrides + cheap)
+    nx46vx.run([demo_data], output=tmp_path / "submit", profile="kaggle-submit", overrides=overrides)
     skipped = [e["data"]["reason"] for e in _events(tmp_path / "submit" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["never under kaggle-submit"]
     assert len(log.read_text().splitlines()) == 1
