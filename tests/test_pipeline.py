@@ -221,7 +221,7 @@ def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo
 def test_incompatible_checkpoint_starts_fresh(change: str, field: str, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _partial_run(demo_data, out, "FIT_ITER:30")
-    proc = run_cli(*run_args(demo_data, out, "--set", change, "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
+    proc = run_cli(*run_args(demo_data, out, "--set", change, "--set", "search.max_epochs=1"))
     assert proc.returncode == 0, proc.stderr
     events = _events(out / "journal.jsonl")
     incompatible = [e["data"] for e in events if e["event"] == "RESUME_INCOMPATIBLE"]
