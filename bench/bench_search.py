@@ -1,6 +1,6 @@
 """Batched FISTA over the 135-candidate grid vs the old per-candidate NumPy ISTA loop vs scikit-learn.
 
-Run: ``python bench/bench_search.py [--samples 1000000] [--old-candidates 2] [--sklearn-candidates 2]``.
+Run: ``python bench/bench_search.py [--samples 1000000] [--old-candidates 2] [--sklearn-candidates 2] [--torch-iters 3]``.
 All three work on the same design rows (one synthetic training sample of labelled voxels).
 """
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=120)
     parser.add_argument("--old-candidates", type=int, default=2)
     parser.add_argument("--sklearn-candidates", type=int, default=2)
+    parser.add_argument("--torch-iters", type=int, default=3, help="iterations of the eager-torch path, for reference (0: skip)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, building a sample of {args.samples:,} labelled voxels …", flush=True)
@@ -67,22 +68,30 @@ def main() -> None:
     grid = make_grid(cfg.meta_neurons, cfg.l1, cfg.l2)
     k = len(grid)
 
-    # (a) batched FISTA, all 135 candidates together
+    # (a) batched FISTA, all 135 candidates together (the default kernel: fused native on a CPU with a compiler)
     weights = torch.from_numpy(bootstrap_weights(n, range(cfg.meta_neurons), 0, 0))
     design = Design(phi, torch.from_numpy(labels)[:, None], weights, penalised_mask(torch.device("cpu")))
-    solver = BatchedFISTA(block_rows=cfg.block_rows)
     metas = torch.tensor([c.meta_neuron for c in grid])
     l1 = torch.tensor([c.l1 for c in grid])
     l2 = torch.tensor([c.l2 for c in grid])
-    lips = solver.lipschitz(design, metas, l2)
-    state = solver.init_state(torch.zeros(k, phi.shape[1]))
-    state, _ = solver.step(design, state, metas, l1, l2, lips)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        state, _ = solver.step(design, state, metas, l1, l2, lips)
-    batched = (time.perf_counter() - t0) / (args.iters * k)
-    print(f"(a) batched FISTA : {k} candidates x {args.iters} iterations on {n:,} samples: "
+
+    def time_search(solver: BatchedFISTA, iters: int) -> float:
+        """Seconds per candidate-iteration over ``iters`` iterations (after one warm-up iteration)."""
+        lips = solver.lipschitz(design, metas, l2)
+        state = solver.init_state(torch.zeros(k, phi.shape[1]))
+        state, _ = solver.step(design, state, metas, l1, l2, lips)  # warm-up (and kernel build)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            state, _ = solver.step(design, state, metas, l1, l2, lips)
+        return (time.perf_counter() - t0) / (iters * k)
+
+    solver = BatchedFISTA(block_rows=cfg.block_rows, kernel=cfg.kernel)
+    batched = time_search(solver, args.iters)
+    print(f"(a) batched FISTA, {solver.kernel_for(torch.device('cpu'))} kernel: {k} candidates x {args.iters} iterations on {n:,} samples: "
           f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration", flush=True)
+    if args.torch_iters:
+        eager = time_search(BatchedFISTA(block_rows=cfg.block_rows, kernel="torch"), args.torch_iters)
+        print(f"    batched FISTA, torch kernel (timed {args.torch_iters} iterations): {eager * 1e3:.3f} ms per candidate-iteration", flush=True)
 
     # (b) old per-candidate loop, a subset of candidates, scaled linearly
     xs = phi[:, :N_X].numpy().astype(np.float64)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -7,12 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from nx46vx.config import FeatureConfig, SearchConfig
+from nx46vx.config import FeatureConfig, SearchConfig, load_config
+from nx46vx.errors import ConfigError, NativeKernelError
 from nx46vx.features import Pool, sample_pool
-from nx46vx.search import N_PARAMS, BatchedFISTA, CandidateSearch, Design, make_grid, penalised_mask
+from nx46vx.search import N_PARAMS, BatchedFISTA, CandidateSearch, Design, make_grid, native, penalised_mask
+from nx46vx.search.sampling import bootstrap_weights
 from nx46vx.synthetic import make_volume
 
 CPU = torch.device("cpu")
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler for the fused kernel")
+KERNELS = [pytest.param("native", marks=needs_cc), "torch"]
 
 
 def _problem(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -30,13 +37,15 @@ def _design(phi: torch.Tensor, y: np.ndarray, weights: torch.Tensor | None = Non
     return Design(phi, torch.from_numpy(y)[:, None], weights, penalised_mask(CPU))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("l1,l2", [(1e-3, 1e-2), (1e-2, 1e-3), (3e-3, 1e-4)])
-def test_fista_reaches_sklearn_elastic_net(l1: float, l2: float) -> None:
+def test_fista_reaches_sklearn_elastic_net(l1: float, l2: float, kernel: str) -> None:
     from sklearn.linear_model import LogisticRegression
 
     x, y, phi = _problem()
     design = _design(phi, y)
-    solver = BatchedFISTA(block_rows=1024)
+    solver = BatchedFISTA(block_rows=1024, kernel=kernel)
+    assert solver.kernel_for(CPU) == kernel
     metas, t1, t2 = torch.zeros(1, dtype=torch.long), torch.tensor([l1]), torch.tensor([l2])
     lips = solver.lipschitz(design, metas, t2)
     state = solver.init_state(torch.zeros(1, N_PARAMS))
@@ -53,13 +62,14 @@ def test_fista_reaches_sklearn_elastic_net(l1: float, l2: float) -> None:
     assert abs(ours - reference) / reference < 1e-4
 
 
-def test_batched_equals_one_at_a_time() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_equals_one_at_a_time(kernel: str) -> None:
     _, y, phi = _problem(2000, seed=1)
     grid = make_grid(2, (1e-4, 1e-2), (1e-3,))
     rng = np.random.default_rng(0)
     weights = torch.from_numpy(np.stack([np.bincount(rng.integers(0, 2000, 2000), minlength=2000) / 2000 for _ in range(2)], 1).astype(np.float32))
     design = _design(phi, y, weights)
-    solver = BatchedFISTA(block_rows=512)
+    solver = BatchedFISTA(block_rows=512, kernel=kernel)
     metas = torch.tensor([c.meta_neuron for c in grid])
     l1 = torch.tensor([c.l1 for c in grid])
     l2 = torch.tensor([c.l2 for c in grid])
@@ -73,7 +83,86 @@ def test_batched_equals_one_at_a_time() -> None:
         sl = slice(k, k + 1)
         for _ in range(60):
             one, _ = solver.step(design, one, metas[sl], l1[sl], l2[sl], lips[sl])
-        assert torch.allclose(one.x[0], batch.x[k], atol=1e-5, rtol=1e-4)
+        if kernel == "native":  # every lane computes alone, in the same order: the same bits
+            assert torch.equal(one.x[0], batch.x[k])
+        else:
+            assert torch.allclose(one.x[0], batch.x[k], atol=1e-5, rtol=1e-4)
+
+
+def _mixed_problem(n: int = 9001, metas_per_design: int = 3) -> tuple[Design, torch.Tensor, torch.Tensor]:
+    """Rows not a multiple of the chunk, bootstrap zeros, candidates of a meta-neuron not contiguous nor a multiple of 16."""
+    _, y, phi = _problem(n, seed=4)
+    weights = torch.from_numpy(bootstrap_weights(n, range(metas_per_design), 7, 0))
+    metas = torch.tensor([0] * 17 + [1] * 5 + [2] * 16 + [0] * 3)
+    theta = torch.from_numpy(np.random.default_rng(1).normal(0, 0.8, (metas.numel(), N_PARAMS)).astype(np.float32))
+    return _design(phi, y, weights), metas, theta
+
+
+@needs_cc
+def test_fused_kernel_matches_torch_path() -> None:
+    design, metas, theta = _mixed_problem()
+    fused, eager = BatchedFISTA(kernel="native"), BatchedFISTA(kernel="torch")
+    for with_gradient in (True, False):
+        loss_f, grad_f = fused._scan(design, theta, metas, with_gradient)
+        loss_t, grad_t = eager._scan(design, theta, metas, with_gradient)
+        assert loss_f.shape == loss_t.shape == (metas.numel(),) and loss_f.dtype == torch.float64
+        assert float(((loss_f - loss_t).abs() / loss_t.abs()).max()) < 1e-5
+        if with_gradient:
+            assert grad_f.shape == grad_t.shape == (N_PARAMS, metas.numel())
+            assert float((grad_f - grad_t).abs().max() / grad_t.abs().max()) < 1e-5
+        else:
+            assert grad_f is None
+    # extreme logits: the stable forms stay finite and agree
+    loss_f, grad_f = fused._scan(design, theta * 200, metas, True)
+    loss_t, grad_t = eager._scan(design, theta * 200, metas, True)
+    assert torch.isfinite(loss_f).all() and torch.isfinite(grad_f).all()
+    assert float(((loss_f - loss_t).abs() / loss_t.abs()).max()) < 1e-5
+
+
+@needs_cc
+def test_fused_kernel_bits_do_not_depend_on_threads() -> None:
+    design, metas, theta = _mixed_problem(n=20000)
+    solver = BatchedFISTA(kernel="native")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = solver._scan(design, theta, metas, True)
+        torch.set_num_threads(3)
+        three = solver._scan(design, theta, metas, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+@needs_cc
+def test_fused_kernel_is_built_once_and_cached(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NX46VX_CACHE_DIR", str(tmp_path))
+    first = native.build()
+    assert first.parent == tmp_path and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_missing_compiler_falls_back_or_fails_clearly(monkeypatch, caplog) -> None:
+    with pytest.raises(NativeKernelError, match="no C compiler"):
+        native.build(compiler="no-such-compiler-nx46vx")
+
+    def unavailable() -> None:
+        raise NativeKernelError("no C compiler to build the fused search kernel", expected="a C compiler", found="none")
+
+    monkeypatch.setattr(native, "load", unavailable)
+    design, metas, theta = _mixed_problem(n=500)
+    with caplog.at_level(logging.WARNING, logger="nx46vx"):
+        auto = BatchedFISTA(kernel="auto")
+        assert auto.kernel_for(CPU) == "torch"
+        loss, _ = auto._scan(design, theta, metas, False)
+    assert torch.isfinite(loss).all() and "eager torch" in caplog.text
+    with pytest.raises(NativeKernelError):
+        BatchedFISTA(kernel="native").kernel_for(CPU)
+    assert BatchedFISTA(kernel="torch").kernel_for(CPU) == "torch"
+    with pytest.raises(ConfigError, match="search.kernel"):
+        load_config("demo", overrides=["search.kernel=fast"])
 
 
 @pytest.fixture(scope="module")

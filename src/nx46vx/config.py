@@ -75,6 +75,7 @@ class SearchConfig:
     max_meta_neurons: int = 18
     block_rows: int = 8192
     batch_candidates: int = 0
+    kernel: str = "auto"
     fbeta: float = 0.5
     init_scale: float = 0.01
     device: str = "auto"
@@ -347,6 +348,7 @@ def _validate(config: RunConfig) -> None:
         (all(v >= 0 for v in config.search.l1), "search.l1", "values >= 0", config.search.l1),
         (all(v >= 0 for v in config.search.l2), "search.l2", "values >= 0", config.search.l2),
         (config.search.samples_per_class >= 1, "search.samples_per_class", ">= 1", config.search.samples_per_class),
+        (config.search.kernel in {"auto", "native", "torch"}, "search.kernel", "auto, native or torch", config.search.kernel),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", config.data.val_fraction),
         (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
         (config.budget.total_s >= 0, "budget.total_s", ">= 0 (0 = unlimited)", config.budget.total_s),

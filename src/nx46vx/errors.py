@@ -104,3 +104,7 @@ class OutputNotWritableError(Nx46Error):
 
 class DistillationNotExecuted(Nx46Error):
     """Distillation was asked for but no optimiser step ran or a teacher failed to load."""
+
+
+class NativeKernelError(Nx46Error):
+    """The fused CPU search kernel cannot be built or loaded (``search.kernel = "native"``)."""

@@ -1,5 +1,6 @@
 """Prox-trained supervised search: datafit, penalties, batched FISTA solver, grid, sampling, epochs."""
 
+from . import native
 from .datafit import Logistic
 from .engine import N_PARAMS, CandidateSearch, Standardiser, design_rows, penalised_mask, threshold_scan
 from .fista import BatchedFISTA, Design, FistaState
@@ -19,6 +20,7 @@ __all__ = [
     "Standardiser",
     "design_rows",
     "make_grid",
+    "native",
     "penalised_mask",
     "threshold_scan",
 ]

@@ -119,7 +119,7 @@ class CandidateSearch:
         self.val_pools = list(val_pools)
         self.seed = seed
         self.device = device
-        self.solver = BatchedFISTA(block_rows=config.block_rows)
+        self.solver = BatchedFISTA(block_rows=config.block_rows, kernel=config.kernel)
         self.per_meta = len(config.l1) * len(config.l2)
         # state (everything below is in state_dict)
         self.meta_neurons = config.meta_neurons
@@ -242,7 +242,14 @@ class CandidateSearch:
             self.batch_start = 0
             self.epoch_results = []
             self._start_batch()
-            return [("EPOCH_START", {"epoch": self.epoch, "candidates": len(self.grid), "batch_size": self.batch_size, "samples": int(self._design.phi.shape[0])})]
+            start = {
+                "epoch": self.epoch,
+                "candidates": len(self.grid),
+                "batch_size": self.batch_size,
+                "samples": int(self._design.phi.shape[0]),
+                "kernel": self.solver.kernel_for(self.device),
+            }
+            return [("EPOCH_START", start)]
         if self.stage == "iterating":
             return [self._iterate()]
         if self.stage == "batch_end":

@@ -7,18 +7,29 @@ from the smooth penalty ``value`` and ``gradient``, and from the non-smooth pena
 one GEMM per block gives the logits at the extrapolated point ``y`` (for its
 objective and the gradient), a second GEMM accumulates ``Φᵀ·R``; bootstrap
 weights are broadcast over runs of candidates that share a meta-neuron.
+
+On a CPU the same pass runs by default in the fused compiled kernel of
+:mod:`nx46vx.search.native`; the torch path serves GPUs and CPUs without a C
+compiler. Both return the same sums to float tolerance.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import NativeKernelError
+from . import native
+
 from .datafit import Logistic
 from .penalties import L1, L2
+
+log = logging.getLogger("nx46vx")
+KERNELS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -35,12 +46,15 @@ class Design:
         Per meta-neuron bootstrap weights, each column summing to 1.
     penalised : Tensor, float32, shape (P,)
         1 for ``w, α, β`` coordinates, 0 for the bias.
+    derived : dict
+        What a solver derives once from these data (e.g. the fused kernel's row lists).
     """
 
     phi: torch.Tensor
     y: torch.Tensor
     weights: torch.Tensor
     penalised: torch.Tensor
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -67,16 +81,44 @@ class BatchedFISTA:
     Parameters
     ----------
     block_rows : int
-        Rows of ``Φ`` per block (~8 K rows keep the GEMMs efficient and avoid
-        allocating ``(n, K)`` tensors).
+        Rows of ``Φ`` per block of the torch path (~8 K rows keep the GEMMs
+        efficient and avoid allocating ``(n, K)`` tensors).
+    kernel : {"auto", "native", "torch"}
+        Where the data pass runs on a CPU: ``native`` = the fused compiled kernel
+        (:class:`~nx46vx.errors.NativeKernelError` when it cannot be built),
+        ``torch`` = eager torch, ``auto`` = native when it builds, else torch.
+        On a GPU the torch path always runs.
     """
 
     datafit = Logistic
     smooth_penalty = L2
     prox_penalty = L1
 
-    def __init__(self, *, block_rows: int = 8192) -> None:
+    def __init__(self, *, block_rows: int = 8192, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.block_rows = block_rows
+        self.kernel = kernel
+        self._fused: native.FusedLogistic | None = None
+        self._fused_failed = False
+
+    def kernel_for(self, device: torch.device) -> str:
+        """The data pass that runs on ``device``: ``"native"`` or ``"torch"`` (builds the kernel on first call)."""
+        return "native" if self._fused_kernel(device) is not None else "torch"
+
+    def _fused_kernel(self, device: torch.device) -> native.FusedLogistic | None:
+        if self.kernel == "torch" or device.type != "cpu" or self.datafit is not Logistic or self._fused_failed:
+            return None
+        if self._fused is None:
+            try:
+                self._fused = native.load()
+            except NativeKernelError as err:
+                if self.kernel == "native":
+                    raise
+                self._fused_failed = True
+                log.warning("fused search kernel unavailable, the search runs in eager torch (slower): %s", err)
+                return None
+        return self._fused
 
     @staticmethod
     def init_state(theta: torch.Tensor) -> FistaState:
@@ -117,6 +159,9 @@ class BatchedFISTA:
         Returns the weighted data loss per candidate (K,) float64 and, when
         ``with_gradient``, ``Φᵀ R`` (P, K) at the same point.
         """
+        fused = self._fused_kernel(theta.device)
+        if fused is not None:
+            return self._scan_fused(fused, design, theta, metas, with_gradient)
         n, p = design.phi.shape
         k = theta.shape[0]
         dev = theta.device
@@ -148,6 +193,21 @@ class BatchedFISTA:
                 weigh(resid)
                 grad.addmm_(phi_b.T, resid)
         return loss_sum, grad
+
+    @staticmethod
+    def _scan_fused(
+        fused: native.FusedLogistic, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_scan` in the compiled kernel, which visits only rows with a non-zero weight."""
+        metas_np = metas.cpu().numpy()
+        key = ("fused_layout", metas_np.tobytes())
+        if key not in design.derived:
+            design.derived[key] = fused.layout(design.weights.numpy(), metas_np)
+        if "fused_arrays" not in design.derived:
+            design.derived["fused_arrays"] = (design.phi.contiguous().numpy(), design.y.reshape(-1).contiguous().numpy())
+        phi, y = design.derived["fused_arrays"]
+        loss, grad = fused.scan(phi, y, design.derived[key], theta.detach().contiguous().numpy(), with_gradient=with_gradient)
+        return torch.from_numpy(loss), None if grad is None else torch.from_numpy(grad)
 
     def objective(self, design: Design, theta: torch.Tensor, metas: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
         """Full objective per candidate (K,), float64."""
