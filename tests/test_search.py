@@ -142,6 +142,10 @@ def test_fused_kernel_is_built_once_and_cached(tmp_path, monkeypatch) -> None:
     stamp = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not a library")
+    with pytest.raises(NativeKernelError, match="does not load"):
+        native.FusedLogistic(broken)
 
 
 def test_missing_compiler_falls_back_or_fails_clearly(monkeypatch, caplog) -> None:
@@ -163,6 +167,8 @@ def test_missing_compiler_falls_back_or_fails_clearly(monkeypatch, caplog) -> No
     assert BatchedFISTA(kernel="torch").kernel_for(CPU) == "torch"
     with pytest.raises(ConfigError, match="search.kernel"):
         load_config("demo", overrides=["search.kernel=fast"])
+    with pytest.raises(ConfigError, match="unknown search kernel"):
+        BatchedFISTA(kernel="fast")
 
 
 @pytest.fixture(scope="module")

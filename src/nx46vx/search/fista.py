@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from ..errors import NativeKernelError
+from ..errors import ConfigError, NativeKernelError
 from . import native
-
 from .datafit import Logistic
 from .penalties import L1, L2
 
@@ -96,7 +95,7 @@ class BatchedFISTA:
 
     def __init__(self, *, block_rows: int = 8192, kernel: str = "auto") -> None:
         if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+            raise ConfigError("unknown search kernel", expected=" or ".join(KERNELS), found=kernel)
         self.block_rows = block_rows
         self.kernel = kernel
         self._fused: native.FusedLogistic | None = None
@@ -204,9 +203,13 @@ class BatchedFISTA:
         if key not in design.derived:
             design.derived[key] = fused.layout(design.weights.numpy(), metas_np)
         if "fused_arrays" not in design.derived:
-            design.derived["fused_arrays"] = (design.phi.contiguous().numpy(), design.y.reshape(-1).contiguous().numpy())
+            # the kernel reads raw float32 memory
+            design.derived["fused_arrays"] = (
+                design.phi.to(torch.float32).contiguous().numpy(),
+                design.y.reshape(-1).to(torch.float32).contiguous().numpy(),
+            )
         phi, y = design.derived["fused_arrays"]
-        loss, grad = fused.scan(phi, y, design.derived[key], theta.detach().contiguous().numpy(), with_gradient=with_gradient)
+        loss, grad = fused.scan(phi, y, design.derived[key], theta.detach().to(torch.float32).contiguous().numpy(), with_gradient=with_gradient)
         return torch.from_numpy(loss), None if grad is None else torch.from_numpy(grad)
 
     def objective(self, design: Design, theta: torch.Tensor, metas: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,12 @@ def build(*, compiler: str | None = None) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _library(path: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as err:
+        raise NativeKernelError(
+            "the fused search kernel does not load", path=path, expected="a loadable shared library", found=str(err), hint="delete the file to rebuild it"
+        ) from err
     found = (lib.nx_kernel_version(), lib.nx_group_width())
     if found[0] != KERNEL_VERSION:
         raise NativeKernelError("the fused search kernel has the wrong version", path=path, expected=KERNEL_VERSION, found=found[0])
