@@ -40,8 +40,7 @@ from . import reports
 from .telemetry import boot_info, health, mask_stats
 from .search import CandidateSearch, N_PARAMS
 from . import distill
-from .segment import normalised
-from .segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, intensity_baseline, postprocess, probability, sliding_window, tune_postprocess
+from .segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, intensity_baseline, normalised, postprocess, probability, sliding_window, tune_postprocess
 from .volumes import file_sha256, read_pair, read_volume, volume_voxels
 
 log = logging.getLogger("nx46vx")
@@ -207,6 +206,8 @@ class _Run:
         self.distill_state: distill.DistillState | None = None
         self.distill_device = resolve_device(config.distill.device)
         self.teacher_val_probs: dict[str, list[np.ndarray] | None] = {}
+        self._validation: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._validation_probs: dict[str, tuple[list[np.ndarray | None], float]] = {}
 
     # ------------------------------------------------------------------ journal helpers
 
@@ -615,10 +616,10 @@ class _Run:
         pairs = self.train_pairs[: cfg.max_volumes]
         volumes, coverage = self._teacher_targets(teachers, pairs)
         val = self.val_pairs[: self.config.segment.validation_volumes]
-        val_volumes = [read_pair(p.image, p.label) for p in val]
+        val_volumes = self._validation_volumes()
         self.teacher_val_probs = {}
         for teacher in teachers:
-            probs = [teacher.predict(p.id, img) for p, (img, _) in zip(val, val_volumes)]
+            probs, _ = self._validation_probabilities(teacher.spec, teacher.predict, keep=True)
             self.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
         state = distill.init_state(cfg, seed=self.config.seed, device=self.distill_device)
         if self.resumed is not None:
@@ -682,6 +683,33 @@ class _Run:
             out[STUDENT] = lambda vol: sliding_window(vol, network, patch=self.config.distill.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=self.distill_device)
         return out
 
+    def _validation_volumes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(image, label) of the validation volumes segmentation is chosen on, read once per run."""
+        if self._validation is None:
+            self._validation = [read_pair(p.image, p.label) for p in self.val_pairs[: self.config.segment.validation_volumes]]
+        return self._validation
+
+    def _validation_probabilities(
+        self, name: str, predict: Callable[[str, np.ndarray], np.ndarray | None], *, keep: bool
+    ) -> tuple[list[np.ndarray | None], float]:
+        """``predict(id, image)`` on the validation volumes and its seconds per voxel.
+
+        Computed once per name: distillation keeps its teachers' entries (``keep``),
+        the segmenter choice takes an entry out when there is one — the ensemble is
+        both a teacher and a source under the same name — and otherwise computes
+        without keeping, so only one source's maps are held at a time.
+        """
+        cached = self._validation_probs.get(name) if keep else self._validation_probs.pop(name, None)
+        if cached is None:
+            volumes = self._validation_volumes()
+            pairs = self.val_pairs[: len(volumes)]
+            t0 = time.perf_counter()
+            probs = [predict(p.id, image) for p, (image, _) in zip(pairs, volumes)]
+            cached = (probs, (time.perf_counter() - t0) / max(1, sum(image.size for image, _ in volumes)))
+            if keep:
+                self._validation_probs[name] = cached
+        return cached
+
     def _ensemble_probability(self) -> Callable[[np.ndarray], np.ndarray]:
         assert self.search is not None
         top = self.search.top_models(self.config.distill.ensemble_k)
@@ -703,7 +731,7 @@ class _Run:
                 raise Nx46Error("segmenter unavailable", expected=f"one of {names}", found=seg.method, hint="train the model it needs first")
             names = [wanted]
         val = self.val_pairs[: seg.validation_volumes]
-        volumes = [read_pair(p.image, p.label) for p in val] if val else []
+        volumes = self._validation_volumes()
         scores: dict[str, float] = {}
         seconds_per_voxel: dict[str, float] = {}
         params: dict[str, PostParams] = {name: PostParams(min_component=seg.min_component_voxels) for name in sources}
@@ -717,19 +745,19 @@ class _Run:
                 scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
             for name in names:
                 if name in sources:
-                    t0 = time.perf_counter()
-                    probs = [sources[name](img) for img, _ in volumes]
-                    seconds_per_voxel[name] = (time.perf_counter() - t0) / voxels
+                    source = sources[name]
+                    probs, seconds_per_voxel[name] = self._validation_probabilities(name, lambda _id, vol, source=source: source(vol), keep=False)
                     params[name], scores[name] = tune_postprocess(list(zip(probs, labels)), seg)
             teacher_scores = {}
             for teacher, probs in self.teacher_val_probs.items():
-                if probs is not None:
-                    _, teacher_scores[teacher] = tune_postprocess(list(zip(probs, labels)), seg)
+                if probs is not None:  # the ensemble teacher is the ensemble source: its score is already tuned
+                    teacher_scores[teacher] = scores[teacher] if teacher in scores else tune_postprocess(list(zip(probs, labels)), seg)[1]
             self.journal.record(
                 "VALIDATION_REPORT",
                 "segmentation",
                 {"volumes": [p.id for p in val], "scores": scores, "teachers": teacher_scores, "params": {k: v.to_dict() for k, v in params.items() if k in scores}},
             )
+        self._validation, self._validation_probs = None, {}  # test segmentation needs neither
         # The submission must exist before the deadline: only segmenters whose measured cost fits the time left.
         predicted = {k: v * self.test_voxels * self.config.budget.reserve_safety for k, v in seconds_per_voxel.items()}
         time_left = self.governor.remaining() - self.governor.margin()
