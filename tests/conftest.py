@@ -1,11 +1,18 @@
+"""Shared fixtures and helpers: demo data, the fast settings, CLI runs, journal and submission readers."""
+
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
+import orjson
 import pytest
+import tifffile
 
 from nx46vx.synthetic import make_competition
 
@@ -23,14 +30,31 @@ FAST = ["distill.steps=30", "distill.checkpoint_every=10", "features.pool_per_cl
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m nx46vx.cli`` in a subprocess."""
-    full_env = {k: v for k, v in os.environ.items() if k != "NX46VX_KILL_AT"}  # never inherit a crash point
+    """Run ``python -m nx46vx.cli`` in a subprocess (never inheriting a crash point or a virtual clock)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NX46VX_KILL_AT", "NX46VX_VIRTUAL_CLOCK")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "nx46vx.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """``nx46vx run`` arguments for the demo profile with :data:`FAST`, then ``extra``."""
     args = ["run", "--input", str(data), "--output", str(out), "--profile", "demo"]
     for item in FAST:
         args += ["--set", item]
     return args + list(extra)
+
+
+def events(journal: Path) -> list[dict]:
+    """Every record of a journal, parsed."""
+    return [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+
+
+def names(journal: Path) -> list[str]:
+    """The event names of a journal, in order."""
+    return [e["event"] for e in events(journal)]
+
+
+def masks(submission: Path) -> dict[str, np.ndarray]:
+    """``{member name: mask}`` of a submission zip."""
+    with zipfile.ZipFile(submission) as zf:
+        return {n: tifffile.imread(io.BytesIO(zf.read(n))) for n in sorted(zf.namelist())}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from nx46vx.segment import PostParams, normalised, postprocess, sliding_window
 from nx46vx.synthetic import make_volume, write_tiff
 from nx46vx.volumes import file_sha256
 
-from .conftest import FAST
+from .conftest import FAST, events
 
 CPU = torch.device("cpu")
 CFG = DistillConfig(width=4, depth=1, patch=16, batch=2, steps=6, lr=1e-2)
@@ -112,22 +111,19 @@ def test_postprocess_hysteresis_and_fallback() -> None:
     assert info["fallback"] and info["hysteresis_ratio"] == 0.0 and mask.sum() > 0
 
 
-def _events(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
-
 
 def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path: Path) -> None:
     script = tmp_path / "teacher.pt"
     torch.jit.script(Bright()).save(str(script))
     teachers = f'distill.teachers=["ensemble", "torchscript:{script}"]'
     result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + [teachers])
-    events = _events(tmp_path / "out" / "journal.jsonl")
-    loads = [e["data"] for e in events if e["event"] == "DISTILLATION_TEACHER_LOAD_END"]
+    journal = events(tmp_path / "out" / "journal.jsonl")
+    loads = [e["data"] for e in journal if e["event"] == "DISTILLATION_TEACHER_LOAD_END"]
     assert [d["teacher"] for d in loads] == ["ensemble", f"torchscript:{script}"] and all(d["ok"] for d in loads)
     assert loads[1]["sha256"] == file_sha256(script)
-    steps = [e["data"] for e in events if e["event"] == "DISTILLATION_LOSS_STEP"]
+    steps = [e["data"] for e in journal if e["event"] == "DISTILLATION_LOSS_STEP"]
     assert len(steps) == 30 and {"total", "label", "teacher"} <= set(steps[0])
-    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    end = next(e["data"] for e in journal if e["event"] == "DISTILLATION_END")
     assert end["teacher_coverage_percent"] == {"ensemble": 100.0, f"torchscript:{script}": 100.0}
     assert "student" in result.validation_scores
     with pytest.raises(DistillationNotExecuted, match="failed to load"):

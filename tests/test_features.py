@@ -83,7 +83,7 @@ def test_cache_hit_identical_and_corrupt_recomputed(tmp_path: Path) -> None:
     path = cache.path("ab" * 32, cfg, 7)
     raw = path.read_bytes()
     second, hit2 = cache.get_or_compute("ab" * 32, cfg, 7, read)
-    assert (hit1, hit2) == (False, True) and len(calls) == 1
+    assert (hit1, hit2) == ("computed", "cache") and len(calls) == 1
     assert second.features.tobytes() == first.features.tobytes() and np.array_equal(second.labels, first.labels)
     assert not (first.labels == 2).any() and first.labels.size == 400
     # flip one byte inside the data: the file is recomputed, never used
@@ -91,8 +91,30 @@ def test_cache_hit_identical_and_corrupt_recomputed(tmp_path: Path) -> None:
     corrupt[len(corrupt) // 2] ^= 0xFF
     path.write_bytes(bytes(corrupt))
     third, hit3 = cache.get_or_compute("ab" * 32, cfg, 7, read)
-    assert not hit3 and cache.corrupt == 1 and len(calls) == 2
+    assert hit3 == "computed" and cache.corrupt == 1 and len(calls) == 2
     assert third.features.tobytes() == first.features.tobytes()
+
+
+def test_attached_cache_is_used_after_its_checksum_and_copied_within_quota(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (16, 16, 16), dtype=np.uint8)
+    label = rng.integers(0, 3, (16, 16, 16), dtype=np.uint8)
+    cfg = replace(CFG, pool_per_class=100)
+    previous = FeatureCache(tmp_path / "previous")
+    made, _ = previous.get_or_compute("cd" * 32, cfg, 3, lambda: (image, label))
+    refused = []
+    fresh = FeatureCache(tmp_path / "fresh", attached=[tmp_path / "previous"], admit=lambda path, n: refused.append(n) and False)
+    pool, source = fresh.get_or_compute("cd" * 32, cfg, 3, lambda: pytest.fail("an attached pool must not be recomputed"))
+    assert source == "attached" and pool.features.tobytes() == made.features.tobytes()
+    assert refused and not fresh.path("cd" * 32, cfg, 3).exists()  # the quota refused the copy
+    # a damaged attached file is never used
+    attached_file = previous.path("cd" * 32, cfg, 3)
+    data = bytearray(attached_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    attached_file.write_bytes(bytes(data))
+    again = FeatureCache(tmp_path / "again", attached=[tmp_path / "previous"])
+    _, source = again.get_or_compute("cd" * 32, cfg, 3, lambda: (image, label))
+    assert source == "computed" and again.corrupt == 1
 
 
 def test_spec_id_changes_with_parameters() -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 
 import nx46vx
 from nx46vx.wheelhouse import DEFAULT_PACKAGES, build_wheelhouse
 
-from .conftest import FAST
+from .conftest import FAST, events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,27 @@ def test_notebook_runs_on_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (tmp_path / "out" / "submission.zip").is_file()
 
 
+@pytest.mark.parametrize(
+    ("environ", "profile"),
+    [
+        ({}, "kaggle-train"),
+        ({"KAGGLE_IS_COMPETITION_RERUN": "True"}, "kaggle-submit"),
+        ({"NX46VX_PROFILE": "demo"}, "demo"),
+        ({"NX46VX_PROFILE": "demo", "KAGGLE_IS_COMPETITION_RERUN": "True"}, "demo"),
+    ],
+)
+def test_notebook_picks_the_profile(environ: dict[str, str], profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cells = json.loads((ROOT / "notebooks" / "nx46vx_kaggle.ipynb").read_text())["cells"]
+    [source] = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and "# nx46vx:profile:" in "".join(c["source"])]
+    for name in ("NX46VX_PROFILE", "KAGGLE_IS_COMPETITION_RERUN", "NX46VX_DEMO"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    scope = {"os": os, "Path": Path}  # what the notebook's first cell imported
+    exec(compile(source, "nx46vx_kaggle.ipynb", "exec"), scope)
+    assert scope["PROFILE"] == profile
+
+
 def test_wheelhouse_installs_offline(tmp_path: Path) -> None:
     wheels = build_wheelhouse(tmp_path / "wheels")
     names = {w.name.split("-")[0].replace("_", "-").lower() for w in wheels}
@@ -44,6 +65,13 @@ def test_wheelhouse_installs_offline(tmp_path: Path) -> None:
     # Kaggle's image already has the scientific stack: the venv sees this machine's, and nothing from the network.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env)
     python = venv / "bin" / "python"
+    # When this suite itself runs in a venv, --system-site-packages shows the base interpreter's site-packages, not
+    # the running environment's: list the latter in a .pth file. Its lines are appended after the inner venv's own
+    # site-packages, so the wheels installed below still win.
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
+    (Path(purelib) / "_outer_site_packages.pth").write_text("".join(f"{d}\n" for d in site.getsitepackages()))
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "wheels"), "--ignore-installed", "--no-deps", *map(str, wheels)],
         check=True,
@@ -57,9 +85,6 @@ def test_wheelhouse_installs_offline(tmp_path: Path) -> None:
     help_text = subprocess.run([str(venv / "bin" / "nx46vx"), "--help"], check=True, capture_output=True, text=True, env=env, cwd=tmp_path).stdout
     assert "wheelhouse" in help_text
 
-
-def _events(journal: Path) -> list[dict]:
-    return [orjson.loads(line) for line in journal.read_bytes().splitlines()]
 
 
 def test_publication_with_a_stand_in_kagglehub(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,12 +105,12 @@ def test_publication_with_a_stand_in_kagglehub(demo_data: Path, tmp_path: Path, 
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(uploads) == 1 and uploads[0][0] == "me/nx46vx/pyTorch/default"
     assert Path(uploads[0][1]).parent == out / "checkpoints" and "manifest.json" in uploads[0][2]
-    assert "PUBLISH_OK" in [e["event"] for e in _events(out / "journal.jsonl")]
+    assert "PUBLISH_OK" in [e["event"] for e in events(out / "journal.jsonl")]
     # without a handle, or under kaggle-submit, nothing is uploaded and the journal says why
     nx46vx.run([demo_data], output=tmp_path / "plain", profile="demo", overrides=FAST + cheap)
-    skipped = [e["data"]["reason"] for e in _events(tmp_path / "plain" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
+    skipped = [e["data"]["reason"] for e in events(tmp_path / "plain" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["publish.model_handle is not set"]
     nx46vx.run([demo_data], output=tmp_path / "submit", profile="kaggle-submit", overrides=overrides)
-    skipped = [e["data"]["reason"] for e in _events(tmp_path / "submit" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
+    skipped = [e["data"]["reason"] for e in events(tmp_path / "submit" / "journal.jsonl") if e["event"] == "PUBLISH_SKIPPED"]
     assert skipped == ["never under kaggle-submit"]
     assert len(log.read_text().splitlines()) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 import tifffile
 
@@ -22,16 +20,7 @@ import nx46vx
 from nx46vx.errors import OutputNotWritableError
 from nx46vx.journal import verify
 
-from .conftest import FAST, run_args, run_cli
-
-
-def _masks(submission: Path) -> dict[str, np.ndarray]:
-    with zipfile.ZipFile(submission) as zf:
-        return {n: tifffile.imread(io.BytesIO(zf.read(n))) for n in sorted(zf.namelist())}
-
-
-def _events(journal: Path) -> list[dict]:
-    return [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+from .conftest import FAST, events as _events, masks as _masks, run_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +52,10 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
     ):
         assert required in names
     assert names.count("FIT_ITER") == 2 * 120  # two epochs of the full grid in one batch
+    # the baseline's submission exists right after discovery, before any training; the trained one replaces it
+    written = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "SUBMISSION_WRITTEN"]
+    assert [w["segmenter"] for w in written] == ["intensity_baseline", result["segmenter"]]
+    assert names.index("SUBMISSION_WRITTEN") < names.index("FEATURES_READY")
     assert (out / "results.zip").is_file() and (out / "postmortem.json").is_file()
     assert names.count("PHASE_START") == names.count("PHASE_END") == 6
     profile = json.loads((out / "RUN_PROFILE_SUMMARY.json").read_text())
@@ -135,32 +128,83 @@ def test_unwritable_output_fails_before_training(demo_data: Path, tmp_path: Path
 # ----------------------------------------------------------------------------- kill parity and resume
 
 
-@pytest.mark.parametrize(
-    "kill_at", ["FIT_ITER:57", "checkpoint_payload_written:9", "CANDIDATE_DONE:140", "DISTILLATION_LOSS_STEP:15", "submission_member_written:1"]
-)
-def test_kill_parity(kill_at: str, reference: dict, demo_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
-    assert killed.returncode == -signal.SIGKILL
-    assert (out / "journal.jsonl").is_file()
-    if kill_at.startswith("FIT_ITER"):  # half-way through training: partial reports survive the kill
-        roadmap = json.loads((out / "roadmap_realtime.json").read_text())
-        assert 0 < roadmap["global_progress_percent"] < 100 and roadmap["phase"] == "search"
-        stats = json.loads((out / "GLOBAL_STATS.json").read_text())
-        assert stats["phase"] == "features" and stats["files_processed"] == 6
-    resumed = run_cli(*run_args(demo_data, out))
-    assert resumed.returncode == 0, resumed.stderr
-    result = json.loads(resumed.stdout)
-    assert result["resumed_from"] is not None
+def _kill_points(reference: dict, k: int) -> int:
+    """The k-th of five seeded crash indices, over every crash point of the reference run (events and writes)."""
+    n_events = len(_events(reference["out"] / "journal.jsonl"))
+    return int(sorted(np.random.default_rng(46).choice(np.arange(3, n_events), size=5, replace=False))[k])
+
+
+def _baseline_submission_holds(out: Path, demo_data: Path) -> None:
+    """Once the baseline's SUBMISSION_WRITTEN is journaled, submission.zip is valid."""
+    if "SUBMISSION_WRITTEN" not in [e["event"] for e in _events(out / "journal.jsonl")]:
+        return
+    from nx46vx.package import validate_submission
+
+    shapes = {p.stem: tifffile.imread(p).shape for p in (demo_data / "test_images").glob("*.tif")}
+    validate_submission(out / "submission.zip", shapes)
+
+
+def _assert_parity(out: Path, proc: subprocess.CompletedProcess[str], reference: dict) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
     assert result["model_digest"] == reference["result"]["model_digest"]
-    masks = _masks(out / "submission.zip")
-    assert masks.keys() == reference["masks"].keys()
-    for name in masks:
-        assert np.array_equal(masks[name], reference["masks"][name])
+    got = _masks(out / "submission.zip")
+    assert got.keys() == reference["masks"].keys()
+    for name in got:
+        assert np.array_equal(got[name], reference["masks"][name]), name
+    return result
+
+
+@pytest.mark.parametrize("k", range(5))
+def test_kill_parity_at_seeded_points(k: int, reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kill_at = f"*:{_kill_points(reference, k)}"
+    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-2000:])
+    _baseline_submission_holds(out, demo_data)
+    resumed = run_cli(*run_args(demo_data, out))
+    result = _assert_parity(out, resumed, reference)
     previous = sorted((out / "journals").glob("journal-*.jsonl"))[-1]
     assert verify(out / "journal.jsonl", previous=previous).ok
-    names = [e["event"] for e in _events(out / "journal.jsonl")]
-    assert "RESUME_OK" in names and "PHASE_WEIGHT_CALIBRATION" in names
+    if result["resumed_from"] is not None:
+        names = [e["event"] for e in _events(out / "journal.jsonl")]
+        assert "RESUME_OK" in names and "PHASE_WEIGHT_CALIBRATION" in names
+
+
+def test_kill_parity_mid_training_keeps_partial_reports(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": "FIT_ITER:57"})
+    assert killed.returncode == -signal.SIGKILL
+    roadmap = json.loads((out / "roadmap_realtime.json").read_text())
+    assert 0 < roadmap["global_progress_percent"] < 100 and roadmap["phase"] == "search"
+    stats = json.loads((out / "GLOBAL_STATS.json").read_text())
+    assert stats["phase"] == "features" and stats["files_processed"] == 6
+    _baseline_submission_holds(out, demo_data)
+    result = _assert_parity(out, run_cli(*run_args(demo_data, out)), reference)
+    assert result["resumed_from"] is not None
+
+
+# A budget whose time-driven decisions (the feature subset) are taken before the kill: a virtual clock makes
+# both runs take the same ones, and the resumed run must replay them rather than decide again.
+TIMED = ["--set", "budget.total_s=1000", "--set", "budget.margin_s=60"]
+TIMED_CLOCK = {"NX46VX_VIRTUAL_CLOCK": "tick=0.001,features_volume=60"}
+
+
+def test_kill_parity_after_time_driven_decisions(demo_data: Path, tmp_path: Path) -> None:
+    ref_out = tmp_path / "ref"
+    ref = run_cli(*run_args(demo_data, ref_out, *TIMED), env=TIMED_CLOCK)
+    assert ref.returncode == 0, ref.stderr
+    subset = [e["data"] for e in _events(ref_out / "journal.jsonl") if e["event"] == "FEATURES_SUBSET"]
+    assert subset and subset[0]["skipped"], "the budget must force a feature subset"
+    reference = {"result": json.loads(ref.stdout), "masks": _masks(ref_out / "submission.zip")}
+    out = tmp_path / "out"
+    killed = run_cli(*run_args(demo_data, out, *TIMED), env=dict(TIMED_CLOCK, NX46VX_KILL_AT="FIT_ITER:100"))
+    assert killed.returncode == -signal.SIGKILL
+    # the resumed session's clock would allow every volume: only a replayed decision gives the same subset
+    resumed = run_cli(*run_args(demo_data, out, *TIMED), env={"NX46VX_VIRTUAL_CLOCK": "tick=0.001"})
+    _assert_parity(out, resumed, reference)
+    replayed = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "FEATURES_SUBSET"]
+    assert replayed and replayed[0]["replayed"] and replayed[0]["chosen"] == subset[0]["chosen"]
 
 
 def test_attach_previous_output_or_results_zip(reference: dict, demo_data: Path, tmp_path: Path) -> None:
@@ -198,7 +242,7 @@ def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo
     out = tmp_path / "out"
     _partial_run(demo_data, out)
     ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
-    newest = ckpts[-1] / "search.pt"
+    newest = ckpts[-1] / "search.safetensors"
     if damage == "flip":
         data = bytearray(newest.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -217,16 +261,95 @@ def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo
     assert json.loads(proc.stdout)["model_digest"] == reference["result"]["model_digest"]
 
 
-@pytest.mark.parametrize("change,field", [("search.meta_neurons=8", "grid.meta_neurons"), ("features.hessian_sigma=2.0", "features.hessian_sigma")])
-def test_incompatible_checkpoint_starts_fresh(change: str, field: str, demo_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "change,kept,field",
+    [("search.meta_neurons=8", ["discovery", "features"], "search.grid.meta_neurons"), ("features.hessian_sigma=2.0", ["discovery"], "features.spec.hessian_sigma")],
+)
+def test_changed_setting_redoes_its_phase_and_later_ones(change: str, kept: list[str], field: str, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _partial_run(demo_data, out, "FIT_ITER:30")
-    proc = run_cli(*run_args(demo_data, out, "--set", change, "--set", "search.max_epochs=1"))
+    proc = run_cli(*run_args(demo_data, out, "--set", change, "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
     assert proc.returncode == 0, proc.stderr
-    events = _events(out / "journal.jsonl")
-    incompatible = [e["data"] for e in events if e["event"] == "RESUME_INCOMPATIBLE"]
-    assert incompatible and incompatible[0]["field"] == field
-    assert "RESUME_OK" not in [e["event"] for e in events]
+    partial = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "RESUME_PARTIAL"]
+    assert partial and partial[0]["kept"] == kept and partial[0]["redone"][0] == ["discovery", "features", "search"][len(kept)]
+    assert field in partial[0]["changed"] and partial[0]["changed"][field][0] != partial[0]["changed"][field][1]
+
+
+def test_other_data_or_an_old_format_is_incompatible(demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _partial_run(demo_data, out, "FIT_ITER:30")
+    other = tmp_path / "other"
+    shutil.copytree(demo_data, other)
+    first = sorted((other / "train_images").glob("*.tif"))[0]
+    image = tifffile.imread(first)
+    image[0, 0, :4] ^= 0xFF
+    tifffile.imwrite(first, image, compression="lzw")
+    quick = ("--set", "search.max_epochs=1", "--set", "search.max_iter=5", "--set", "distill.enabled=false")
+    proc = run_cli(*run_args(other, out, *quick))
+    assert proc.returncode == 0, proc.stderr
+    found = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "RESUME_INCOMPATIBLE"]
+    assert found and found[0]["field"] == "discovery.data"
+    assert "RESUME_OK" not in [e["event"] for e in _events(out / "journal.jsonl")]
+    # a checkpoint of the previous format (pickled payloads) is never read
+    old = tmp_path / "old"
+    old_ckpt = old / "checkpoints" / "ckpt-00000000"
+    old_ckpt.mkdir(parents=True)
+    (old_ckpt / "search.pt").write_bytes(b"not read")
+    import hashlib
+
+    manifest = {"format": 1, "seq": 0, "ts_ns": 1, "sha512": {"search.pt": hashlib.sha512(b"not read").hexdigest()}}
+    (old_ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli(*run_args(demo_data, tmp_path / "fresh", "--input", str(old), *quick))
+    assert proc.returncode == 0, proc.stderr
+    found = [e["data"] for e in _events(tmp_path / "fresh" / "journal.jsonl") if e["event"] == "RESUME_INCOMPATIBLE"]
+    assert found and found[0]["field"] == "format" and found[0]["found"] == 1
+
+
+def _copy_of(reference: dict, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    return out
+
+
+def test_only_distill_changed_keeps_the_search(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    out = _copy_of(reference, tmp_path)
+    nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["distill.steps=20"])
+    journal = _events(out / "journal.jsonl")
+    names = [e["event"] for e in journal]
+    partial = next(e["data"] for e in journal if e["event"] == "RESUME_PARTIAL")
+    assert partial["kept"] == ["discovery", "features", "search"] and partial["changed"] == {"distillation.steps": [30, 20]}
+    assert names.count("FIT_ITER") == 0 and names.count("FEATURES_READY") == 0
+    assert names.count("DISTILLATION_LOSS_STEP") == 20
+
+
+def test_only_segment_changed_keeps_all_training(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    out = _copy_of(reference, tmp_path)
+    result = nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["segment.min_component_voxels=8"])
+    journal = _events(out / "journal.jsonl")
+    names = [e["event"] for e in journal]
+    partial = next(e["data"] for e in journal if e["event"] == "RESUME_PARTIAL")
+    assert partial["kept"] == ["discovery", "features", "search", "distillation"] and partial["redone"] == ["segmentation", "packaging"]
+    assert names.count("FIT_ITER") == names.count("DISTILLATION_LOSS_STEP") == names.count("FEATURES_READY") == 0
+    assert result.model_digest == reference["result"]["model_digest"] and "VALIDATION_REPORT" in names
+    # nothing changed: nothing is redone, not even the test volumes
+    again = nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["segment.min_component_voxels=8"])
+    names = [e["event"] for e in _events(out / "journal.jsonl")]
+    assert "RESUME_PARTIAL" not in names and names.count("VOLUME_SEGMENTED") == 0 and "VALIDATION_REPORT" not in names
+    assert again.model_digest == result.model_digest
+    assert all(np.array_equal(a, b) for a, b in zip(_masks(again.submission).values(), _masks(result.submission).values()))
+
+
+def test_attached_output_lends_its_feature_cache(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    """A fresh output folder attached to a previous one computes no feature (its cache is reused after a checksum)."""
+    result = nx46vx.run([demo_data, reference["out"]], output=tmp_path / "fresh", profile="demo",
+                        overrides=FAST + ["search.max_iter=10", "search.max_epochs=1", "distill.enabled=false"])
+    journal = _events(tmp_path / "fresh" / "journal.jsonl")
+    ready = [e["data"] for e in journal if e["event"] == "FEATURES_READY"]
+    assert len(ready) == 6 and {d["source"] for d in ready} == {"attached"}
+    end = next(e["data"] for e in journal if e["event"] == "PHASE_END" and e["phase"] == "features")
+    assert end["computed"] == 0 and end["attached_hits"] == 6
+    assert result.status == "complete"
+    assert len(list((tmp_path / "fresh" / "cache" / "features").glob("*.npz"))) == 6  # copied for the next session
 
 
 def test_sigterm_stops_gracefully(demo_data: Path, tmp_path: Path) -> None:
@@ -248,26 +371,30 @@ def test_sigterm_stops_gracefully(demo_data: Path, tmp_path: Path) -> None:
     assert verify(journal).ok
 
 
-@pytest.mark.parametrize("budget", [20, 60, 120])
+@pytest.mark.parametrize("budget", [60, 200])
 def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: Path) -> None:
+    """The governor's virtual clock stands in for real time: every reading costs 50 ms, deterministic."""
+    from nx46vx.governor import VirtualClock
+
     out = tmp_path / "out"
-    overrides = FAST + [f"budget.total_s={budget}", "search.max_epochs=500", "search.patience=500", "progress.interval_s=5"]
-    start = time.monotonic()
-    result = nx46vx.run([demo_data], output=out, profile="demo", overrides=overrides)
-    elapsed = time.monotonic() - start
-    assert elapsed < budget
+    overrides = FAST + [f"budget.total_s={budget}", "budget.margin_s=5", "search.max_epochs=500", "search.patience=500", "progress.interval_s=5"]
+    clock = VirtualClock(tick=0.05)
+    result = nx46vx.run([demo_data], output=out, profile="demo", overrides=overrides, clock=clock)
+    assert clock.now < budget
     assert result.status == "stopped_by_deadline"
     assert _masks(result.submission)
     events = _events(out / "journal.jsonl")
     names = [e["event"] for e in events]
     assert "PRETIMEOUT_FLUSH" in names
+    shares = {e["phase"]: e["data"]["phase_share"] for e in events if e["event"] == "TIME_BUDGET_STATE" and e["data"].get("phase_share") is not None}
+    assert shares == {"features": 0.25, "search": 0.45, "distillation": pytest.approx(0.30)}
     # the reported global progress is the one computed from the cursor (full grid in one batch, 2 epochs… capped at 500)
     roadmap = json.loads((out / "roadmap_realtime.json").read_text())
     c = roadmap["cursor"]
     epoch_fraction = (c["candidate"] * 120 + c["iter"] * 135) / (135 * 120)
     train = (c["epoch"] + epoch_fraction) / 500
     w = roadmap["weights"]
-    expected = (w["discovery"] + w["features"] + w["segmentation"] + w["packaging"] + w["search"] * train) / sum(w.values())
+    expected = (w["discovery"] + w["features"] + w["segmentation"] + w["packaging"] + w["search"] * train + w["distillation"] * roadmap["phase_percent"]["distillation"] / 100) / sum(w.values())
     assert roadmap["global_progress_percent"] == pytest.approx(100 * expected, abs=1e-4)
     assert roadmap["global_progress_percent"] < 100
     # progress never stalls while the cursor advances
@@ -276,18 +403,39 @@ def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: 
         if (c2["epoch"], c2["candidate"], c2["iter"]) > (c1["epoch"], c1["candidate"], c1["iter"]):
             assert g2 > g1
     assert "PROGRESS_INTEGRITY_ALERT" not in names
-    if budget != 20:
+    if budget != 60:
         return
-    # a later run continues from the flush checkpoint
-    later = nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["search.max_epochs=500", "search.patience=500", "budget.total_s=12"])
+    # a later session continues from the flush checkpoint
+    later = nx46vx.run([demo_data], output=out, profile="demo", overrides=overrides, clock=VirtualClock(tick=0.05))
     assert later.resumed_from is not None
-    assert later.cursor != {"epoch": 0, "candidate": 0, "iter": 0}
+    assert (later.cursor["epoch"], later.cursor["candidate"], later.cursor["iter"]) > (c["epoch"], c["candidate"], c["iter"])
+
+
+def test_many_volumes_under_a_tiny_budget_get_a_feature_subset(tmp_path: Path) -> None:
+    """Features cost far more than the budget grants: a seeded subset is used and the run still ends inside its budget."""
+    from nx46vx.governor import VirtualClock
+    from nx46vx.package import validate_submission
+    from nx46vx.synthetic import make_competition
+
+    data = make_competition(tmp_path / "data", n_train=16, n_test=2, shapes=((24, 24, 24),), seed=5)
+    clock = VirtualClock(tick=0.001, costs={"features_volume": 30.0})
+    overrides = FAST + ["budget.total_s=400", "budget.margin_s=10", "search.max_epochs=1", "distill.steps=5", "output.quota_gb=0.000001"]
+    result = nx46vx.run([data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    assert clock.now < 400
+    journal = _events(tmp_path / "out" / "journal.jsonl")
+    subset = next(e["data"] for e in journal if e["event"] == "FEATURES_SUBSET")
+    assert subset["skipped"] and len(subset["chosen"]) + len(subset["skipped"]) == 16 and subset["predicted_skipped_s"] > 0
+    computed = [e for e in journal if e["event"] == "FEATURES_READY"]
+    assert len(computed) == len(subset["chosen"]) < 16
+    shapes = {p.stem: tifffile.imread(p).shape for p in (data / "test_images").glob("*.tif")}
+    validate_submission(result.submission, shapes)
+    assert any(e["event"] == "OUTPUT_QUOTA" for e in journal)  # the tiny quota refused the cache writes, and the run went on
 
 
 def test_full_output_disk_fails_before_training(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nx46vx.pipeline as pipeline
+    import nx46vx.runner.context as context
 
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(context.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(OutputNotWritableError) as err:
         nx46vx.run([demo_data], output=tmp_path / "out", profile="demo")
     assert "nearly full" in str(err.value) and "got 1 MiB free" in str(err.value)
@@ -302,7 +450,7 @@ def test_inspect_verifies_a_checkpoint(reference: dict) -> None:
     for key in ("ts_ns", "run_id", "version", "git_sha", "config_signature", "epoch", "candidate_index", "candidate_total", "iter", "max_iter",
                 "best_metrics", "data_cursor", "rng", "merkle_prev", "merkle_curr", "tree_size", "sha512"):
         assert key in manifest, key
-    (ckpt / "search.pt").write_bytes(b"damaged")
+    (ckpt / "search.safetensors").write_bytes(b"damaged")
     proc = run_cli("inspect", str(ckpt))
     assert proc.returncode == 2 and "payload checksum mismatch" in proc.stderr
 

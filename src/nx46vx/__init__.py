@@ -13,6 +13,6 @@ except PackageNotFoundError:  # running from a source tree
 
 from .config import RunConfig, load_config
 from .errors import Nx46Error
-from .pipeline import RunResult, run
+from .runner import RunResult, run
 
 __all__ = ["Nx46Error", "RunConfig", "RunResult", "__version__", "load_config", "run"]

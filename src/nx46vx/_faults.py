@@ -1,5 +1,6 @@
-"""Crash injection for the kill-parity tests: ``NX46VX_KILL_AT=point:n`` SIGKILLs the process
-at the n-th time ``point`` is reached (a journal event name, or a named point inside a write).
+"""Fault and time injection for the kill-parity and budget tests: ``NX46VX_KILL_AT=point:n`` SIGKILLs the process
+at the n-th time ``point`` is reached (a journal event name, or a named point inside a write; ``*`` counts
+every point). ``NX46VX_VIRTUAL_CLOCK`` gives the governor a :class:`~nx46vx.governor.VirtualClock`.
 
 Unset (the normal case) it costs one dict lookup per call.
 """
@@ -17,8 +18,19 @@ def maybe_kill(point: str) -> None:
     if not spec:
         return
     name, _, nth = spec.rpartition(":")
-    if name != point:
+    if name not in (point, "*"):  # "*": the n-th crash point of any kind (seeded kill tests)
         return
-    _counts[point] = _counts.get(point, 0) + 1
-    if _counts[point] >= int(nth):
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] >= int(nth):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def virtual_clock() -> "VirtualClock | None":
+    """``NX46VX_VIRTUAL_CLOCK=tick=0.01,features_volume=30,...`` → a :class:`~nx46vx.governor.VirtualClock` (subprocess tests)."""
+    spec = os.environ.get("NX46VX_VIRTUAL_CLOCK")
+    if not spec:
+        return None
+    from .governor import VirtualClock
+
+    values = {k.strip(): float(v) for k, _, v in (item.partition("=") for item in spec.split(",") if item.strip())}
+    return VirtualClock(values.pop("tick", 0.0), values)

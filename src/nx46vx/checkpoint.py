@@ -11,7 +11,6 @@ a checkpoint can be used.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -22,19 +21,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
-import torch
-
 from ._faults import maybe_kill
 from .atomic import fsync_dir, write_bytes_atomic
 from .errors import CheckpointError
 from .journal import dumps
+from .payload import pack, unpack
+from .walk import walk_folders
 
 log = logging.getLogger("nx46vx")
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 PREFIX = "ckpt-"
-FORMAT = 1
+FORMAT = 2  # 2: per-phase payloads as JSON + safetensors, per-phase signatures; 1: torch pickles
 
 
 def sha512_file(path: str | os.PathLike[str]) -> str:
@@ -50,13 +49,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def torch_bytes(obj: Any) -> bytes:
-    """Serialise tensors and plain containers with ``torch.save``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str, bytes], manifest: dict[str, Any], *, keep_last: int) -> Path:
@@ -135,9 +127,24 @@ def is_committed(ckpt: str | os.PathLike[str]) -> bool:
     return True
 
 
+def payload_files(name: str, obj: Any) -> dict[str, bytes]:
+    """The two files of one payload entry: ``<name>.json`` (plain data) and ``<name>.safetensors`` (its arrays)."""
+    plain, arrays = pack(obj)
+    return {f"{name}.json": plain, f"{name}.safetensors": arrays}
+
+
 def load_payload(ckpt: str | os.PathLike[str], name: str) -> Any:
-    """Load one torch payload file of a checkpoint (call after :func:`check_integrity`)."""
-    return torch.load(Path(ckpt) / name, map_location="cpu", weights_only=False)
+    """Load one payload entry of a checkpoint (call after :func:`check_integrity`).
+
+    Only JSON and safetensors are read: nothing found under an input root is unpickled.
+    """
+    folder = Path(ckpt)
+    try:
+        plain = (folder / f"{name}.json").read_bytes()
+        arrays = (folder / f"{name}.safetensors").read_bytes()
+    except OSError as exc:
+        raise CheckpointError("payload file unreadable", path=folder / name, expected=f"{name}.json and {name}.safetensors", found=str(exc)) from None
+    return unpack(plain, arrays)
 
 
 def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
@@ -205,23 +212,16 @@ def find_checkpoints(roots: Iterable[Path], *, unpack_into: Path, depth: int = 3
     they are still reported as corrupt when reached).
     """
     run_roots: list[Path] = []
-    for root in roots:
-        frontier = [Path(root)]
-        for _ in range(depth + 1):
-            nxt = []
-            for folder in frontier:
-                if (folder / "checkpoints").is_dir():
-                    run_roots.append(folder)
-                archive = folder / "results.zip"
-                if archive.is_file():
-                    unpacked = extract_results_zip(archive, unpack_into)
-                    if unpacked is not None:
-                        run_roots.append(unpacked)
-                try:
-                    nxt.extend(p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and p.name != "checkpoints")
-                except OSError:
-                    pass
-            frontier = nxt
+    for folder in walk_folders(roots, depth=depth, prune=lambda f: f.name == "checkpoints"):
+        if folder.name == "checkpoints":
+            continue
+        if (folder / "checkpoints").is_dir():
+            run_roots.append(folder)
+        archive = folder / "results.zip"
+        if archive.is_file():
+            unpacked = extract_results_zip(archive, unpack_into)
+            if unpacked is not None:
+                run_roots.append(unpacked)
     found: dict[Path, Found] = {}
     for run_root in run_roots:
         for ckpt in list_checkpoints(run_root / "checkpoints"):
@@ -234,13 +234,11 @@ def find_checkpoints(roots: Iterable[Path], *, unpack_into: Path, depth: int = 3
     return sorted(found.values(), key=lambda f: f.order, reverse=True)
 
 
-def signature_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first field (dotted) where two config signatures differ, or None."""
-    for key in sorted(set(stored) | set(current)):
-        if stored.get(key) != current.get(key):
-            a, b = stored.get(key), current.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                sub = signature_difference(a, b)
-                return f"{key}.{sub}" if sub else key
-            return key
-    return None
+def signature_changes(stored: Any, current: Any, prefix: str = "") -> dict[str, list[Any]]:
+    """Every leaf (dotted path) where two signatures differ, as ``{path: [old, new]}`` (None where absent)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out: dict[str, list[Any]] = {}
+        for key in sorted(set(stored) | set(current)):
+            out.update(signature_changes(stored.get(key), current.get(key), f"{prefix}{key}."))
+        return out
+    return {} if stored == current else {prefix.rstrip("."): [stored, current]}

@@ -17,7 +17,7 @@ from .errors import Nx46Error
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from .runner import run
 
     result = run(args.input or None, output=args.output, profile=args.profile, config_file=args.config, overrides=args.set or None, resume=args.resume)
     print(json.dumps(result.to_dict(), indent=2))
@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from .runner import run
     from .synthetic import make_competition
 
     work = Path(args.output)
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("nx46vx").setLevel(logging.INFO)  # the runner's concise progress lines, also in a redirected log
     try:
         return int(args.func(args))
     except Nx46Error as exc:

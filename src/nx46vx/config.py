@@ -132,12 +132,28 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Time budget in seconds (0 = unlimited) and its split."""
+    """Time budget in seconds (0 = unlimited) and its split.
+
+    The training window (``total_s − margin − reserve``) is shared: features get
+    ``features_share``, the search ``search_share``, distillation the rest; unused
+    time passes on. ``feature_s_per_mvoxel`` predicts the feature cost of a volume
+    until one has been measured.
+    """
 
     total_s: float = 0.0
     margin_s: float = 60.0
     reserve_per_volume_s: float = 30.0
     reserve_safety: float = 2.0
+    features_share: float = 0.25
+    search_share: float = 0.45
+    feature_s_per_mvoxel: float = 2.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """The output folder's size limit: caches are not written past ``quota_gb`` (Kaggle keeps 20 GB of ``/kaggle/working``)."""
+
+    quota_gb: float = 19.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,7 @@ class RunConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
@@ -351,6 +368,10 @@ def _validate(config: RunConfig) -> None:
         (config.search.kernel in {"auto", "native", "torch"}, "search.kernel", "auto, native or torch", config.search.kernel),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", config.data.val_fraction),
         (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
+        (0.0 <= config.budget.features_share <= 1.0, "budget.features_share", "in [0, 1]", config.budget.features_share),
+        (0.0 <= config.budget.search_share <= 1.0 - config.budget.features_share, "budget.search_share", "in [0, 1 - features_share]", config.budget.search_share),
+        (config.budget.feature_s_per_mvoxel > 0, "budget.feature_s_per_mvoxel", "> 0", config.budget.feature_s_per_mvoxel),
+        (config.output.quota_gb > 0, "output.quota_gb", "> 0", config.output.quota_gb),
         (config.budget.total_s >= 0, "budget.total_s", ">= 0 (0 = unlimited)", config.budget.total_s),
         (config.checkpoint.every_iters >= 1, "checkpoint.every_iters", ">= 1", config.checkpoint.every_iters),
         (5.0 <= config.progress.interval_s <= 15.0, "progress.interval_s", "between 5 and 15 seconds", config.progress.interval_s),

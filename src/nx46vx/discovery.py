@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .walk import walk_folders
 from .errors import DataLayoutError, TestSetError
 
 log = logging.getLogger("nx46vx")
@@ -72,18 +73,9 @@ def _is_competition_root(folder: Path) -> bool:
 
 def find_competition_root(input_roots: Sequence[Path]) -> Path:
     """The first folder (breadth-first, sorted) under any input root in the competition layout."""
-    for top in input_roots:
-        frontier = [Path(top)]
-        for _ in range(SEARCH_DEPTH + 1):
-            nxt: list[Path] = []
-            for folder in frontier:
-                if _is_competition_root(folder):
-                    return folder
-                try:
-                    nxt.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
-                except OSError:
-                    continue
-            frontier = nxt
+    for folder in walk_folders(input_roots, depth=SEARCH_DEPTH):
+        if _is_competition_root(folder):
+            return folder
     raise DataLayoutError(
         "no competition data found under the input roots",
         path=", ".join(str(p) for p in input_roots) or "(none)",

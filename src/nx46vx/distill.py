@@ -14,7 +14,7 @@ The student is a small 3-D U-Net trained on seeded, label-2-aware, positive-rich
 patches with ``λ·BCE(student, label≠2) + (1−λ)·BCE(σ(z_s/T), σ(logit(p_t)/T))``,
 AdamW and a cosine schedule (mixed precision on GPU). Everything here is pure and
 step-wise: :func:`init_state`, :func:`sample_batch`, :func:`train_step`,
-:func:`state_dict` / :func:`load_state_dict`; the pipeline journals and checkpoints.
+:func:`state_dict` / :func:`load_state_dict`; the runner journals and checkpoints.
 """
 
 from __future__ import annotations

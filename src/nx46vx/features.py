@@ -40,7 +40,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -282,21 +282,46 @@ def sample_pool(volume: np.ndarray, label: np.ndarray, config: FeatureConfig, *,
 
 
 class FeatureCache:
-    """Pools on disk, keyed by (volume content hash, feature spec, pool size, seed).
+    """Pools on disk, keyed by (volume content key, feature spec, pool size, seed).
 
     Each file is an ``.npz`` written atomically whose arrays carry a SHA-256 of their
-    bytes; a file that fails to load or to match its checksum is recomputed, never used.
+    bytes; a file that fails to load or to match its checksum is recomputed, never used
+    (``allow_pickle=False``: an attached file cannot run code).
+
+    Parameters
+    ----------
+    folder : path
+        This run's cache folder (written).
+    attached : sequence of path, optional
+        Cache folders of attached previous outputs (read only): a pool found there
+        is used after its checksum holds, and copied here when ``admit`` allows.
+    admit : callable, optional
+        ``admit(path, nbytes)`` → whether a file of ``nbytes`` may be written (the output quota).
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        attached: Sequence[Path] = (),
+        admit: Callable[[Path, int], bool] = lambda _path, _nbytes: True,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.attached = [Path(p) for p in attached if Path(p).resolve() != self.folder.resolve()]
+        self.admit = admit
         self.hits = 0
+        self.attached_hits = 0
         self.misses = 0
         self.corrupt = 0
 
     def path(self, content_hash: str, config: FeatureConfig, seed: int) -> Path:
         return self.folder / f"pool-{content_hash[:24]}-{spec_id(config)}-p{config.pool_per_class}-s{seed}.npz"
+
+    def has(self, content_hash: str, config: FeatureConfig, seed: int) -> bool:
+        """Whether a file for this key exists here or in an attached cache (not yet checked)."""
+        name = self.path(content_hash, config, seed).name
+        return any((folder / name).is_file() for folder in [self.folder, *self.attached])
 
     def load(self, path: Path) -> Pool | None:
         """The cached pool, or None when absent or corrupt (corrupt files are counted and logged)."""
@@ -311,20 +336,29 @@ class FeatureCache:
         return Pool(**arrays)
 
     def store(self, path: Path, pool: Pool) -> None:
-        save_arrays_checked(path, {"features": pool.features, "labels": pool.labels, "coords": pool.coords, "class_counts": pool.class_counts})
+        """Write ``pool`` unless the quota refuses it (the run goes on with the pool in memory)."""
+        arrays = {"features": pool.features, "labels": pool.labels, "coords": pool.coords, "class_counts": pool.class_counts}
+        if self.admit(path, sum(a.nbytes for a in arrays.values())):
+            save_arrays_checked(path, arrays)
 
     def get_or_compute(
         self, content_hash: str, config: FeatureConfig, seed: int, read: Callable[[], tuple[np.ndarray, np.ndarray]], *, device: torch.device | None = None
-    ) -> tuple[Pool, bool]:
-        """(pool, hit). ``read()`` returns (image, label) and is only called on a miss."""
+    ) -> tuple[Pool, str]:
+        """(pool, source) with source ``cache``, ``attached`` or ``computed``; ``read()`` → (image, label) only on a miss."""
         path = self.path(content_hash, config, seed)
         pool = self.load(path)
         if pool is not None:
             self.hits += 1
-            return pool, True
+            return pool, "cache"
+        for folder in self.attached:
+            pool = self.load(folder / path.name)
+            if pool is not None:
+                self.attached_hits += 1
+                self.store(path, pool)
+                return pool, "attached"
         self.misses += 1
         image, label = read()
         rng = np.random.default_rng([seed, int(content_hash[:15], 16)])
         pool = sample_pool(image, label, config, rng=rng, device=device)
         self.store(path, pool)
-        return pool, False
+        return pool, "computed"

@@ -7,7 +7,14 @@ than raised, so training ends at an iteration boundary with a checkpoint.
 The session budget ``total_s`` (0 = unlimited) covers this notebook session. The
 training deadline is ``total_s − margin_s − reserve``, where the reserve for
 segmentation + packaging is the measured (or configured) cost per test volume ×
-number of test volumes × ``reserve_safety``.
+number of test volumes × ``reserve_safety``. Inside that window each training phase
+has a share (``budget.features_share``, ``budget.search_share``; distillation gets the
+rest): a phase's deadline is the cumulative share of the window, so time a phase
+leaves unused passes to the next one.
+
+Tests (and dry runs) drive the governor with a :class:`VirtualClock`: time advances
+by a fixed tick per reading plus injected costs at named points
+(:meth:`Governor.account`), so every time-driven decision is reproducible.
 """
 
 from __future__ import annotations
@@ -20,6 +27,34 @@ from typing import Any, Callable
 from .config import BudgetConfig
 
 log = logging.getLogger("nx46vx")
+
+
+TRAINING_PHASES = ("features", "search", "distillation")
+
+
+class VirtualClock:
+    """A deterministic clock: ``tick`` seconds per reading, plus ``costs[point]`` per :meth:`charge`.
+
+    Parameters
+    ----------
+    tick : float
+        Seconds each call advances.
+    costs : mapping point → seconds, optional
+        Seconds charged when the runner accounts for a unit of work at ``point``
+        (``features_volume``, ``tune_params``, ``segment_volume``, ``baseline_volume``).
+    """
+
+    def __init__(self, tick: float = 0.0, costs: dict[str, float] | None = None) -> None:
+        self.tick = tick
+        self.costs = dict(costs or {})
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def charge(self, point: str) -> None:
+        self.now += self.costs.get(point, 0.0)
 
 
 class Governor:
@@ -63,6 +98,37 @@ class Governor:
         """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share)."""
         reserve = self.per_volume_s * max(1, self.n_test) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
+
+    def account(self, point: str) -> None:
+        """A unit of work at ``point`` finished: a :class:`VirtualClock` charges its injected cost; a real clock needs nothing."""
+        charge = getattr(self.clock, "charge", None)
+        if charge is not None:
+            charge(point)
+
+    def share(self, phase: str) -> float:
+        """The fraction of the training window ``phase`` may use (distillation: what the others leave)."""
+        b = self.budget
+        shares = {"features": b.features_share, "search": b.search_share}
+        shares["distillation"] = max(0.0, 1.0 - shares["features"] - shares["search"])
+        return shares.get(phase, 0.0)
+
+    def phase_deadline(self, phase: str) -> float:
+        """Session seconds at which a training phase must stop: the cumulative share of the training window."""
+        window = self.training_deadline()
+        if window == float("inf") or phase not in TRAINING_PHASES:
+            return window
+        upto = TRAINING_PHASES[: TRAINING_PHASES.index(phase) + 1]
+        return max(0.0, window) * sum(self.share(p) for p in upto)
+
+    def phase_time_left(self, phase: str) -> float:
+        """Seconds left before ``phase``'s deadline (infinite when unlimited)."""
+        return self.phase_deadline(phase) - self.elapsed()
+
+    def phase_should_stop(self, phase: str) -> bool:
+        """True once a signal arrived, the training deadline passed, or ``phase`` used its share."""
+        if self.should_stop():
+            return True
+        return self.elapsed() >= self.phase_deadline(phase)
 
     def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int) -> None:
         """Size the reserve from a measured feature/inference cost."""

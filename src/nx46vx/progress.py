@@ -6,7 +6,8 @@ profile's defaults and are calibrated from the measured phase durations of the r
 this one resumes (kept in its checkpoint). Training progress comes from the
 ``(epoch, candidate, iter)`` cursor and the epoch cap, so it moves with every
 iteration: ``(epoch + done_in_epoch) / max_epochs``, and 1 when the search ends.
-Pure bookkeeping: no clock, no files; the pipeline decides when to report.
+Distillation's fraction is its steps over ``distill.steps``. Pure bookkeeping: no clock, no
+files; the runner decides when to report.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ PHASES = ("discovery", "features", "search", "distillation", "segmentation", "pa
 DEFAULT_WEIGHTS: dict[str, float] = {
     "discovery": 0.02,
     "features": 0.13,
-    "search": 0.70,
-    "distillation": 0.0,
+    "search": 0.45,
+    "distillation": 0.25,
     "segmentation": 0.12,
     "packaging": 0.03,
 }

@@ -1,6 +1,6 @@
 """The run's reports: RUN_PROFILE_SUMMARY.json, postmortem.json, GLOBAL_STATS.json and PNG previews.
 
-Builders are pure functions of figures the pipeline collected; writers go through
+Builders are pure functions of figures the runner collected; writers go through
 :func:`nx46vx.atomic.write_atomic`, so a killed run leaves the previous version.
 """
 

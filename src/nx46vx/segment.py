@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -198,11 +198,70 @@ def postprocess_grid(config: SegmentConfig) -> Iterable[PostParams]:
                 yield PostParams(high=high, low=high - 0.3, min_component=min_component, closing=closing)
 
 
-def tune_postprocess(pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmentConfig) -> tuple[PostParams, float]:
-    """Best :class:`PostParams` and its mean competition score over (probability, label) validation pairs."""
-    best, best_score = PostParams(), -math.inf
-    for params in postprocess_grid(config):
+def tune_postprocess(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True
+) -> tuple[PostParams, float, int]:
+    """Best :class:`PostParams` over (probability, label) validation pairs, its mean competition score, and the grid points tried.
+
+    ``keep_going(i)`` is asked before grid point ``i > 0``: the caller cuts the grid
+    to the time it grants (the first point is always scored).
+    """
+    best, best_score, tried = PostParams(), -math.inf, 0
+    for i, params in enumerate(postprocess_grid(config)):
+        if i > 0 and not keep_going(i):
+            break
         score = float(np.mean([score_volume(postprocess(prob, params, config)[0], label).score for prob, label in pairs]))
+        tried += 1
         if score > best_score + 1e-12:
             best, best_score = params, score
-    return best, best_score
+    return best, best_score, tried
+
+
+#: Ties (and missing validation) favour the more trained model.
+PREFERENCE = (STUDENT, ENSEMBLE, SEARCH_MODEL, BASELINE)
+
+
+@dataclass(frozen=True)
+class SegmenterChoice:
+    """Which segmenter goes on the test volumes, and why."""
+
+    chosen: str
+    predicted_test_seconds: dict[str, float]
+    excluded_for_time: list[str]
+
+
+def choose_segmenter(
+    names: Sequence[str],
+    scores: Mapping[str, float],
+    seconds_per_voxel: Mapping[str, float],
+    *,
+    test_voxels: int,
+    safety: float,
+    time_left: float,
+) -> SegmenterChoice:
+    """The best-scoring segmenter whose predicted cost on the test volumes fits the time left.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Candidate segmenters (names of :data:`PREFERENCE`).
+    scores : mapping name → float
+        Validation score (absent: never validated, ranks last).
+    seconds_per_voxel : mapping name → float
+        Measured cost on the validation volumes (absent: free).
+    test_voxels : int
+        Voxels to segment.
+    safety : float
+        Factor on the predicted cost.
+    time_left : float
+        Seconds available (``inf`` when unlimited).
+
+    When nothing fits, the baseline (or else the cheapest) is chosen: a submission
+    must exist before the deadline.
+    """
+    predicted = {k: v * test_voxels * safety for k, v in seconds_per_voxel.items()}
+    feasible = [k for k in names if predicted.get(k, 0.0) <= time_left]
+    if not feasible:
+        feasible = [BASELINE if BASELINE in names else min(names, key=lambda k: predicted.get(k, 0.0))]
+    chosen = max(feasible, key=lambda k: (scores.get(k, -1.0), -PREFERENCE.index(k)))
+    return SegmenterChoice(chosen, predicted, sorted(set(names) - set(feasible)))

@@ -6,11 +6,13 @@ import torch
 
 
 class Logistic:
-    """Mean logistic loss ``Σ_i c_i·(softplus(z_i) − y_i·z_i) / n`` with per-sample weights ``c``.
+    """Weighted logistic loss ``Σ_i c_i·(softplus(z_i) − y_i·z_i)`` with per-sample weights ``c`` summing to 1.
 
-    The solver needs: :meth:`loss_` (per-element loss, in place),
-    :meth:`residual_` (``∂loss/∂z``, in place) and :attr:`curvature` (a bound on
-    the second derivative, so ``L = curvature·λ_max(Φᵀ diag(c) Φ)/n``).
+    The weights are a meta-neuron's bootstrap multiplicities divided by ``n``, so the
+    sum is the mean loss over its resample (no further ``1/n``). The solver needs:
+    :meth:`loss_` (per-element loss, in place), :meth:`residual_` (``∂loss/∂z``, in
+    place) and :attr:`curvature` (a bound on the second derivative, so
+    ``L = curvature·λ_max(Φᵀ diag(c) Φ)``).
     """
 
     curvature = 0.25

@@ -3,7 +3,7 @@
 :class:`CandidateSearch` owns no clock, journal or file. Each call of
 :meth:`CandidateSearch.advance` does one unit of work — one FISTA iteration of the
 batch in flight, the end of a batch (final objectives + validation), or the end of
-an epoch — and returns the events it produced; the pipeline journals them and
+an epoch — and returns the events it produced; the runner journals them and
 decides when to checkpoint. :meth:`state_dict` / :meth:`load_state_dict` capture
 everything needed to continue bit-exactly: the epoch sample, bootstraps and
 validation sample are re-derived from seeds, the rest is stored.
@@ -137,6 +137,7 @@ class CandidateSearch:
         self.stagnation = 0
         self.iterations_done = 0
         self.candidate_iterations = 0
+        self._batch: int | None = None  # decided once from free memory, then stored: a resumed run never re-derives it
         # derived per epoch (not stored)
         self._design: Design | None = None
         self._lipschitz: torch.Tensor | None = None
@@ -151,12 +152,14 @@ class CandidateSearch:
 
     @property
     def batch_size(self) -> int:
-        """Candidates advanced together: whole meta-neurons; ``batch_candidates`` or as many as memory allows."""
-        if self.config.batch_candidates > 0:
-            metas = max(1, self.config.batch_candidates // self.per_meta)
-        else:
-            metas = min(self.meta_neurons, max(1, int(0.25 * free_memory(self.device) // self._bytes_per_meta())))
-        return min(metas * self.per_meta, len(self.grid))
+        """Candidates advanced together: whole meta-neurons; ``batch_candidates`` or as many as memory allowed when first asked."""
+        if self._batch is None:
+            if self.config.batch_candidates > 0:
+                metas = max(1, self.config.batch_candidates // self.per_meta)
+            else:
+                metas = min(self.meta_neurons, max(1, int(0.25 * free_memory(self.device) // self._bytes_per_meta())))
+            self._batch = metas * self.per_meta
+        return min(self._batch, len(self.grid))
 
     def _bytes_per_meta(self) -> int:
         """Working memory one meta-neuron's candidates add to a batch (logit, loss and weight blocks, float32)."""
@@ -375,6 +378,7 @@ class CandidateSearch:
             "stagnation": self.stagnation,
             "iterations_done": self.iterations_done,
             "candidate_iterations": self.candidate_iterations,
+            "batch_size": self._batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,5 +398,6 @@ class CandidateSearch:
         self.stagnation = int(state["stagnation"])
         self.iterations_done = int(state["iterations_done"])
         self.candidate_iterations = int(state["candidate_iterations"])
+        self._batch = None if state.get("batch_size") is None else int(state["batch_size"])
         self._design = None
         self._val = None

@@ -1,0 +1,144 @@
+"""Phase 1: find the inputs, validate them, resume what a previous run left, and write the first submission.
+
+Discovery reads names, sizes and a sampled hash per file — never whole training
+files — so it takes seconds on the 26 GB training set. Right after it, the
+intensity baseline's masks are written and ``submission.zip`` exists: every later
+phase only replaces it with something better.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ...config import RunConfig
+from ...discovery import TrainPair, discover
+from ...errors import TestSetError
+from ...segment import intensity_baseline
+from ...volumes import read_volume, sampled_sha256, volume_shape
+from ..masks import mask_intact, publish_submission, write_mask
+from .base import digest, plain
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from ..state import RunState
+
+log = logging.getLogger("nx46vx")
+
+
+def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list[TrainPair], list[TrainPair]]:
+    """Validation split by volume, seeded; fewer than two pairs → no validation (and no search)."""
+    ordered = sorted(pairs, key=lambda p: p.id)
+    if len(ordered) < 2:
+        return ordered, []
+    order = np.random.default_rng([config.seed, 4]).permutation(len(ordered))
+    n_val = min(len(ordered) - 1, max(config.data.min_val_volumes, int(round(config.data.val_fraction * len(ordered)))))
+    val = sorted((ordered[i] for i in order[:n_val]), key=lambda p: p.id)
+    train = sorted((ordered[i] for i in order[n_val:]), key=lambda p: p.id)
+    return train, val
+
+
+class DiscoveryPhase:
+    """Inputs, split, resume, baseline submission.
+
+    State: the baseline masks written so far (``{id: sha256}`` under a key of the
+    baseline's settings), so a resumed run does not recompute them.
+    """
+
+    name = "discovery"
+
+    def __init__(self) -> None:
+        self.done = False
+        self.data_key = ""
+        self.baseline: dict[str, str] = {}
+        self.baseline_key = ""
+
+    def signature(self, config: RunConfig) -> dict[str, Any]:
+        d = config.data
+        return plain({
+            "data": self.data_key,
+            "split": {"seed": config.seed, "val_fraction": d.val_fraction, "min_val_volumes": d.min_val_volumes, "max_train_volumes": d.max_train_volumes, "include_deprecated": d.include_deprecated},
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline_key": self.baseline_key, "baseline": dict(self.baseline)}
+
+    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.baseline_key, self.baseline = str(saved["baseline_key"]), dict(saved["baseline"])
+
+    def run(self, ctx: "RunContext", state: "RunState") -> None:
+        with ctx.phase(self.name) as end:
+            self._discover(ctx, state)
+            link = ctx.checkpointer.choose([Path(p) for p in state.discovery.input_roots])
+            ctx.open_journal(link, {
+                "version": _version(),
+                "profile": ctx.config.profile,
+                "config": ctx.config.to_dict(),
+                "device": str(ctx.device),
+                "output": str(ctx.output),
+                "previous_journal": str(ctx.previous_journal) if ctx.previous_journal else None,
+            })
+            resumed = ctx.checkpointer.resumed
+            state.resumed_from = str(resumed.path) if resumed else None
+            self._baseline_submission(ctx, state)
+            self.done = True
+            end.update(train=len(state.train_pairs), val=len(state.val_pairs), test=len(state.discovery.test))
+        ctx.checkpointer.write("discovery_done")
+
+    def _discover(self, ctx: "RunContext", state: "RunState") -> None:
+        config = ctx.config
+        found = discover(ctx.input_roots, include_deprecated=config.data.include_deprecated)
+        state.discovery = found
+        pairs = list(found.train)
+        if config.data.max_train_volumes > 0:
+            pairs = sorted(pairs, key=lambda p: p.id)[: config.data.max_train_volumes]
+        state.train_pairs, state.val_pairs = split_train_val(pairs, config)
+        state.volume_keys = {p.id: sampled_sha256(p.image)[:32] + sampled_sha256(p.label)[:16] for p in pairs}
+        for test in found.test:  # headers now, not hours later
+            shape = volume_shape(test.image)
+            if shape is None or len(shape) != 3:
+                raise TestSetError("test volume is not a readable 3-D TIFF", path=test.image, expected="a multi-page uint8 TIFF (z, y, x)", found=f"shape {shape}" if shape else "an unreadable header")
+            state.shapes[test.id] = shape
+            state.test_voxels += int(np.prod(shape))
+        ctx.governor.n_test = len(found.test)
+        manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
+        self.data_key = digest(sorted(manifest))
+        ctx.event("DATASET_DISCOVERY", self.name, {
+            "root": str(found.root),
+            "input_roots": [str(p) for p in found.input_roots],
+            "train_pairs": len(found.train),
+            "train": len(state.train_pairs),
+            "val": len(state.val_pairs),
+            "test_ids": [t.id for t in found.test],
+            "data_key": self.data_key,
+            "warnings": list(found.warnings),
+            **found.inventory,
+        })
+
+    def _baseline_submission(self, ctx: "RunContext", state: "RunState") -> None:
+        """The intensity baseline on every test volume, then ``submission.zip`` from it."""
+        seg = ctx.config.segment
+        key = f"baseline-{digest({'sigma': seg.baseline_sigma, 'version': 1})[:8]}"
+        if key != self.baseline_key:
+            self.baseline_key, self.baseline = key, {}
+        folder = ctx.output / "masks" / key
+        for test in state.discovery.test:
+            path = folder / f"{test.id}.tif"
+            kept = test.id in self.baseline and mask_intact(path, self.baseline[test.id])
+            if not kept:
+                self.baseline[test.id] = write_mask(folder, test.id, intensity_baseline(read_volume(test.image), seg))
+                ctx.governor.account("baseline_volume")
+            state.baseline_masks[test.id] = path
+        state.masks = dict(state.baseline_masks)
+        state.segmenter = "intensity_baseline"
+        state.submission = publish_submission(ctx, state.masks, state.shapes, segmenter=state.segmenter, phase=self.name)
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__

@@ -1,0 +1,197 @@
+"""Phase 6: choose the segmenter on validation, then segment every test volume under the governor.
+
+Three time-driven decisions are made once, stored and replayed on resume: how much
+of the post-processing grid each source is tuned on, which segmenters fit the time
+left (``SEGMENTER_CHOICE``), and the test volume after which the rest switch to the
+baseline's masks because the chosen segmenter would miss the deadline
+(``SEGMENTER_SWITCH``). Each mask is written and checkpointed as it is produced, so
+a resumed scoring run does not redo finished volumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ... import reports
+from ...config import RunConfig
+from ...errors import Nx46Error
+from ...metric import score_volume
+from ...segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
+from ...telemetry import mask_stats
+from ...volumes import read_volume, sampled_sha256
+from ..masks import mask_intact, write_mask
+from ..sources import Source, probability_sources, validation_probabilities, validation_volumes
+from .base import digest, plain
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from ..state import RunState
+
+METHODS = {"baseline": BASELINE, "search": SEARCH_MODEL, "ensemble": ENSEMBLE, "student": STUDENT}
+
+
+class SegmentationPhase:
+    """The segmenter choice and the test masks. State: the choice, the masks written, the switch point."""
+
+    name = "segmentation"
+
+    def __init__(self) -> None:
+        self.done = False
+        self.choice: dict[str, Any] | None = None
+        self.masks: dict[str, dict[str, str]] = {}
+        self.switched_at: int | None = None
+
+    def signature(self, config: RunConfig) -> dict[str, Any]:
+        return plain(dict(dataclasses.asdict(config.segment), reserve_safety=config.budget.reserve_safety))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "choice": self.choice, "masks": self.masks, "switched_at": self.switched_at}
+
+    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.done, self.choice, self.masks, self.switched_at = bool(saved["done"]), saved["choice"], dict(saved["masks"]), saved["switched_at"]
+
+    def run(self, ctx: "RunContext", state: "RunState") -> None:
+        with ctx.phase(self.name) as end:
+            sources = probability_sources(ctx, state)
+            if self.choice is not None and state.advanced & {"search", "distillation"}:
+                ctx.event("SEGMENTATION_RESET", self.name, {"reason": "training advanced since the saved choice", "advanced": sorted(state.advanced)})
+                self.choice, self.masks, self.switched_at, self.done = None, {}, None, False
+            if self.choice is None:
+                self.choice = self._choose(ctx, state, sources)
+                ctx.checkpointer.write("segmenter_chosen")
+            else:
+                ctx.event("SEGMENTER_CHOICE", self.name, dict(self.choice, replayed=True))
+            state.segmenter, state.validation_scores = self.choice["chosen"], dict(self.choice["validation_scores"])
+            self._segment_all(ctx, state, self._segmenter(ctx, sources))
+            self.done = True
+            end.update(segmenter=state.segmenter, switched_at=self.switched_at)
+
+    # ------------------------------------------------------------------ the choice
+
+    def _choose(self, ctx: "RunContext", state: "RunState", sources: dict[str, Source]) -> dict[str, Any]:
+        """Score every segmenter on validation (post-processing tuned per source within the time granted); pick the best that fits."""
+        seg, governor = ctx.config.segment, ctx.governor
+        names = [BASELINE] + list(sources)
+        if seg.method != "auto":
+            wanted = METHODS[seg.method]
+            if wanted not in names:
+                raise Nx46Error("segmenter unavailable", expected=f"one of {names}", found=seg.method, hint="train the model it needs first")
+            names = [wanted]
+        volumes = validation_volumes(ctx, state)
+        scores: dict[str, float] = {}
+        seconds_per_voxel: dict[str, float] = {}
+        params: dict[str, PostParams] = {}
+        tuned: dict[str, int] = {}
+        if volumes:
+            labels = [lab for _, lab in volumes]
+            if BASELINE in names:
+                t0 = governor.clock()
+                masks = [intensity_baseline(img, seg) for img, _ in volumes]
+                seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(lab.size for lab in labels)
+                scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
+            for name in (n for n in names if n in sources):
+                probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False)
+                params[name], scores[name], tuned[name] = tune_postprocess(list(zip(probs, labels)), seg, keep_going=self._tuning_budget(ctx, state, seconds_per_voxel[name]))
+            teacher_scores = {}
+            for teacher, probs in state.teacher_val_probs.items():
+                if probs is not None:  # the ensemble teacher is the ensemble source: its score is already tuned
+                    teacher_scores[teacher] = scores[teacher] if teacher in scores else tune_postprocess(list(zip(probs, labels)), seg)[1]
+            ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.val_pairs[: len(volumes)]], "scores": scores, "teachers": teacher_scores,
+                                                       "params": {k: v.to_dict() for k, v in params.items()}, "tuned_points": tuned})
+            grid = len(list(postprocess_grid(seg)))
+            cut = {k: v for k, v in tuned.items() if v < grid}
+            if cut:
+                ctx.event("TUNING_CUT", self.name, {"tried": cut, "grid": grid})
+        state.validation, state.validation_probs = None, {}  # test segmentation needs neither
+        time_left = governor.remaining() - governor.margin()
+        choice = choose_segmenter(names, scores, seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
+        record = {
+            "chosen": choice.chosen,
+            "validation_scores": scores,
+            "params": params[choice.chosen].to_dict() if choice.chosen in params else None,
+            "predicted_test_seconds": choice.predicted_test_seconds,
+            "seconds_per_voxel": seconds_per_voxel,
+            "time_left_s": None if time_left == float("inf") else time_left,
+            "excluded_for_time": choice.excluded_for_time,
+        }
+        ctx.event("SEGMENTER_CHOICE", self.name, record)
+        return plain(record)
+
+    def _tuning_budget(self, ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> Callable[[int], bool]:
+        """``keep_going(i)``: one more grid point fits when its measured cost and the source's test cost fit the time left."""
+        governor = ctx.governor
+        start = governor.clock()
+        test_s = seconds_per_voxel * state.test_voxels * ctx.config.budget.reserve_safety
+
+        def keep_going(i: int) -> bool:
+            governor.account("tune_params")
+            per_point = (governor.clock() - start) / i
+            return per_point + test_s <= governor.remaining() - governor.margin()
+
+        return keep_going
+
+    # ------------------------------------------------------------------ the test volumes
+
+    def _segmenter(self, ctx: "RunContext", sources: dict[str, Source]) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None, dict[str, Any]]]:
+        seg, chosen = ctx.config.segment, self.choice["chosen"]
+        if chosen == BASELINE:
+            return lambda vol: (intensity_baseline(vol, seg), None, {})
+        if chosen not in sources:
+            raise Nx46Error("the saved segmenter choice names a model this run does not have", expected=f"one of {sorted(sources)}", found=chosen)
+        source, params = sources[chosen], PostParams(**self.choice["params"])
+
+        def segment(vol: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+            prob = source(vol)
+            mask, info = postprocess(prob, params, seg)
+            return mask, prob, info
+
+        return segment
+
+    def _segment_all(self, ctx: "RunContext", state: "RunState", segment: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None, dict[str, Any]]]) -> None:
+        chosen, governor = self.choice["chosen"], ctx.governor
+        folder = ctx.output / "masks" / f"{chosen}-{digest(self.choice)[:8]}"
+        previews = ctx.output / "previews"
+        previews.mkdir(exist_ok=True)
+        tests = list(state.discovery.test)
+        from tqdm.auto import tqdm
+
+        for index, test in enumerate(tqdm(tests, desc="segmentation", unit="vol", disable=None, leave=False)):
+            image_key = sampled_sha256(test.image)[:32]
+            saved = self.masks.get(test.id)
+            path = folder / f"{test.id}.tif"
+            if saved is not None and saved["image"] == image_key and saved["segmenter"] == chosen and mask_intact(path, saved["sha"]):
+                state.masks[test.id] = path  # finished in an earlier session
+                continue
+            if chosen != BASELINE and self.switched_at is None and self._behind(ctx, state, test.id):
+                self.switched_at = index
+                ctx.event("SEGMENTER_SWITCH", self.name, {"from": chosen, "to": BASELINE, "at_volume": test.id, "remaining": len(tests) - index, **governor.state()})
+            if chosen == BASELINE or (self.switched_at is not None and index >= self.switched_at):
+                state.masks[test.id] = state.baseline_masks[test.id]  # written at discovery
+                continue
+            t0 = governor.clock()
+            volume = read_volume(test.image)
+            ctx.reporter.count_volume(volume.shape)
+            mask, prob, info = segment(volume)
+            sha = write_mask(folder, test.id, mask)
+            governor.account("segment_volume")
+            self.masks[test.id] = {"sha": sha, "image": image_key, "segmenter": chosen}
+            state.masks[test.id] = path
+            ctx.reporter.stats["volumes"][test.id] = mask_stats(mask, prob)
+            reports.write_slice_preview(previews / f"{test.id}.png", volume, mask)
+            ctx.event("VOLUME_SEGMENTED", self.name, {"id": test.id, "segmenter": chosen, "shape": list(volume.shape), "positive_fraction": float(mask.mean()), **info, "seconds": round(governor.clock() - t0, 4)})
+            ctx.progress.set(self.name, (index + 1) / len(tests))
+            ctx.checkpointer.write("volume_segmented")
+            ctx.reporter.report()
+
+    def _behind(self, ctx: "RunContext", state: "RunState", vol_id: str) -> bool:
+        """True when the chosen segmenter's predicted cost on this volume no longer fits before the deadline."""
+        governor = ctx.governor
+        if governor.remaining() == float("inf"):
+            return False
+        per_voxel = self.choice["seconds_per_voxel"].get(self.choice["chosen"], 0.0)
+        voxels = int(np.prod(state.shapes[vol_id]))
+        return per_voxel * voxels * ctx.config.budget.reserve_safety > governor.remaining() - governor.margin()

@@ -1,0 +1,66 @@
+"""Probability sources and the validation volumes they are judged on, shared by distillation and segmentation.
+
+The validation volumes are read once per session; a source's maps on them are
+computed once (distillation keeps its teachers' maps; the segmenter choice takes an
+entry out when there is one — the ensemble is both a teacher and a source under the
+same name — and otherwise computes without keeping, so only one source's maps are
+held at a time). Costs are read from the governor's clock: they drive decisions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .. import distill
+from ..segment import ENSEMBLE, SEARCH_MODEL, STUDENT, probability, sliding_window
+from ..volumes import read_pair
+
+if TYPE_CHECKING:
+    from ..search import CandidateSearch
+    from .context import RunContext
+    from .state import RunState
+
+Source = Callable[[np.ndarray], np.ndarray]
+
+
+def validation_volumes(ctx: "RunContext", state: "RunState") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, label) of the validation volumes segmentation is chosen on, read once per session."""
+    if state.validation is None:
+        state.validation = [read_pair(p.image, p.label) for p in state.val_pairs[: ctx.config.segment.validation_volumes]]
+    return state.validation
+
+
+def validation_probabilities(ctx: "RunContext", state: "RunState", name: str, predict: Callable[[str, np.ndarray], np.ndarray | None], *, keep: bool) -> tuple[list[np.ndarray | None], float]:
+    """``predict(id, image)`` on the validation volumes and its seconds per voxel (computed once per name)."""
+    cached = state.validation_probs.get(name) if keep else state.validation_probs.pop(name, None)
+    if cached is None:
+        volumes = validation_volumes(ctx, state)
+        pairs = state.val_pairs[: len(volumes)]
+        t0 = ctx.governor.clock()
+        probs = [predict(p.id, image) for p, (image, _) in zip(pairs, volumes)]
+        cached = (probs, (ctx.governor.clock() - t0) / max(1, sum(image.size for image, _ in volumes)))
+        if keep:
+            state.validation_probs[name] = cached
+    return cached
+
+
+def search_probability(ctx: "RunContext", search: "CandidateSearch", k: int) -> Source:
+    """Mean probability of the top ``k`` search candidates (k = 1: the best one)."""
+    top = search.top_models(k)
+    return lambda vol: probability(vol, top["thetas"], top["mean"], top["std"], ctx.config.features, device=ctx.device)
+
+
+def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Source]:
+    """Learned probability maps available to segment with: search model, ensemble, student."""
+    out: dict[str, Source] = {}
+    search = state.search
+    if search is not None and (search.best or search.epoch_results):
+        out[SEARCH_MODEL] = search_probability(ctx, search, 1)
+        out[ENSEMBLE] = search_probability(ctx, search, ctx.config.distill.ensemble_k)
+    if state.student is not None and state.student.step > 0:
+        network = distill.student_network(state.student)
+        seg = ctx.config.segment
+        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=ctx.config.distill.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device)
+    return out

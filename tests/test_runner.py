@@ -1,0 +1,91 @@
+"""Runner parts on their own: RNG restore, the governor's shares and virtual clock, the segmenter choice, the quota, logging."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nx46vx.config import BudgetConfig
+from nx46vx.governor import Governor, VirtualClock
+from nx46vx.payload import pack, unpack
+from nx46vx.runner.checkpointer import restore_rng, rng_states
+from nx46vx.runner.context import install_log_handler
+from nx46vx.runner.quota import OutputQuota
+from nx46vx.segment import BASELINE, ENSEMBLE, STUDENT, choose_segmenter
+from nx46vx.walk import walk_folders
+
+
+def _draws() -> tuple[float, float, list[float]]:
+    return random.random(), float(np.random.random()), torch.rand(3).tolist()
+
+
+def test_rng_restore_brings_every_generator_back() -> None:
+    saved = unpack(*pack(rng_states()))  # as a checkpoint stores and reloads it
+    expected = _draws()
+    _draws()  # the generators move on
+    assert _draws() != expected
+    restore_rng(saved)
+    assert _draws() == expected  # fails if restoring were a no-op
+
+
+def test_phase_shares_and_deadlines_follow_the_budget() -> None:
+    clock = VirtualClock(tick=0.0, costs={"features_volume": 10.0})
+    governor = Governor(BudgetConfig(total_s=1000, margin_s=100, reserve_per_volume_s=50, reserve_safety=2.0), n_test=1, clock=clock)
+    window = 1000 - 100 - 100
+    assert governor.training_deadline() == window
+    assert governor.phase_deadline("features") == pytest.approx(0.25 * window)
+    assert governor.phase_deadline("search") == pytest.approx(0.70 * window)
+    assert governor.phase_deadline("distillation") == pytest.approx(window)
+    for _ in range(20):
+        governor.account("features_volume")
+    assert clock.now == 200.0 and governor.phase_should_stop("features") and not governor.phase_should_stop("search")
+    assert governor.stop_reason is None  # a phase's share is not a stop of the run
+    unlimited = Governor(BudgetConfig(), n_test=1, clock=clock)
+    assert unlimited.phase_deadline("features") == float("inf") and not unlimited.phase_should_stop("search")
+
+
+def test_segmenter_choice_is_pure_and_respects_time() -> None:
+    names = [BASELINE, ENSEMBLE, STUDENT]
+    scores = {BASELINE: 0.6, ENSEMBLE: 0.7, STUDENT: 0.8}
+    cost = {BASELINE: 1e-9, ENSEMBLE: 1e-7, STUDENT: 1e-5}
+    fast = choose_segmenter(names, scores, cost, test_voxels=10**6, safety=2.0, time_left=float("inf"))
+    assert fast.chosen == STUDENT and fast.excluded_for_time == []
+    tight = choose_segmenter(names, scores, cost, test_voxels=10**6, safety=2.0, time_left=1.0)
+    assert tight.chosen == ENSEMBLE and tight.excluded_for_time == [STUDENT]
+    assert tight.predicted_test_seconds[STUDENT] == pytest.approx(20.0)
+    none_fit = choose_segmenter(names, scores, cost, test_voxels=10**6, safety=2.0, time_left=0.0)
+    assert none_fit.chosen == BASELINE
+    tie = choose_segmenter(names, {}, {}, test_voxels=1, safety=1.0, time_left=1.0)
+    assert tie.chosen == STUDENT  # no validation: the more trained model
+
+
+def test_quota_counts_writes_and_refuses_past_the_limit(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"0" * 1000)
+    quota = OutputQuota(tmp_path, 3000 / (1 << 30))
+    assert quota.used == 1000 and quota.allow(1500) and quota.used == 2500
+    assert not quota.allow(600) and quota.refused == 1 and quota.used == 2500
+
+
+def test_walker_is_breadth_first_sorted_and_skips_hidden(tmp_path: Path) -> None:
+    for sub in ("b/deep/deeper", "a", ".hidden/x", "b/checkpoints/ckpt-1"):
+        (tmp_path / sub).mkdir(parents=True)
+    seen = [p.relative_to(tmp_path).as_posix() for p in walk_folders([tmp_path], depth=2, prune=lambda p: p.name == "checkpoints")]
+    assert seen == [".", "a", "b", "b/checkpoints", "b/deep"]
+
+
+def test_run_installs_a_log_handler_only_when_nothing_would_show(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    logger = logging.getLogger("nx46vx")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    handler = install_log_handler()
+    assert handler is not None and logger.level == logging.INFO
+    logger.info("phase search 12.5 %%")
+    assert "nx46vx" in capsys.readouterr().err
+    assert install_log_handler() is None  # one is enough
+    logger.removeHandler(handler)
