@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from nx46vx.config import DistillConfig, FeatureConfig, SegmentConfig
-from nx46vx.distill import Student
+from nx46vx.distill import resolve
+from nx46vx.student import build_network
 from nx46vx.search import N_PARAMS
 from nx46vx.segment import PostParams, postprocess, probability, sliding_window
 from nx46vx.synthetic import make_volume
@@ -37,9 +38,9 @@ def one(method: str, size: int, device_name: str) -> dict[str, float]:
         thetas = rng.normal(0, 0.3, (5, N_PARAMS)).astype(np.float32)
         prob = probability(volume, thetas, np.zeros(11, np.float32), np.ones(11, np.float32), replace(FeatureConfig(), device=device_name), device=device)
     else:
-        cfg = DistillConfig()
+        cfg = resolve(DistillConfig(), device)  # the default student for this device
         torch.manual_seed(0)
-        student = Student(cfg.width, cfg.depth).to(device).eval()
+        student = build_network(cfg.arch, width=cfg.width, depth=cfg.depth, blocks=cfg.blocks).to(device).eval()
         prob = sliding_window(volume, student, patch=cfg.patch, overlap=seg.overlap, device=device)
     inference = time.perf_counter() - start
     mask, info = postprocess(prob, PostParams(), seg)

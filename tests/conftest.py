@@ -25,8 +25,13 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_competition(tmp_path_factory.mktemp("demo") / "data", n_train=6, n_test=2, shapes=SHAPES, seed=3)
 
 
-# Small but complete: the full 135-candidate grid and 120 iterations on small samples.
-FAST = ["distill.steps=30", "distill.checkpoint_every=10", "features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000", "search.max_epochs=2"]
+# Small but complete: the full 135-candidate grid and 120 iterations on small samples, a tiny student for a fixed
+# number of steps, no time budget (a test that wants one sets it after these).
+FAST = [
+    "distill.steps=30", "distill.checkpoint_every=10", "distill.width=4", "distill.depth=2", "distill.patch=16", "distill.val_every=10",
+    "distill.warmup_steps=5", "features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000",
+    "search.max_epochs=2", "budget.total_s=0",
+]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ except PackageNotFoundError:  # running from a source tree
 
 from .config import RunConfig, load_config
 from .errors import Nx46Error
+from .predict import Prediction, predict
 from .runner import RunResult, run
 
-__all__ = ["Nx46Error", "RunConfig", "RunResult", "__version__", "load_config", "run"]
+__all__ = ["Nx46Error", "Prediction", "RunConfig", "RunResult", "__version__", "load_config", "predict", "run"]

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+AUGMENTATIONS = ("flip", "rot90", "affine", "intensity", "noise", "blur", "lowres")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -83,28 +85,49 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Teacher → student distillation (see :mod:`nx46vx.distill`).
+    """The student and its training (see :mod:`nx46vx.distill`, :mod:`nx46vx.student`, :mod:`nx46vx.patches`).
 
     ``teachers``: any of ``ensemble`` (top ``ensemble_k`` search candidates),
     ``torchscript:<path>``, ``tiff:<dir>``, ``python:<module>:<callable>``; every
-    listed teacher is required. Loss ``λ·BCE(label≠2) + (1−λ)·BCE(teacher soft target)``
-    with ``λ = label_weight`` and temperature ``temperature``.
+    listed teacher is required; ``[]`` trains on the labels alone. ``arch``:
+    ``resenc`` (residual-encoder U-Net), ``plain``, or ``auto`` (ResEnc on a GPU,
+    plain width ≤ 16 and patch ≤ 48 on a CPU). ``steps`` = 0 trains as long as the
+    budget grants (``max_steps`` when there is no budget); the learning-rate
+    schedule is laid out over the granted steps after ``warmup_steps``. Loss:
+    ``dice_weight·Dice + bce_weight·BCE + skeleton_weight·skeleton recall +
+    w(t)·teacher``, ``w`` going linearly from ``teacher_weight`` to
+    ``teacher_weight_end``. Every ``val_every`` steps the student is scored by the
+    competition metric on ``val_volumes`` validation volumes and the best weights kept.
     """
 
     enabled: bool = True
     teachers: tuple[str, ...] = ("ensemble",)
     ensemble_k: int = 5
-    width: int = 16
-    depth: int = 3
-    patch: int = 64
+    arch: str = "auto"
+    width: int = 32
+    depth: int = 4
+    blocks: tuple[int, ...] = (1, 3, 4, 6, 6)
+    patch: int = 128
     batch: int = 2
-    steps: int = 2000
-    lr: float = 3e-3
+    steps: int = 0
+    max_steps: int = 2000
+    warmup_steps: int = 20
+    lr: float = 2e-3
     weight_decay: float = 1e-4
-    label_weight: float = 0.5
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    skeleton_weight: float = 0.0
+    teacher_weight: float = 0.3
+    teacher_weight_end: float = 0.0
     temperature: float = 2.0
     positive_fraction: float = 0.5
-    max_volumes: int = 16
+    augment: tuple[str, ...] = ("flip", "rot90", "affine", "intensity", "noise", "blur", "lowres")
+    cache_volumes: int = 16
+    foreground_samples: int = 20000
+    teacher_volumes: int = 8
+    val_every: int = 100
+    val_volumes: int = 2
+    workers: int = 2
     checkpoint_every: int = 50
     device: str = "auto"
 
@@ -118,6 +141,8 @@ class SegmentConfig:
     ``ensemble``, ``student``. Probability maps are cut by 3-D hysteresis with
     thresholds chosen on validation; when hysteresis keeps less than
     ``min_ratio`` of the voxels, the top ``fallback_percent`` % are kept instead.
+    ``export_probabilities`` also writes ``probabilities/<id>.tif`` (uint8, p·255)
+    beside the submission, for blending with other notebooks.
     """
 
     method: str = "auto"
@@ -128,6 +153,7 @@ class SegmentConfig:
     min_ratio: float = 0.005
     fallback_percent: float = 5.0
     validation_volumes: int = 4
+    export_probabilities: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,8 +318,10 @@ def _coerce(current: Any, value: Any, key: str, origin: str) -> Any:
                 raise TypeError
             return float(value)
         if isinstance(current, tuple):
-            if not isinstance(value, (list, tuple)) or not value:
+            if not isinstance(value, (list, tuple)):
                 raise TypeError
+            if not value:
+                return ()
             element = current[0] if current else value[0]
             return tuple(_coerce(element, v, key, origin) for v in value)
         if isinstance(current, str):
@@ -362,12 +390,13 @@ def _validate(config: RunConfig) -> None:
         (config.search.meta_neurons >= 1, "search.meta_neurons", ">= 1", config.search.meta_neurons),
         (config.search.max_iter >= 1, "search.max_iter", ">= 1", config.search.max_iter),
         (config.search.max_epochs >= 1, "search.max_epochs", ">= 1", config.search.max_epochs),
-        (all(v >= 0 for v in config.search.l1), "search.l1", "values >= 0", config.search.l1),
-        (all(v >= 0 for v in config.search.l2), "search.l2", "values >= 0", config.search.l2),
+        (bool(config.search.l1) and all(v >= 0 for v in config.search.l1), "search.l1", "one or more values >= 0", config.search.l1),
+        (bool(config.search.l2) and all(v >= 0 for v in config.search.l2), "search.l2", "one or more values >= 0", config.search.l2),
         (config.search.samples_per_class >= 1, "search.samples_per_class", ">= 1", config.search.samples_per_class),
         (config.search.kernel in {"auto", "native", "torch"}, "search.kernel", "auto, native or torch", config.search.kernel),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", config.data.val_fraction),
         (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
+        (len(config.features.bandpass_sigmas) == 2, "features.bandpass_sigmas", "two sigmas", config.features.bandpass_sigmas),
         (0.0 <= config.budget.features_share <= 1.0, "budget.features_share", "in [0, 1]", config.budget.features_share),
         (0.0 <= config.budget.search_share <= 1.0 - config.budget.features_share, "budget.search_share", "in [0, 1 - features_share]", config.budget.search_share),
         (config.budget.feature_s_per_mvoxel > 0, "budget.feature_s_per_mvoxel", "> 0", config.budget.feature_s_per_mvoxel),
@@ -384,12 +413,24 @@ def _validate(config: RunConfig) -> None:
             config.segment.method,
         ),
         (0.0 <= config.segment.overlap < 1.0, "segment.overlap", "in [0, 1)", config.segment.overlap),
-        (0.0 <= config.distill.label_weight <= 1.0, "distill.label_weight", "in [0, 1]", config.distill.label_weight),
         (config.distill.temperature > 0, "distill.temperature", "> 0", config.distill.temperature),
+        (config.distill.arch in {"auto", "resenc", "plain"}, "distill.arch", "auto, resenc or plain", config.distill.arch),
+        (config.distill.depth >= 1, "distill.depth", ">= 1", config.distill.depth),
+        (config.distill.width >= 1, "distill.width", ">= 1", config.distill.width),
+        (bool(config.distill.blocks) and all(b >= 1 for b in config.distill.blocks), "distill.blocks", "one or more values >= 1", config.distill.blocks),
+        (config.distill.batch >= 1, "distill.batch", ">= 1", config.distill.batch),
+        (config.distill.steps >= 0, "distill.steps", ">= 0 (0 = as long as the budget grants)", config.distill.steps),
+        (config.distill.max_steps >= 1, "distill.max_steps", ">= 1", config.distill.max_steps),
+        (config.distill.warmup_steps >= 1, "distill.warmup_steps", ">= 1", config.distill.warmup_steps),
+        (config.distill.val_every >= 1, "distill.val_every", ">= 1", config.distill.val_every),
+        (config.distill.workers >= 0, "distill.workers", ">= 0", config.distill.workers),
+        (config.distill.checkpoint_every >= 1, "distill.checkpoint_every", ">= 1", config.distill.checkpoint_every),
+        (0.0 <= config.distill.positive_fraction <= 1.0, "distill.positive_fraction", "in [0, 1]", config.distill.positive_fraction),
+        (set(config.distill.augment) <= set(AUGMENTATIONS), "distill.augment", f"names from {list(AUGMENTATIONS)}", config.distill.augment),
         (
-            config.distill.patch % (2 ** config.distill.depth) == 0,
+            config.distill.patch >= 2 ** config.distill.depth and config.distill.patch % (2 ** config.distill.depth) == 0,
             "distill.patch",
-            f"a multiple of 2**depth = {2 ** config.distill.depth}",
+            f"a positive multiple of 2**depth = {2 ** config.distill.depth}",
             config.distill.patch,
         ),
     ]

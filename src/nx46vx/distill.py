@@ -10,71 +10,36 @@ Teachers (``distill.teachers``; every one listed is required):
 * ``python:<module>:<callable>`` — ``callable(volume uint8 (z, y, x)) -> probability
   array of the same shape``.
 
-The student is a small 3-D U-Net trained on seeded, label-2-aware, positive-rich
-patches with ``λ·BCE(student, label≠2) + (1−λ)·BCE(σ(z_s/T), σ(logit(p_t)/T))``,
-AdamW and a cosine schedule (mixed precision on GPU). Everything here is pure and
-step-wise: :func:`init_state`, :func:`sample_batch`, :func:`train_step`,
+The student (:mod:`nx46vx.student`: a residual-encoder U-Net, or the plain one where
+it is cheaper) is trained on augmented patches (:mod:`nx46vx.patches`) with Dice +
+BCE on the labels (label 2 masked), deep supervision, an optional skeleton-recall
+term and the tempered teacher term ``T²·BCE(σ(z_s/T), σ(logit(p_t)/T))`` with its own
+weight schedule; AdamW, linear warm-up then cosine over the steps the budget granted
+(mixed precision on GPU); the best-on-validation weights are kept. Everything here is
+pure and step-wise: :func:`init_state`, :func:`train_step`, :func:`keep_if_best`,
 :func:`state_dict` / :func:`load_state_dict`; the runner journals and checkpoints.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import DistillConfig
 from .errors import DistillationNotExecuted
 from .segment import normalised, sliding_window
+from .student import build_network, deep_supervision_weights, downsample_label, label_losses, teacher_loss
 from .volumes import file_sha256
-
-_EPS = 1e-4
-
-
-# ----------------------------------------------------------------------------- the student
-
-
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    groups = math.gcd(4, c_out)
-    return nn.Sequential(
-        nn.Conv3d(c_in, c_out, 3, padding=1),
-        nn.GroupNorm(groups, c_out),
-        nn.ReLU(inplace=True),
-        nn.Conv3d(c_out, c_out, 3, padding=1),
-        nn.GroupNorm(groups, c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class Student(nn.Module):
-    """Small 3-D U-Net: ``depth`` poolings, ``width·2^i`` channels at level i; (B, 1, p, p, p) → logits (B, 1, p, p, p)."""
-
-    def __init__(self, width: int = 8, depth: int = 2) -> None:
-        super().__init__()
-        chans = [width * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([_block(1, chans[0])] + [_block(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
-        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
-        self.merge = nn.ModuleList([_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
-        self.head = nn.Conv3d(chans[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool3d(x, 2))
-            skips.append(x)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
-            x = merge(torch.cat((up(x), skip), dim=1))
-        return self.head(x)
-
 
 # ----------------------------------------------------------------------------- teachers
 
@@ -167,144 +132,158 @@ def soft_target(probs: Sequence[np.ndarray | None]) -> np.ndarray | None:
 
 
 @dataclass
-class DistillVolume:
-    """One training volume for distillation: normalised image, labels and teacher soft target (or None)."""
-
-    id: str
-    image: np.ndarray
-    label: np.ndarray
-    target: np.ndarray | None
-
-
-@dataclass
 class DistillState:
-    student: Student
+    """The student and everything its training needs to continue exactly.
+
+    ``schedule_steps`` is the length the learning-rate schedule is laid out over
+    (decided once, from the budget, and stored); ``best`` the best-on-validation
+    weights with their score and step (what segmentation uses).
+    """
+
+    network: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: Any
     step: int = 0
+    schedule_steps: int | None = None
+    best: dict[str, Any] | None = None
+
+
+def resolve(config: DistillConfig, device: torch.device) -> DistillConfig:
+    """Concrete student settings for ``device``: ``arch="auto"`` is the ResEnc U-Net on a GPU and the cheaper plain U-Net on a CPU."""
+    if config.arch != "auto":
+        return config
+    if device.type == "cuda":
+        return replace(config, arch="resenc")
+    return replace(config, arch="plain", width=min(config.width, 16), depth=min(config.depth, 3), patch=min(config.patch, 48))
 
 
 def init_state(config: DistillConfig, *, seed: int, device: torch.device) -> DistillState:
-    """A seeded student, AdamW and a cosine schedule over ``config.steps``."""
+    """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU)."""
+    config = resolve(config, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + 5)
-        student = Student(config.width, config.depth).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
+        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    return DistillState(student, optimizer, scheduler, scaler)
+    return DistillState(network, optimizer, scaler)
 
 
-def sample_batch(volumes: Sequence[DistillVolume], step: int, config: DistillConfig, *, seed: int) -> dict[str, torch.Tensor]:
-    """The patches of one step, drawn by the generator seeded with ``(seed, 6, step)``.
+def lr_at(step: int, *, total: int | None, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine to 0 at ``total`` (held at the peak while ``total`` is undecided)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if total is None or total <= warmup:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    Each patch is centred on a surface voxel with probability
-    ``positive_fraction`` (positive-rich), else on a random labelled voxel (label
-    2 never chosen as a centre); patches are edge-padded where they leave the volume.
 
-    Returns
-    -------
-    dict of tensors
-        ``image`` (B, 1, p, p, p) float32, ``label`` (B, 1, p, p, p) uint8,
-        ``target`` (B, 1, p, p, p) float32 and ``covered`` (B,) bool.
+def teacher_weight_at(step: int, config: DistillConfig, total: int | None) -> float:
+    """The teacher term's weight: linear from ``teacher_weight`` to ``teacher_weight_end`` over the schedule."""
+    if not total:
+        return config.teacher_weight
+    frac = min(1.0, step / total)
+    return config.teacher_weight + (config.teacher_weight_end - config.teacher_weight) * frac
+
+
+def losses(outputs: list[torch.Tensor], batch: dict[str, torch.Tensor], config: DistillConfig, *, teacher_weight: float) -> dict[str, torch.Tensor]:
+    """Every loss term over the deep-supervision outputs (label 2 masked) and their weighted ``total``."""
+    weights = deep_supervision_weights(len(outputs))
+    terms: dict[str, torch.Tensor] = {}
+    for weight, logits in zip(weights, outputs):
+        factor = batch["label"].shape[-1] // logits.shape[-1]
+        skeleton = downsample_label(batch["skeleton"], factor) if "skeleton" in batch else None
+        for name, value in label_losses(logits, downsample_label(batch["label"], factor), skeleton).items():
+            terms[name] = terms.get(name, 0.0) + weight * value
+    terms["teacher"] = teacher_loss(outputs[0], batch["target"], batch["covered"], config.temperature)
+    active = teacher_weight if bool(batch["covered"].any()) else 0.0
+    terms["total"] = config.dice_weight * terms["dice"] + config.bce_weight * terms["bce"] + config.skeleton_weight * terms.get("skeleton", 0.0) + active * terms["teacher"]
+    return terms
+
+
+def train_step(
+    state: DistillState, batch: dict[str, torch.Tensor], config: DistillConfig, *, forward: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+) -> dict[str, float]:
+    """One optimiser step at the scheduled learning rate; returns every loss term, the learning rate and the gradient norm.
+
+    ``forward`` maps the image batch to the network's outputs (default
+    ``state.network.forward_all``; a DDP-wrapped forward in data-parallel training,
+    see :mod:`nx46vx.parallel`).
     """
-    rng = np.random.default_rng([seed, 6, step])
-    p = config.patch
-    images, labels, targets, covered = [], [], [], []
-    for _ in range(config.batch):
-        vol = volumes[int(rng.integers(len(volumes)))]
-        want = 1 if rng.random() < config.positive_fraction else None
-        candidates = np.flatnonzero(vol.label.ravel() == 1) if want == 1 else np.flatnonzero(vol.label.ravel() != 2)
-        if candidates.size == 0:
-            candidates = np.arange(vol.label.size)
-        centre = np.unravel_index(int(candidates[rng.integers(candidates.size)]), vol.label.shape)
-        starts = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, s in zip(centre, vol.label.shape)]
-        box = tuple(slice(a, a + p) for a in starts)
-        pad = [(0, max(0, p - s)) for s in vol.label.shape]
-        images.append(np.pad(vol.image[box], pad, mode="edge"))
-        labels.append(np.pad(vol.label[box], pad, mode="constant", constant_values=2))
-        targets.append(np.pad(vol.target[box], pad, mode="edge") if vol.target is not None else np.zeros((p, p, p), np.float32))
-        covered.append(vol.target is not None)
-    return {
-        "image": torch.from_numpy(np.stack(images))[:, None],
-        "label": torch.from_numpy(np.stack(labels))[:, None],
-        "target": torch.from_numpy(np.stack(targets))[:, None],
-        "covered": torch.tensor(covered),
-    }
-
-
-def losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], config: DistillConfig) -> dict[str, torch.Tensor]:
-    """``label`` term (BCE where label ≠ 2), ``teacher`` term (tempered BCE to the soft target) and ``total``."""
-    label = batch["label"]
-    known = (label != 2).float()
-    label_bce = F.binary_cross_entropy_with_logits(logits, (label == 1).float(), reduction="none")
-    label_term = (label_bce * known).sum() / known.sum().clamp_min(1.0)
-    temp = config.temperature
-    covered = batch["covered"].float()[:, None, None, None, None].expand_as(logits)
-    target = batch["target"].clamp(_EPS, 1 - _EPS)
-    soft = torch.sigmoid(torch.logit(target) / temp)
-    teacher_bce = F.binary_cross_entropy_with_logits(logits / temp, soft, reduction="none") * temp * temp
-    teacher_term = (teacher_bce * covered).sum() / covered.sum().clamp_min(1.0)
-    lam = config.label_weight
-    teacher_weight = (1 - lam) if bool(batch["covered"].any()) else 0.0
-    return {"total": lam * label_term + teacher_weight * teacher_term, "label": label_term, "teacher": teacher_term}
-
-
-def train_step(state: DistillState, batch: dict[str, torch.Tensor], config: DistillConfig) -> dict[str, float]:
-    """One optimiser step; returns the loss terms, the learning rate used and the gradient norm."""
-    device = next(state.student.parameters()).device
+    forward = forward or state.network.forward_all
+    device = next(state.network.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    state.student.train()
+    lr = lr_at(state.step, total=state.schedule_steps, warmup=config.warmup_steps, base=config.lr)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    teacher_weight = teacher_weight_at(state.step, config, state.schedule_steps)
+    state.network.train()
     state.optimizer.zero_grad(set_to_none=True)
-    lr = state.optimizer.param_groups[0]["lr"]
     if state.scaler is not None:
         with torch.autocast(device_type="cuda", dtype=torch.float16):
-            logits = state.student(batch["image"])
-        terms = losses(logits.float(), batch, config)
+            outputs = forward(batch["image"])
+        terms = losses([o.float() for o in outputs], batch, config, teacher_weight=teacher_weight)
         state.scaler.scale(terms["total"]).backward()
         state.scaler.unscale_(state.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.student.parameters(), 10.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), 12.0)
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
-        terms = losses(state.student(batch["image"]), batch, config)
+        terms = losses(forward(batch["image"]), batch, config, teacher_weight=teacher_weight)
         terms["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.student.parameters(), 10.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), 12.0)
         state.optimizer.step()
-    state.scheduler.step()
     state.step += 1
-    return {k: float(terms[k].detach()) for k in ("total", "label", "teacher")} | {"lr": float(lr), "grad_norm": float(grad_norm)}
+    out = {k: float(v.detach()) for k, v in terms.items() if isinstance(v, torch.Tensor)}
+    out["label"] = out["dice"] + out["bce"]
+    return out | {"lr": float(lr), "teacher_weight": float(teacher_weight), "grad_norm": float(grad_norm)}
 
 
-def student_network(state: DistillState) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The student in eval mode as a window → logits function for :func:`nx46vx.segment.sliding_window`."""
-    state.student.eval()
-    return state.student
+def keep_if_best(state: DistillState, score: float) -> bool:
+    """Remember the current weights when ``score`` beats the best so far; True when it did."""
+    if state.best is not None and score <= state.best["score"]:
+        return False
+    state.best = {"score": float(score), "step": state.step, "weights": {k: v.detach().cpu().clone() for k, v in state.network.state_dict().items()}}
+    return True
+
+
+def student_network(state: DistillState) -> nn.Module:
+    """The student for inference (eval mode): the best-on-validation weights when there are some, else the current ones."""
+    if state.best is None:
+        state.network.eval()
+        return state.network
+    best = copy.deepcopy(state.network)
+    best.load_state_dict(state.best["weights"])
+    return best.eval()
 
 
 def state_dict(state: DistillState) -> dict[str, Any]:
     return {
-        "student": {k: v.detach().cpu().clone() for k, v in state.student.state_dict().items()},
+        "student": {k: v.detach().cpu().clone() for k, v in state.network.state_dict().items()},
         "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "step": state.step,
+        "schedule_steps": state.schedule_steps,
+        "best": state.best,
     }
 
 
 def load_state_dict(state: DistillState, saved: dict[str, Any]) -> None:
-    state.student.load_state_dict(saved["student"])
+    state.network.load_state_dict(saved["student"])
     state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved["scaler"] is not None:
         state.scaler.load_state_dict(saved["scaler"])
     state.step = int(saved["step"])
+    state.schedule_steps = None if saved["schedule_steps"] is None else int(saved["schedule_steps"])
+    state.best = saved["best"]
 
 
 def student_digest(state: DistillState) -> bytes:
-    """Bytes of every student parameter (for the run's model digest)."""
-    return b"".join(v.detach().cpu().numpy().tobytes() for v in state.student.state_dict().values())
+    """Bytes of the student's current and best weights (for the run's model digest)."""
+    current = state.network.state_dict()
+    best = state.best["weights"] if state.best else {}
+    # the network's key order for both: a restored checkpoint's dicts come back in sorted key order
+    return b"".join(v.detach().cpu().numpy().tobytes() for v in current.values()) + b"".join(best[k].numpy().tobytes() for k in current if k in best)
 
 
 def agreement(state: DistillState, probe: dict[str, torch.Tensor]) -> float | None:
@@ -312,25 +291,25 @@ def agreement(state: DistillState, probe: dict[str, torch.Tensor]) -> float | No
     covered = probe["covered"]
     if not bool(covered.any()):
         return None
-    device = next(state.student.parameters()).device
-    state.student.eval()
+    device = next(state.network.parameters()).device
+    state.network.eval()
     with torch.no_grad():
-        student = torch.sigmoid(state.student(probe["image"][covered].to(device)).float()).cpu()
+        student = torch.sigmoid(state.network(probe["image"][covered].to(device)).float()).cpu()
     return float(((student >= 0.5) == (probe["target"][covered] >= 0.5)).float().mean())
 
 
 __all__ = [
     "DistillState",
-    "DistillVolume",
-    "Student",
     "Teacher",
     "agreement",
     "init_state",
+    "keep_if_best",
     "load_state_dict",
     "load_teacher",
     "losses",
+    "lr_at",
     "normalised",
-    "sample_batch",
+    "resolve",
     "soft_target",
     "state_dict",
     "student_digest",

@@ -75,6 +75,8 @@ class Governor:
         self.clock = clock
         self.started = clock()
         self.per_volume_s = budget.reserve_per_volume_s
+        self.n_val = 0  # validation volumes the segmenter choice runs every source on
+        self._measured = False
         self.phase_elapsed: dict[str, float] = {}
         self.previous_elapsed: dict[str, float] = {}
         self._phase: str | None = None
@@ -95,8 +97,12 @@ class Governor:
         return self.budget.total_s - self.elapsed()
 
     def reserve(self) -> float:
-        """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share)."""
-        reserve = self.per_volume_s * max(1, self.n_test) * self.budget.reserve_safety
+        """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share).
+
+        Per volume cost × (test volumes + twice the validation volumes: every source runs
+        on them, then the post-processing is tuned on them) × ``reserve_safety``.
+        """
+        reserve = self.per_volume_s * (max(1, self.n_test) + 2 * self.n_val) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
 
     def account(self, point: str) -> None:
@@ -131,9 +137,12 @@ class Governor:
         return self.elapsed() >= self.phase_deadline(phase)
 
     def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int) -> None:
-        """Size the reserve from a measured feature/inference cost."""
+        """Size the reserve from a measured feature/inference cost: the first measurement replaces the configured
+        guess, later ones only raise it (the dearest segmenter sets what segmentation may need)."""
         if test_voxels > 0 and seconds_per_voxel > 0:
-            self.per_volume_s = max(seconds_per_voxel * test_voxels / max(1, self.n_test), 0.05)
+            cost = max(seconds_per_voxel * test_voxels / max(1, self.n_test), 0.05)
+            self.per_volume_s = max(self.per_volume_s, cost) if self._measured else cost
+            self._measured = True
 
     def training_deadline(self) -> float:
         """Session seconds after which training must stop (infinite when unlimited)."""

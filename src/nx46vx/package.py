@@ -23,7 +23,7 @@ from .errors import SubmissionError
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    """A (z, y, x) {0,1} mask as multi-page LZW TIFF bytes."""
+    """A (z, y, x) uint8 volume (a {0, 1} mask, or a uint8 probability map) as multi-page LZW TIFF bytes."""
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.ascontiguousarray(mask, dtype=np.uint8), photometric="minisblack", compression="lzw")
     return buffer.getvalue()

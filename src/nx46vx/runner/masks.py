@@ -31,6 +31,12 @@ def write_mask(folder: Path, vol_id: str, mask: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_probability(folder: Path, vol_id: str, prob: np.ndarray) -> None:
+    """Write a (z, y, x) probability map as a uint8 LZW TIFF (``round(255·p)``), for blending with other notebooks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(folder / f"{vol_id}.tif", encode_mask(np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)))
+
+
 def mask_intact(path: Path, sha256: str) -> bool:
     """True when ``path`` exists and its bytes have the recorded SHA-256."""
     try:

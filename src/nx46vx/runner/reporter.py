@@ -45,9 +45,15 @@ class Reporter:
         self._shown = 0.0
 
     def cursor(self) -> dict[str, int]:
-        """The search's ``(epoch, candidate, iter)`` cursor (zeros before a search exists)."""
+        """The search's ``(epoch, candidate, iter)`` cursor: live, else as resumed, else zeros."""
         search = self.state.search if self.state is not None else None
-        return search.cursor() if search is not None else dict(ZERO_CURSOR)
+        if search is not None:
+            return search.cursor()
+        saved = next((p.state_dict() for p in self.ctx.phases if p.name == "search"), None)
+        if not saved:
+            return dict(ZERO_CURSOR)
+        fista = saved.get("fista")
+        return {"epoch": int(saved["epoch"]), "candidate": int(saved["batch_start"]), "iter": int(fista["iter"]) if fista else 0}
 
     def count_volume(self, shape: Sequence[int]) -> None:
         """A volume was decoded (for ``GLOBAL_STATS.json``)."""

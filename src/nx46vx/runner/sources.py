@@ -62,5 +62,6 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
     if state.student is not None and state.student.step > 0:
         network = distill.student_network(state.student)
         seg = ctx.config.segment
-        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=ctx.config.distill.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device)
+        patch = distill.resolve(ctx.config.distill, ctx.distill_device).patch
+        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device)
     return out

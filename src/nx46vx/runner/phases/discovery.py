@@ -105,6 +105,7 @@ class DiscoveryPhase:
             state.shapes[test.id] = shape
             state.test_voxels += int(np.prod(shape))
         ctx.governor.n_test = len(found.test)
+        ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
         self.data_key = digest(sorted(manifest))
         ctx.event("DATASET_DISCOVERY", self.name, {

@@ -15,13 +15,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+import torch
+
 from ... import distill
 from ...atomic import load_arrays_checked, save_arrays_checked
 from ...config import RunConfig
 from ...discovery import TrainPair
-from ...segment import normalised
+from ...metric import score_volume
+from ...patches import TrainVolume, foreground_sample, make_batch
+from ...segment import PostParams, normalised, postprocess, sliding_window
 from ...volumes import read_pair
 from ..sources import search_probability, validation_probabilities, validation_volumes
+from ..training_data import Prefetcher, VolumeCache
 from .base import digest, plain
 
 if TYPE_CHECKING:
@@ -40,16 +45,21 @@ class DistillationPhase:
         self.done = False
         self.student: distill.DistillState | None = None
         self.teacher_key = ""
+        self.network: dict[str, Any] = {}
+        self._test_voxels = 0  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
-        settings = {k: v for k, v in dataclasses.asdict(config.distill).items() if k not in ("checkpoint_every", "device")}
-        return plain(dict(settings, seed=config.seed))
+        from ...features import resolve_device
+
+        resolved = distill.resolve(config.distill, resolve_device(config.distill.device))  # a CPU student is not a GPU one
+        settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("checkpoint_every", "device", "workers")}
+        return plain(dict(settings, seed=config.seed, device_kind=resolve_device(config.distill.device).type))
 
     def state_dict(self) -> dict[str, Any] | None:
         if self.student is None:
             return self._saved
-        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done}
+        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done, "network": self.network}
 
     def load_state_dict(self, saved: dict[str, Any] | None) -> None:
         self._saved = saved
@@ -68,6 +78,7 @@ class DistillationPhase:
                 student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
                 distill.load_state_dict(student, self._saved["student"])
                 self.student, state.student, self.teacher_key = student, student, str(self._saved["teacher_key"])
+                self.network = dict(self._saved["network"])
                 ctx.progress.set(self.name, 1.0)
                 end.update(kept=True, steps=student.step)
                 return
@@ -79,7 +90,7 @@ class DistillationPhase:
 
     def _teachers(self, ctx: "RunContext", state: "RunState") -> list[distill.Teacher]:
         """Load every listed teacher (``DISTILLATION_TEACHER_LOAD_*``); any failure stops the run."""
-        cfg = ctx.config.distill
+        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
         search = state.search
         ensemble = search_probability(ctx, search, cfg.ensemble_k) if search is not None else None
         ensemble_digest = hashlib.sha256(search.top_models(cfg.ensemble_k)["thetas"].numpy().tobytes()).hexdigest() if search else ""
@@ -97,13 +108,13 @@ class DistillationPhase:
             ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": True, "sha256": teacher.sha256, "seconds": round(ctx.governor.clock() - t0, 4)})
         return teachers
 
-    def _teacher_targets(self, ctx: "RunContext", state: "RunState", teachers: list[distill.Teacher], pairs: Sequence[TrainPair]) -> tuple[list[distill.DistillVolume], dict[str, float]]:
-        """Read the distillation volumes and their soft targets (teacher outputs cached per volume and teacher)."""
+    def _teacher_targets(self, ctx: "RunContext", state: "RunState", teachers: list[distill.Teacher], pairs: Sequence[TrainPair]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Teachers' mean map per volume of a bounded subset (cached per volume and teacher): never every training volume."""
         cache = ctx.output / "cache" / "teachers"
         cache.mkdir(parents=True, exist_ok=True)
-        volumes, covered = [], {t.spec: 0 for t in teachers}
-        for pair in pairs:
-            image, label = read_pair(pair.image, pair.label)
+        targets, covered = {}, {t.spec: 0 for t in teachers}
+        for pair in pairs if teachers else []:
+            image = None
             probs = []
             for teacher in teachers:
                 path = cache / f"{state.volume_keys[pair.id][:24]}-{teacher.sha256[:16]}.npz"
@@ -113,6 +124,7 @@ class DistillationPhase:
                 except Exception as exc:  # a corrupt cache entry is recomputed, never used
                     log.warning("teacher cache %s is corrupt (%s); recomputing", path, exc)
                 if prob is None:
+                    image = read_pair(pair.image, pair.label)[0] if image is None else image
                     prob = teacher.predict(pair.id, image)
                     if prob is not None:
                         stored = prob.astype(np.float16)
@@ -123,14 +135,15 @@ class DistillationPhase:
                         prob = stored.astype(np.float32)  # what a later cache hit returns
                 covered[teacher.spec] += prob is not None
                 probs.append(prob)
-            volumes.append(distill.DistillVolume(pair.id, normalised(image), label, distill.soft_target(probs)))
+            target = distill.soft_target(probs)
+            if target is not None:
+                targets[pair.id] = target
         coverage = {spec: 100.0 * n / max(1, len(pairs)) for spec, n in covered.items()}
-        return volumes, coverage
+        return targets, coverage
 
     def _student(self, ctx: "RunContext", teachers: list[distill.Teacher]) -> distill.DistillState:
         """A fresh student, or the saved one when it learnt from these same teachers."""
-        cfg = ctx.config.distill
-        student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
+        student = distill.init_state(ctx.config.distill, seed=ctx.config.seed, device=ctx.distill_device)
         key = digest([t.sha256 for t in teachers])
         if self._saved is not None:
             if self._saved["teacher_key"] == key:
@@ -138,60 +151,134 @@ class DistillationPhase:
             else:
                 ctx.event("DISTILLATION_RESET", self.name, {"reason": "the teachers changed since the saved student", "saved_step": int(self._saved["student"]["step"])})
         self.teacher_key, self.student = key, student
+        self.network = plain(dataclasses.asdict(distill.resolve(ctx.config.distill, ctx.distill_device)))
         return student
 
     def _train(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
-        cfg = ctx.config.distill
-        ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "steps": cfg.steps, "device": str(ctx.distill_device)})
+        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
+        ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
+                                                   "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device)})
         teachers = self._teachers(ctx, state)
-        volumes, coverage = self._teacher_targets(ctx, state, teachers, state.train_pairs[: cfg.max_volumes])
-        val = state.val_pairs[: ctx.config.segment.validation_volumes]
-        val_volumes = validation_volumes(ctx, state)
+        order = np.random.default_rng([ctx.config.seed, 12]).permutation(len(state.train_pairs))
+        subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
+        targets, coverage = self._teacher_targets(ctx, state, teachers, subset)
+        volumes = VolumeCache(state.train_pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
+                              capacity=cfg.cache_volumes, targets=targets, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
+        val = validation_volumes(ctx, state)
         state.teacher_val_probs = {}
         for teacher in teachers:
             probs, _ = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True)
             state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
         student = state.student = self._student(ctx, teachers)
-        val_dvols = [
-            distill.DistillVolume(p.id, normalised(img), lab, distill.soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers]))
-            for i, (p, (img, lab)) in enumerate(zip(val, val_volumes))
-        ]
-        probe = distill.sample_batch(val_dvols, 0, dataclasses.replace(cfg, batch=8), seed=ctx.config.seed + 1) if val_dvols else None
+        probe = self._probe(ctx, state, val, teachers, cfg)
         before = distill.agreement(student, probe) if probe is not None else None
-        stopped = self._steps(ctx, state, student, volumes)
+        self._test_voxels = state.test_voxels
+        stopped = self._steps(ctx, state, student, volumes, val[: cfg.val_volumes], cfg)
         if student.step == 0 and stopped is None:
-            raise distill.DistillationNotExecuted("no optimiser step ran", expected=f"{cfg.steps} steps", found="0 steps", hint="set distill.steps > 0 or distill.enabled = false")
+            raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
         after = distill.agreement(student, probe) if probe is not None else None
-        ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "stopped": stopped, "teacher_coverage_percent": coverage, "agreement_before": before, "agreement_after": after})
+        best = student.best or {}
+        ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage,
+                                                 "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads})
         return {"steps": student.step}
 
-    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: list[distill.DistillVolume]) -> str | None:
-        """Optimiser steps until ``distill.steps`` or the governor's stop; returns the stop reason (None when finished)."""
-        cfg = ctx.config.distill
+    def _probe(self, ctx: "RunContext", state: "RunState", val: list[tuple[np.ndarray, np.ndarray]], teachers: list[distill.Teacher], cfg: Any) -> dict[str, torch.Tensor] | None:
+        """Seeded validation patches with the teachers' targets, to measure student–teacher agreement."""
+        probes = []
+        for i, (image, label) in enumerate(val):
+            target = distill.soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
+            probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target))
+        if not probes:
+            return None
+        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + 1, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction, augmentations=())
+
+    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[tuple[np.ndarray, np.ndarray]], *, started: float, steps_here: int) -> None:
+        """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
+
+        After the warm-up, the measured seconds per step and per validation (one is run
+        now to measure it) give the steps that fit the phase's time left, with 10 % spare.
+        """
+        governor = ctx.governor
+        if cfg.steps > 0 or governor.remaining() == float("inf"):
+            student.schedule_steps = cfg.steps or cfg.max_steps
+            ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "distill.steps" if cfg.steps else "distill.max_steps (no budget)"})
+            return
+        if student.step < cfg.warmup_steps or steps_here < 2:
+            return
+        per_step = (governor.clock() - started) / steps_here
+        t0 = governor.clock()
+        if val:
+            self._validate(ctx, student, val, cfg)
+        per_step += (governor.clock() - t0) / cfg.val_every
+        left = governor.phase_time_left(self.name)
+        student.schedule_steps = student.step + max(1, int(0.9 * left / max(per_step, 1e-9)))
+        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6), "time_left_s": round(left, 3)})
+
+    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[tuple[np.ndarray, np.ndarray]], cfg: Any) -> str | None:
+        """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
+        governor = ctx.governor
+        make = lambda step: make_batch(volumes, len(volumes), step, seed=ctx.config.seed, batch=cfg.batch, patch=cfg.patch,  # noqa: E731
+                                       positive_fraction=cfg.positive_fraction, augmentations=cfg.augment, skeleton=cfg.skeleton_weight > 0)
+        batches = Prefetcher(make, workers=cfg.workers)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
-        stopped = None
-        while student.step < cfg.steps:
-            if ctx.governor.phase_should_stop(self.name):
-                stopped = ctx.governor.stop_reason or "phase_share"
-                ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **ctx.governor.state()})
-                state.unfinished.append(self.name)
-                ctx.checkpointer.write("pretimeout_flush")
-                break
-            batch = distill.sample_batch(volumes, student.step, cfg, seed=ctx.config.seed)
-            ctx.event("DISTILLATION_BATCH_BEGIN", self.name, {"step": student.step + 1, "patches": int(batch["image"].shape[0]), "covered": int(batch["covered"].sum())})
-            terms = distill.train_step(student, batch, cfg)
-            state.advanced.add(self.name)
-            ctx.event("DISTILLATION_LOSS_STEP", self.name, {"step": student.step, "total": terms["total"], "label": terms["label"], "teacher": terms["teacher"]})
-            ctx.event("DISTILLATION_STUDENT_UPDATE", self.name, {"step": student.step, "lr": terms["lr"], "grad_norm": terms["grad_norm"]})
-            ctx.event("DISTILLATION_BATCH_END", self.name, {"step": student.step})
-            bar.update(1)
-            ctx.progress.set(self.name, student.step / max(1, cfg.steps))
-            self.done = student.step >= cfg.steps
-            if student.step % cfg.checkpoint_every == 0 or self.done:
-                ctx.checkpointer.write("distillation_milestone")
-                ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
-            ctx.reporter.report()
-        bar.close()
+        bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
+        stopped, started, steps_here = None, governor.clock(), 0
+        try:
+            while student.schedule_steps is None or student.step < student.schedule_steps:
+                if student.schedule_steps is None:
+                    self._schedule(ctx, student, cfg, val, started=started, steps_here=steps_here)
+                    bar.total = student.schedule_steps
+                    if student.schedule_steps is not None and student.step >= student.schedule_steps:
+                        break
+                per_step = (governor.clock() - started) / steps_here if steps_here else 0.0
+                if governor.phase_should_stop(self.name) or governor.elapsed() + per_step > governor.phase_deadline(self.name):
+                    stopped = governor.stop_reason or "phase_share"
+                    ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
+                    state.unfinished.append(self.name)
+                    ctx.checkpointer.write("pretimeout_flush")
+                    break
+                self._one_step(ctx, state, student, batches.get(student.step), cfg)
+                steps_here += 1
+                bar.update(1)
+                finished = student.schedule_steps is not None and student.step >= student.schedule_steps
+                if val and (student.step % cfg.val_every == 0 or finished):
+                    self._validate(ctx, student, val, cfg)
+                self.done = finished
+                if student.step % cfg.checkpoint_every == 0 or finished:
+                    ctx.checkpointer.write("distillation_milestone")
+                    ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
+                ctx.reporter.report()
+        finally:
+            batches.close()
+            bar.close()
         return stopped
+
+    def _one_step(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, batch: dict[str, torch.Tensor], cfg: Any) -> None:
+        ctx.event("DISTILLATION_BATCH_BEGIN", self.name, {"step": student.step + 1, "patches": int(batch["image"].shape[0]), "covered": int(batch["covered"].sum())})
+        terms = distill.train_step(student, batch, cfg)
+        state.advanced.add(self.name)
+        losses = {k: terms[k] for k in ("total", "label", "dice", "bce", "teacher", "skeleton") if k in terms}
+        ctx.event("DISTILLATION_LOSS_STEP", self.name, {"step": student.step, **losses, "teacher_weight": terms["teacher_weight"]})
+        ctx.event("DISTILLATION_STUDENT_UPDATE", self.name, {"step": student.step, "lr": terms["lr"], "grad_norm": terms["grad_norm"]})
+        ctx.event("DISTILLATION_BATCH_END", self.name, {"step": student.step})
+        ctx.progress.set(self.name, student.step / max(1, student.schedule_steps or cfg.max_steps))
+
+    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[tuple[np.ndarray, np.ndarray]], cfg: Any) -> None:
+        """Score the current weights by the competition metric on the validation volumes; keep them when best.
+
+        The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter).
+        """
+        seg, governor = ctx.config.segment, ctx.governor
+        network = student.network.eval()
+        params = PostParams(high=0.5, low=0.5, min_component=seg.min_component_voxels, fill_holes=False)
+        scores = []
+        t0 = governor.clock()
+        for image, label in val:
+            prob = sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device)
+            scores.append(score_volume(postprocess(prob, params, seg)[0], label).score)
+        governor.account("distill_validation")
+        governor.measured_volume_cost((governor.clock() - t0) / max(1, sum(image.size for image, _ in val)), self._test_voxels)
+        score = float(np.mean(scores))
+        improved = distill.keep_if_best(student, score)
+        ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"]})

@@ -65,8 +65,6 @@ class FeaturesPhase:
             if not needed:
                 end.update(skipped="the search already finished" if state.trainable else "fewer than two training volumes")
                 ctx.progress.set(self.name, 1.0)
-                if self.chosen is not None:
-                    self._decide(ctx, state, [], [], 0.0, True)
                 return
             end.update(self._pools(ctx, state))
         self.done = True
@@ -136,13 +134,11 @@ class FeaturesPhase:
         return {"cache_hits": cache.hits, "attached_hits": cache.attached_hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt, "computed": cache.misses, "load_s": load_s, "features_s": seconds}
 
     def _decide(self, ctx: "RunContext", state: "RunState", chosen: list[str], skipped: list[str], predicted_s: float, replay: bool) -> None:
-        """Fix the subset (first time) or confirm the replayed one; the training split follows it."""
+        """Fix the subset (first time) or confirm the replayed one: the search trains on these pools (the student on every volume)."""
         if not replay:
             self.chosen, self.skipped = sorted(chosen), sorted(skipped)
             if skipped:
                 ctx.event("FEATURES_SUBSET", self.name, {"chosen": self.chosen, "skipped": self.skipped, "predicted_skipped_s": round(predicted_s, 3), "deadline_s": round(ctx.governor.phase_deadline(self.name), 3)})
         elif self.skipped:
             ctx.event("FEATURES_SUBSET", self.name, {"chosen": self.chosen, "skipped": self.skipped, "replayed": True})
-        keep = set(self.chosen or [])
-        state.train_pairs = [p for p in state.train_pairs if p.id in keep]
-        state.val_pairs = [p for p in state.val_pairs if p.id in keep]
+        state.feature_ids = list(self.chosen or [])

@@ -46,8 +46,8 @@ class SearchPhase:
                 ctx.progress.set(self.name, 1.0)  # nothing to train
                 self.done = True
                 return
-            train = [state.pools[p.id] for p in state.train_pairs] if not self.done else []
-            val = [state.pools[p.id] for p in state.val_pairs] if not self.done else []
+            train = [state.pools[p.id] for p in state.train_pairs if p.id in state.pools]  # the feature subset
+            val = [state.pools[p.id] for p in state.val_pairs if p.id in state.pools]
             search = CandidateSearch(ctx.config.search, train, val, seed=ctx.config.seed, device=ctx.device)
             if self._saved is not None:
                 search.load_state_dict(self._saved)

@@ -22,7 +22,7 @@ from ...metric import score_volume
 from ...segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
 from ...telemetry import mask_stats
 from ...volumes import read_volume, sampled_sha256
-from ..masks import mask_intact, write_mask
+from ..masks import mask_intact, write_mask, write_probability
 from ..sources import Source, probability_sources, validation_probabilities, validation_volumes
 from .base import digest, plain
 
@@ -177,6 +177,8 @@ class SegmentationPhase:
             ctx.reporter.count_volume(volume.shape)
             mask, prob, info = segment(volume)
             sha = write_mask(folder, test.id, mask)
+            if prob is not None and ctx.config.segment.export_probabilities:
+                write_probability(ctx.output / "probabilities", test.id, prob)
             governor.account("segment_volume")
             self.masks[test.id] = {"sha": sha, "image": image_key, "segmenter": chosen}
             state.masks[test.id] = path

@@ -1,0 +1,97 @@
+"""Use a trained student outside a run: ``nx46vx.predict(volume or path, model=OUTPUT_OR_CHECKPOINT)``.
+
+The checkpoint holds the student's best weights and its settings (JSON + safetensors,
+nothing executed), and the segmentation phase's post-processing parameters when the
+student was the chosen segmenter; otherwise the default parameters cut the map.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import DistillConfig, SegmentConfig
+from .errors import CheckpointError
+from .features import resolve_device
+from .segment import STUDENT, PostParams, postprocess, sliding_window
+from .student import build_network
+from .volumes import read_volume
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """``probability`` float32 (z, y, x) in [0, 1] and ``mask`` uint8 (z, y, x) in {0, 1}."""
+
+    probability: np.ndarray
+    mask: np.ndarray
+
+
+def _checkpoint(model: str | os.PathLike[str]) -> Path:
+    """The newest committed checkpoint of an output folder (or ``model`` itself when it is one)."""
+    path = Path(model)
+    if (path / ckpt.MANIFEST).is_file():
+        return path
+    committed = [p for p in ckpt.list_checkpoints(path / "checkpoints") if ckpt.is_committed(p)]
+    if not committed:
+        raise CheckpointError("no committed checkpoint", path=path, expected="an output folder with checkpoints/ckpt-*, or a checkpoint folder", found="none")
+    return committed[-1]
+
+
+def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name: f for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def predict(
+    volume: np.ndarray | str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str],
+    device: str = "auto",
+    flip_tta: bool = False,
+    overlap: float = 0.5,
+) -> Prediction:
+    """Probability map and mask of one volume by the student of a run.
+
+    Parameters
+    ----------
+    volume : ndarray uint8 (z, y, x), or path of a TIFF
+    model : path
+        A run's output folder (its newest committed checkpoint) or a checkpoint folder.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, …
+    flip_tta : bool
+        Average over the 8 axis flips.
+    overlap : float
+        Sliding-window overlap.
+
+    Raises
+    ------
+    CheckpointError
+        No committed checkpoint, or one without a trained student.
+    """
+    folder = _checkpoint(model)
+    ckpt.check_integrity(folder)
+    saved = ckpt.load_payload(folder, "distillation")
+    if not saved or not saved.get("network"):
+        raise CheckpointError("checkpoint holds no trained student", path=folder, expected="a distillation payload with a student", found="none")
+    config: DistillConfig = _from_dict(DistillConfig, saved["network"])
+    student = saved["student"]
+    weights = student["best"]["weights"] if student.get("best") else student["student"]
+    network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks)
+    network.load_state_dict(weights)
+    target = resolve_device(device)
+    network = network.to(target).eval()
+    image = read_volume(volume) if not isinstance(volume, np.ndarray) else volume
+    with torch.inference_mode():
+        prob = sliding_window(image, network, patch=config.patch, overlap=overlap, flip_tta=flip_tta, device=target)
+    segmentation = ckpt.load_payload(folder, "segmentation") or {}
+    choice = segmentation.get("choice") or {}
+    params = PostParams(**choice["params"]) if choice.get("chosen") == STUDENT and choice.get("params") else PostParams()
+    mask, _ = postprocess(prob, params, SegmentConfig())
+    return Prediction(prob, mask.astype(np.uint8))

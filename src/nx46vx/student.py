@@ -1,0 +1,178 @@
+"""The student networks and their loss: a residual-encoder 3-D U-Net (nnU-Net ResEnc style) and the small plain U-Net.
+
+:class:`ResEncUNet` — stages of residual blocks (conv-IN-LeakyReLU-conv-IN + skip)
+in the encoder, strided-convolution downsampling, transposed-convolution
+upsampling, one conv block per decoder stage, deep-supervision heads at the upper
+decoder levels. ``forward`` returns the full-resolution logits (what sliding-window
+inference needs); :meth:`ResEncUNet.forward_all` also returns the coarser heads.
+
+:func:`segmentation_loss` — Dice + BCE on the labels with label 2 masked out of
+both, per patch and then averaged (so a batch split across data-parallel workers
+gives the same gradient), an optional skeleton-recall term for thin surfaces, and
+the tempered teacher term with its own weight.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-4
+
+
+def _norm_act(channels: int) -> list[nn.Module]:
+    return [nn.InstanceNorm3d(channels, affine=True), nn.LeakyReLU(0.01, inplace=True)]
+
+
+class ResidualBlock(nn.Module):
+    """``conv3-IN-LReLU-conv3-IN`` plus a (strided 1×1 when shapes differ) skip, then LReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), *_norm_act(c_out),
+            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), nn.InstanceNorm3d(c_out, affine=True),
+        )
+        self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride=stride, bias=False), nn.InstanceNorm3d(c_out, affine=True))
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), *_norm_act(c_out), nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), *_norm_act(c_out))
+
+
+class ResEncUNet(nn.Module):
+    """Residual-encoder 3-D U-Net; (B, 1, p, p, p) → logits (B, 1, p, p, p).
+
+    Parameters
+    ----------
+    width : int
+        Channels of the first stage; stage ``i`` has ``min(width·2^i, 320)``.
+    depth : int
+        Downsamplings (stages − 1); the patch must be a multiple of ``2**depth``.
+    blocks : sequence of int
+        Residual blocks per encoder stage (``depth + 1`` entries; a shorter one repeats its last).
+    deep_supervision : int
+        Extra heads at the next-coarser decoder levels (0 = none).
+    """
+
+    def __init__(self, width: int = 16, depth: int = 3, blocks: Sequence[int] = (1, 2, 2, 2), *, deep_supervision: int = 2) -> None:
+        super().__init__()
+        chans = [min(width * 2**i, 320) for i in range(depth + 1)]
+        per_stage = [blocks[min(i, len(blocks) - 1)] for i in range(depth + 1)]
+        self.stem = nn.Sequential(nn.Conv3d(1, chans[0], 3, padding=1, bias=False), *_norm_act(chans[0]))
+        self.encoder = nn.ModuleList()
+        for i, n in enumerate(per_stage):
+            first = ResidualBlock(chans[max(0, i - 1)], chans[i], stride=1 if i == 0 else 2)
+            self.encoder.append(nn.Sequential(first, *[ResidualBlock(chans[i], chans[i]) for _ in range(n - 1)]))
+        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
+        self.decoder = nn.ModuleList([_conv_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
+        self.heads = nn.ModuleList([nn.Conv3d(chans[i - 1], 1, 1) for i in range(depth, 0, -1)])
+        self.deep_supervision = min(deep_supervision, depth - 1)
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits at full resolution, then at each deep-supervision level (half, quarter, …)."""
+        skips = []
+        x = self.stem(x)
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        outputs = []
+        for level, (up, block, head, skip) in enumerate(zip(self.up, self.decoder, self.heads, reversed(skips[:-1]))):
+            x = block(torch.cat((up(x), skip), dim=1))
+            if len(self.up) - 1 - level <= self.deep_supervision:
+                outputs.append(head(x))
+        return outputs[::-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+
+class PlainUNet(nn.Module):
+    """Plain 3-D U-Net (two conv-IN-LeakyReLU per stage, max-pooling): cheaper where there is no GPU; (B, 1, p, p, p) → logits."""
+
+    def __init__(self, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_conv_block(1, chans[0])] + [_conv_block(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
+        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
+        self.merge = nn.ModuleList([_conv_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
+        self.head = nn.Conv3d(chans[0], 1, 1)
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The full-resolution logits only (no deep supervision)."""
+        return [self.forward(x)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool3d(x, 2))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat((up(x), skip), dim=1))
+        return self.head(x)
+
+
+def build_network(arch: str, *, width: int, depth: int, blocks: Sequence[int]) -> nn.Module:
+    """``resenc`` → :class:`ResEncUNet`, ``plain`` → :class:`PlainUNet`."""
+    if arch == "plain":
+        return PlainUNet(width, depth)
+    return ResEncUNet(width, depth, blocks)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _per_patch_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over each patch's voxels, then over patches: (B, 1, …) → scalar."""
+    dims = tuple(range(1, values.ndim))
+    return ((values * weights).sum(dims) / weights.sum(dims).clamp_min(1.0)).mean()
+
+
+def label_losses(logits: torch.Tensor, label: torch.Tensor, skeleton: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``dice``, ``bce`` (and ``skeleton`` recall when given) of one output against labels, label 2 masked out of all.
+
+    Parameters
+    ----------
+    logits : Tensor (B, 1, z, y, x)
+    label : Tensor uint8 (B, 1, z, y, x), values {0, 1, 2}
+    skeleton : Tensor float (B, 1, z, y, x), optional
+        The labels' skeleton (thin-surface recall: the probability on it should be high).
+    """
+    known = (label != 2).float()
+    target = (label == 1).float()
+    bce = _per_patch_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), known)
+    prob = torch.sigmoid(logits) * known
+    dims = tuple(range(1, logits.ndim))
+    dice = (2 * (prob * target).sum(dims) + 1.0) / (prob.sum(dims) + (target * known).sum(dims) + 1.0)
+    out = {"dice": 1.0 - dice.mean(), "bce": bce}
+    if skeleton is not None:
+        skel = skeleton * known
+        recall = ((prob * skel).sum(dims) + 1.0) / (skel.sum(dims) + 1.0)
+        out["skeleton"] = 1.0 - recall.mean()
+    return out
+
+
+def teacher_loss(logits: torch.Tensor, target: torch.Tensor, covered: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Tempered BCE to the teachers' soft target ``T²·BCE(σ(z/T), σ(logit(p)/T))`` over the covered patches (0 when none)."""
+    soft = torch.sigmoid(torch.logit(target.clamp(_EPS, 1 - _EPS)) / temperature)
+    per_voxel = F.binary_cross_entropy_with_logits(logits / temperature, soft, reduction="none") * temperature**2
+    weights = covered.float()[:, None, None, None, None].expand_as(logits)
+    return _per_patch_mean(per_voxel, weights) * weights.shape[0] / weights[:, 0, 0, 0, 0].sum().clamp_min(1.0)
+
+
+def downsample_label(label: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour labels for a deep-supervision head ``factor`` times coarser."""
+    return label[..., ::factor, ::factor, ::factor] if factor > 1 else label
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights 1, ½, ¼, … normalised to sum to 1."""
+    raw = [0.5**i for i in range(n)]
+    return [w / sum(raw) for w in raw]
