@@ -89,3 +89,36 @@ def test_run_installs_a_log_handler_only_when_nothing_would_show(monkeypatch: py
     assert "nx46vx" in capsys.readouterr().err
     assert install_log_handler() is None  # one is enough
     logger.removeHandler(handler)
+
+
+def test_checkpoint_links_the_files_of_finished_phases(tmp_path: Path) -> None:
+    """A finished phase is not serialised again: its files are hard links to the previous checkpoint's, checksums intact."""
+    from nx46vx import checkpoint as ckpt
+    from nx46vx.journal import Journal
+    from nx46vx.runner.context import RunContext
+    from nx46vx.runner.state import RunState
+    from nx46vx.config import RunConfig
+
+    class Done:
+        name, done = "frozen", True
+        calls = 0
+
+        def signature(self, config):  # noqa: ANN001, ANN201
+            return {}
+
+        def state_dict(self):  # noqa: ANN201
+            Done.calls += 1
+            return {"weights": torch.arange(1000, dtype=torch.float32)}
+
+    class Live(Done):
+        name, done = "live", False
+
+    ctx = RunContext(RunConfig(), output=tmp_path, input_roots=None, resume="never", phases=[Done(), Live()])
+    ctx.reporter.state = RunState()
+    ctx.journal = Journal(tmp_path / "journal.jsonl", run_id="t")
+    first, second = ctx.checkpointer.write("a"), ctx.checkpointer.write("b")
+    assert Done.calls == 3  # frozen once, live twice
+    assert (first / "frozen.safetensors").stat().st_ino == (second / "frozen.safetensors").stat().st_ino
+    assert (first / "live.safetensors").stat().st_ino != (second / "live.safetensors").stat().st_ino
+    assert ckpt.is_committed(second) and torch.equal(ckpt.load_payload(second, "frozen")["weights"], torch.arange(1000, dtype=torch.float32))
+    ctx.close()

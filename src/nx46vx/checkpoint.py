@@ -51,7 +51,15 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str, bytes], manifest: dict[str, Any], *, keep_last: int) -> Path:
+def write_checkpoint(
+    folder: str | os.PathLike[str],
+    seq: int,
+    payload: dict[str, bytes],
+    manifest: dict[str, Any],
+    *,
+    keep_last: int,
+    linked: dict[str, tuple[Path, str]] | None = None,
+) -> Path:
     """Write ``checkpoints/ckpt-<seq>`` atomically and point ``LATEST`` at it.
 
     Parameters
@@ -64,6 +72,10 @@ def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str
         Fields of the manifest; ``sha512`` and ``format`` are added here.
     keep_last : int
         Older committed checkpoints beyond this many are deleted (never the only valid one).
+    linked : dict name → (path, sha512), optional
+        Payload files unchanged since a committed checkpoint: hard-linked from it (copied
+        where links are not possible) instead of serialised again. Committed files are
+        never modified, so sharing them is safe, and pruning the old folder keeps them.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +86,12 @@ def write_checkpoint(folder: str | os.PathLike[str], seq: int, payload: dict[str
         for name, data in payload.items():
             _write_synced(tmp / name, data)
             digests[name] = hashlib.sha512(data).hexdigest()
+        for name, (source, digest) in (linked or {}).items():
+            try:
+                os.link(source, tmp / name)
+            except OSError:
+                shutil.copyfile(source, tmp / name)
+            digests[name] = digest
         full = dict(manifest, sha512=digests, format=FORMAT, seq=seq)
         _write_synced(tmp / MANIFEST, dumps(full, indent=True))
         fsync_dir(tmp)

@@ -83,6 +83,7 @@ class Checkpointer:
         self.resumed: Resumed | None = None
         self.resumed_rate: float | None = None
         self._git_sha = git_sha()
+        self._frozen: dict[str, tuple[Path, dict[str, str]]] = {}  # a done phase's files in a committed checkpoint
 
     def signatures(self) -> dict[str, dict[str, Any]]:
         """Each phase's signature under the current configuration."""
@@ -100,10 +101,7 @@ class Checkpointer:
         cursor = ctx.reporter.cursor()
         search = ctx.reporter.state.search if ctx.reporter.state is not None else None
         self.seq = max(self.seq, self._next_seq())
-        payload: dict[str, bytes] = {}
-        for phase in ctx.phases:
-            payload.update(ckpt.payload_files(phase.name, phase.state_dict()))
-        payload.update(ckpt.payload_files(RUN_PAYLOAD, {"rng": rng_states(), "elapsed": ctx.governor.cumulative_seconds(), "run_id": ctx.run_id}))
+        payload, linked = self._payload()
         signatures = self.signatures()
         manifest = {
             "ts_ns": time.time_ns(),
@@ -131,7 +129,8 @@ class Checkpointer:
             "global_progress": ctx.progress.global_progress(),
             "reason": reason,
         }
-        path = ckpt.write_checkpoint(self.folder, self.seq, payload, manifest, keep_last=ctx.config.checkpoint.keep_last)
+        path = ckpt.write_checkpoint(self.folder, self.seq, payload, manifest, keep_last=ctx.config.checkpoint.keep_last, linked=linked)
+        self._remember_done(path)
         self.merkle_prev = root
         seconds = time.perf_counter() - t0
         ctx.io_seconds += seconds
@@ -139,6 +138,31 @@ class Checkpointer:
         journal.record("TRAIN_CURSOR", "checkpoint", dict(cursor, progress=search.progress() if search else 0.0))
         journal.sync()
         return path
+
+    def _payload(self) -> tuple[dict[str, bytes], dict[str, tuple[Path, str]]]:
+        """Every phase's files: serialised now, or — for a finished phase already in a committed checkpoint — linked from it.
+
+        A finished phase's state no longer changes, so a checkpoint per test volume does
+        not rewrite the student, its optimiser and the search each time.
+        """
+        payload: dict[str, bytes] = {}
+        linked: dict[str, tuple[Path, str]] = {}
+        for phase in self.ctx.phases:
+            frozen = self._frozen.get(phase.name) if phase.done else None
+            if frozen is not None and all((frozen[0] / name).is_file() for name in frozen[1]):
+                linked.update({name: (frozen[0] / name, digest) for name, digest in frozen[1].items()})
+            else:
+                self._frozen.pop(phase.name, None)
+                payload.update(ckpt.payload_files(phase.name, phase.state_dict()))
+        payload.update(ckpt.payload_files(RUN_PAYLOAD, {"rng": rng_states(), "elapsed": self.ctx.governor.cumulative_seconds(), "run_id": self.ctx.run_id}))
+        return payload, linked
+
+    def _remember_done(self, path: Path) -> None:
+        """Note where the files of phases that are done now live (the newest checkpoint: older ones get pruned), with their digests."""
+        digests = ckpt.read_manifest(path)["sha512"]
+        for phase in self.ctx.phases:
+            if phase.done:
+                self._frozen[phase.name] = (path, {n: digests[n] for n in (f"{phase.name}.json", f"{phase.name}.safetensors")})
 
     def _session_rate(self) -> float | None:
         """Candidate-iterations per second of search in this session (None before any)."""

@@ -149,6 +149,7 @@ class DistillationPhase:
             if self._saved["teacher_key"] == key:
                 distill.load_state_dict(student, self._saved["student"])
             else:
+                self.done = False
                 ctx.event("DISTILLATION_RESET", self.name, {"reason": "the teachers changed since the saved student", "saved_step": int(self._saved["student"]["step"])})
         self.teacher_key, self.student = key, student
         self.network = plain(dataclasses.asdict(distill.resolve(ctx.config.distill, ctx.distill_device)))
