@@ -338,6 +338,18 @@ def test_only_segment_changed_keeps_all_training(reference: dict, demo_data: Pat
     assert "RESUME_PARTIAL" not in names and names.count("VOLUME_SEGMENTED") == 0 and "VALIDATION_REPORT" not in names
     assert again.model_digest == result.model_digest
     assert all(np.array_equal(a, b) for a, b in zip(_masks(again.submission).values(), _masks(result.submission).values()))
+    # new test volumes (the scoring rerun's hidden set): only they are segmented, with the kept choice, and recorded
+    extra = tmp_path / "data"
+    shutil.copytree(demo_data, extra)
+    first = sorted((extra / "test_images").glob("*.tif"))[0]
+    for new_id in ("998", "999"):
+        shutil.copy(first, extra / "test_images" / f"{new_id}.tif")
+    (extra / "test.csv").write_text((extra / "test.csv").read_text() + "998,1\n999,1\n")
+    nx46vx.run([extra], output=out, profile="demo", overrides=FAST + ["segment.min_component_voxels=8"])
+    segmented = [e["data"]["id"] for e in _events(out / "journal.jsonl") if e["event"] == "VOLUME_SEGMENTED"]
+    assert sorted(segmented) == ["998", "999"] and {"998.tif", "999.tif"} <= set(_masks(out / "submission.zip"))
+    nx46vx.run([extra], output=out, profile="demo", overrides=FAST + ["segment.min_component_voxels=8"])
+    assert "VOLUME_SEGMENTED" not in [e["event"] for e in _events(out / "journal.jsonl")]  # its mask was checkpointed
 
 
 def test_attached_output_lends_its_feature_cache(reference: dict, demo_data: Path, tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ class SegmentationPhase:
             self.done, self.choice, self.masks, self.switched_at = bool(saved["done"]), saved["choice"], dict(saved["masks"]), saved["switched_at"]
 
     def run(self, ctx: "RunContext", state: "RunState") -> None:
+        self.done = False  # a kept choice may still get new test volumes: its state changes until the end
         with ctx.phase(self.name) as end:
             sources = probability_sources(ctx, state)
             if self.choice is not None and state.advanced & {"search", "distillation"}:
