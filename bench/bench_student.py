@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("WHICH", "TASK", "DEVICE"))
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.size, args.steps)))
+        which, task, device = args.one
+        print(json.dumps(one(which, task, args.size, device, args.steps)))
         return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"student, old vs new; inference on one {args.size}³ volume; torch threads {torch.get_num_threads()}")
