@@ -165,6 +165,12 @@ def load_payload(ckpt: str | os.PathLike[str], name: str) -> Any:
     return unpack(plain, arrays)
 
 
+def latest_committed(folder: str | os.PathLike[str]) -> Path | None:
+    """The newest committed ``ckpt-*`` under ``folder`` (None when there is none)."""
+    committed = [p for p in list_checkpoints(folder) if is_committed(p)]
+    return committed[-1] if committed else None
+
+
 def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     """``ckpt-*`` folders under ``folder``, oldest first (temporary ones excluded)."""
     folder = Path(folder)

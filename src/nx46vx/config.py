@@ -121,7 +121,7 @@ class DistillConfig:
     teacher_weight_end: float = 0.0
     temperature: float = 2.0
     positive_fraction: float = 0.5
-    augment: tuple[str, ...] = ("flip", "rot90", "affine", "intensity", "noise", "blur", "lowres")
+    augment: tuple[str, ...] = AUGMENTATIONS
     cache_volumes: int = 16
     foreground_samples: int = 20000
     teacher_volumes: int = 8

@@ -37,10 +37,10 @@ def _checkpoint(model: str | os.PathLike[str]) -> Path:
     path = Path(model)
     if (path / ckpt.MANIFEST).is_file():
         return path
-    committed = [p for p in ckpt.list_checkpoints(path / "checkpoints") if ckpt.is_committed(p)]
-    if not committed:
+    latest = ckpt.latest_committed(path / "checkpoints")
+    if latest is None:
         raise CheckpointError("no committed checkpoint", path=path, expected="an output folder with checkpoints/ckpt-*, or a checkpoint folder", found="none")
-    return committed[-1]
+    return latest
 
 
 def _from_dict(cls: type, values: dict[str, Any]) -> Any:

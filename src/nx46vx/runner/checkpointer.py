@@ -212,10 +212,10 @@ class Checkpointer:
             except CheckpointError as exc:
                 ctx.event("CHECKPOINT_CORRUPT", "resume", {"checkpoint": str(found.path), "error": str(exc)})
                 continue
-            stored = manifest.get("config_signature", {}) if manifest.get("format") == ckpt.FORMAT else {}
             if manifest.get("format") != ckpt.FORMAT:
                 ctx.event("RESUME_INCOMPATIBLE", "resume", {"checkpoint": str(found.path), "field": "format", "expected": ckpt.FORMAT, "found": manifest.get("format")})
                 continue
+            stored = manifest.get("config_signature", {})
             first = next((i for i, n in enumerate(names) if stored.get(n) != current[n]), len(names))
             changes = {f"{n}.{k}": v for n in names[first:] for k, v in ckpt.signature_changes(stored.get(n), current[n]).items()}
             if first == 0:

@@ -161,6 +161,16 @@ class RunContext:
             self.journal.record(event, phase, data)
         self._pending.clear()
 
+    def admit_cache(self, path: Path, nbytes: int, phase: str) -> bool:
+        """Whether a cache file of ``nbytes`` may be written under the output quota; a refusal is journaled (``OUTPUT_QUOTA``).
+
+        Main thread only (the journal is not thread-safe): background loaders ask ``quota.allow`` directly.
+        """
+        if self.quota.allow(nbytes):
+            return True
+        self.event("OUTPUT_QUOTA", phase, {"refused": str(path), "bytes": int(nbytes), "used_bytes": self.quota.used, "quota_bytes": self.quota.limit})
+        return False
+
     # ------------------------------------------------------------------ phases
 
     @contextlib.contextmanager

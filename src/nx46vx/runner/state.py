@@ -38,7 +38,7 @@ class RunState:
     test_voxels : int
         Voxels of every test volume together (sizes the segmentation reserve).
     pools : dict id → Pool
-        Labelled voxels with features, of the volumes the features phase chose (``feature_ids``; the search trains on them).
+        Labelled voxels with features, of the volumes the features phase chose (the search trains on them).
     search : CandidateSearch or None
     student : DistillState or None
     baseline_masks : dict id → Path
@@ -60,7 +60,6 @@ class RunState:
     volume_keys: dict[str, str] = field(default_factory=dict)
     test_voxels: int = 0
     pools: "dict[str, Pool]" = field(default_factory=dict)
-    feature_ids: list[str] = field(default_factory=list)
     search: "CandidateSearch | None" = None
     student: "DistillState | None" = None
     teacher_val_probs: dict[str, "list[np.ndarray] | None"] = field(default_factory=dict)

@@ -23,7 +23,7 @@ from ...config import RunConfig
 from ...discovery import TrainPair
 from ...metric import score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
-from ...segment import PostParams, normalised, postprocess, sliding_window
+from ...segment import normalised, postprocess, postprocess_grid, sliding_window
 from ...volumes import read_pair
 from ..sources import search_probability, validation_probabilities, validation_volumes
 from ..training_data import Prefetcher, VolumeCache
@@ -128,10 +128,8 @@ class DistillationPhase:
                     prob = teacher.predict(pair.id, image)
                     if prob is not None:
                         stored = prob.astype(np.float16)
-                        if ctx.quota.allow(stored.nbytes):
+                        if ctx.admit_cache(path, stored.nbytes, self.name):
                             save_arrays_checked(path, {"prob": stored})
-                        else:
-                            ctx.event("OUTPUT_QUOTA", self.name, {"refused": str(path), "bytes": int(stored.nbytes), "used_bytes": ctx.quota.used, "quota_bytes": ctx.quota.limit})
                         prob = stored.astype(np.float32)  # what a later cache hit returns
                 covered[teacher.spec] += prob is not None
                 probs.append(prob)
@@ -272,7 +270,7 @@ class DistillationPhase:
         """
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
-        params = PostParams(high=0.5, low=0.5, min_component=seg.min_component_voxels, fill_holes=False)
+        params = next(iter(postprocess_grid(seg)))  # the plain 0.5 threshold: the grid's first point
         scores = []
         t0 = governor.clock()
         for image, label in val:

@@ -70,16 +70,10 @@ class FeaturesPhase:
         self.done = True
         ctx.checkpointer.write("features_done")
 
-    def _admit(self, ctx: "RunContext", path: Path, nbytes: int) -> bool:
-        if ctx.quota.allow(nbytes):
-            return True
-        ctx.event("OUTPUT_QUOTA", self.name, {"refused": str(path), "bytes": nbytes, "used_bytes": ctx.quota.used, "quota_bytes": ctx.quota.limit})
-        return False
-
     def _pools(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
         config, governor = ctx.config, ctx.governor
         roots = [Path(p) for p in state.discovery.input_roots]
-        cache = FeatureCache(ctx.output / "cache" / "features", attached=attached_caches(roots), admit=lambda path, n: self._admit(ctx, path, n))
+        cache = FeatureCache(ctx.output / "cache" / "features", attached=attached_caches(roots), admit=lambda path, n: ctx.admit_cache(path, n, self.name))
         order = self.order(state, config.seed)
         replay = self.chosen is not None
         wanted = set(self.chosen) if replay else None
@@ -127,13 +121,13 @@ class FeaturesPhase:
             ctx.progress.set(self.name, (len(chosen) + len(skipped)) / len(order))
             ctx.event("FEATURES_READY", self.name, {"id": pair.id, "cache_hit": source != "computed", "source": source, "pool": int(pool.labels.size), "class_counts": pool.class_counts.tolist(), "seconds": round(cost, 4)})
             ctx.reporter.report()
-        self._decide(ctx, state, chosen, skipped, predicted_total, replay)
+        self._decide(ctx, chosen, skipped, predicted_total, replay)
         ctx.io_seconds += load_s
         if voxels_done:
             governor.measured_volume_cost(seconds / voxels_done, state.test_voxels)
         return {"cache_hits": cache.hits, "attached_hits": cache.attached_hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt, "computed": cache.misses, "load_s": load_s, "features_s": seconds}
 
-    def _decide(self, ctx: "RunContext", state: "RunState", chosen: list[str], skipped: list[str], predicted_s: float, replay: bool) -> None:
+    def _decide(self, ctx: "RunContext", chosen: list[str], skipped: list[str], predicted_s: float, replay: bool) -> None:
         """Fix the subset (first time) or confirm the replayed one: the search trains on these pools (the student on every volume)."""
         if not replay:
             self.chosen, self.skipped = sorted(chosen), sorted(skipped)
@@ -141,4 +135,3 @@ class FeaturesPhase:
                 ctx.event("FEATURES_SUBSET", self.name, {"chosen": self.chosen, "skipped": self.skipped, "predicted_skipped_s": round(predicted_s, 3), "deadline_s": round(ctx.governor.phase_deadline(self.name), 3)})
         elif self.skipped:
             ctx.event("FEATURES_SUBSET", self.name, {"chosen": self.chosen, "skipped": self.skipped, "replayed": True})
-        state.feature_ids = list(self.chosen or [])

@@ -139,13 +139,13 @@ class PackagingPhase:
 def publish(ctx: "RunContext") -> None:
     """Upload the latest committed checkpoint as a Kaggle Model when configured; journal why not otherwise."""
     handle = ctx.config.publish.model_handle
-    committed = [p for p in ckpt.list_checkpoints(ctx.output / "checkpoints") if ckpt.is_committed(p)]
+    latest = ckpt.latest_committed(ctx.output / "checkpoints")
     reason = None
     if not handle:
         reason = "publish.model_handle is not set"
     elif ctx.config.profile == "kaggle-submit":
         reason = "never under kaggle-submit"
-    elif not committed:
+    elif latest is None:
         reason = "no committed checkpoint"
     else:
         try:
@@ -156,8 +156,8 @@ def publish(ctx: "RunContext") -> None:
         ctx.event("PUBLISH_SKIPPED", "packaging", {"reason": reason, "model_handle": handle})
         return
     try:
-        kagglehub.model_upload(handle, str(committed[-1]), version_notes=ctx.config.publish.version_notes)
+        kagglehub.model_upload(handle, str(latest), version_notes=ctx.config.publish.version_notes)
     except Exception as exc:  # an upload failure must never cost the submission
         ctx.event("PUBLISH_SKIPPED", "packaging", {"reason": f"upload failed: {type(exc).__name__}: {exc}", "model_handle": handle})
         return
-    ctx.event("PUBLISH_OK", "packaging", {"model_handle": handle, "checkpoint": str(committed[-1])})
+    ctx.event("PUBLISH_OK", "packaging", {"model_handle": handle, "checkpoint": str(latest)})
