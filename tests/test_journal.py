@@ -3,12 +3,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
 from nx46vx.cli import main
 from nx46vx.errors import JournalError
-from nx46vx.journal import ZERO_HASH, ChainLink, Journal, last_link, merkle_root, verify
+from nx46vx.journal import ZERO_HASH, ChainLink, Journal, dumps, last_link, merkle_root, verify
 
 
 def _reference_mth(leaves: list[bytes]) -> bytes:
@@ -143,3 +144,8 @@ def test_each_event_reaches_the_os_before_return(tmp_path: Path) -> None:
     # read through a separate handle while the writer is still open (no flush, no close)
     assert (tmp_path / "j.jsonl").read_bytes().count(b"\n") == 2
     j.close()
+
+
+def test_non_string_keys_serialise_like_string_keys() -> None:
+    # the fast path refuses them; the fallback must give the same canonical bytes
+    assert dumps({"b": {2: "x", "1": [np.float32(0.5)]}, "a": 1}) == b'{"a":1,"b":{"1":[0.5],"2":"x"}}'

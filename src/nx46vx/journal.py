@@ -39,7 +39,10 @@ log = logging.getLogger("nx46vx")
 ZERO_HASH = "0" * 64
 BODY_KEYS = ("data", "event", "phase", "prev", "run_id", "seq", "ts_ns")
 _HASH_SUFFIX_LEN = len(',"hash":""}') + 64
-_ORJSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_ORJSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+# Non-string keys (ints in per-class counts, ...) are rare; allowing them costs orjson about as much as the rest of
+# the serialisation, so it is the fallback, not the default. Both give the same bytes for string keys.
+_ORJSON_OPTS_ANY_KEYS = _ORJSON_OPTS | orjson.OPT_NON_STR_KEYS
 
 
 def _default(obj: Any) -> Any:
@@ -54,54 +57,75 @@ def _default(obj: Any) -> Any:
 
 def dumps(obj: Any, *, indent: bool = False) -> bytes:
     """Canonical JSON bytes: sorted keys, UTF-8, no spaces (the journal's serialisation) unless ``indent``."""
-    return orjson.dumps(obj, option=_ORJSON_OPTS | (orjson.OPT_INDENT_2 if indent else 0), default=_default)
+    indent_opt = orjson.OPT_INDENT_2 if indent else 0
+    try:
+        return orjson.dumps(obj, option=_ORJSON_OPTS | indent_opt, default=_default)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(obj, option=_ORJSON_OPTS_ANY_KEYS | indent_opt, default=_default)
+
+
+# Hash states after the domain-separation byte; ``copy()`` of one is cheaper than hashing a concatenation.
+_LEAF_STATE = hashlib.sha256(b"\x00")
+_NODE_STATE = hashlib.sha256(b"\x01")
 
 
 def leaf_hash(body: bytes) -> bytes:
     """RFC 6962 leaf hash ``SHA-256(0x00 || body)``."""
-    return hashlib.sha256(b"\x00" + body).digest()
+    state = _LEAF_STATE.copy()
+    state.update(body)
+    return state.digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
     """RFC 6962 interior node hash ``SHA-256(0x01 || left || right)``."""
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    state = _NODE_STATE.copy()
+    state.update(left)
+    state.update(right)
+    return state.digest()
+
+
+def _chain_digest(prev: bytes, body: bytes) -> bytes:
+    state = _LEAF_STATE.copy()
+    state.update(prev)
+    state.update(body)
+    return state.digest()
 
 
 def chain_hash(prev_hex: str, body: bytes) -> str:
     """The record hash ``SHA-256(0x00 || bytes.fromhex(prev) || body)`` as hex."""
-    return hashlib.sha256(b"\x00" + bytes.fromhex(prev_hex) + body).hexdigest()
+    return _chain_digest(bytes.fromhex(prev_hex), body).hex()
 
 
 class MerkleAccumulator:
     """Incremental RFC 6962 Merkle Tree Hash.
 
-    Keeps the roots of the perfect subtrees that make up the leaves so far (one per
-    set bit of the leaf count, largest first), so appending is O(log n) and the
-    root of the current size is a right fold over those peaks: for n leaves the
-    RFC 6962 split point is the largest power of two below n, which is exactly the
-    first peak.
+    Keeps the roots of the perfect subtrees that make up the leaves so far: one per
+    set bit of the leaf count, largest first. Appending is a binary increment (each
+    trailing 1 bit of the count merges two subtrees), and the root of the current
+    size is a right fold over those peaks: for n leaves the RFC 6962 split point is
+    the largest power of two below n, which is exactly the first peak.
     """
 
     def __init__(self) -> None:
-        self._peaks: list[tuple[int, bytes]] = []  # (subtree size, hash), sizes decreasing
+        self._peaks: list[bytes] = []  # subtree hashes, sizes the set bits of ``size``, largest first
         self.size = 0
 
     def append(self, body: bytes) -> None:
         """Add one leaf (a record body)."""
-        size, digest = 1, leaf_hash(body)
-        while self._peaks and self._peaks[-1][0] == size:
-            left_size, left = self._peaks.pop()
-            digest = node_hash(left, digest)
-            size += left_size
-        self._peaks.append((size, digest))
+        digest = leaf_hash(body)
+        carry = self.size
+        while carry & 1:
+            digest = node_hash(self._peaks.pop(), digest)
+            carry >>= 1
+        self._peaks.append(digest)
         self.size += 1
 
     def root(self) -> str:
         """Hex Merkle Tree Hash of all leaves so far (SHA-256 of the empty string for none)."""
         if not self._peaks:
             return hashlib.sha256(b"").hexdigest()
-        digest = self._peaks[-1][1]
-        for _, left in reversed(self._peaks[:-1]):
+        digest = self._peaks[-1]
+        for left in reversed(self._peaks[:-1]):
             digest = node_hash(left, digest)
         return digest.hex()
 
@@ -140,6 +164,7 @@ class Journal:
         self.path = Path(path)
         self.run_id = run_id
         self.prev = link.prev
+        self._prev_raw = bytes.fromhex(link.prev)
         self.seq = link.seq
         self.first_seq = link.seq
         self._merkle = MerkleAccumulator()
@@ -180,14 +205,16 @@ class Journal:
                 "ts_ns": time.time_ns(),
             }
         )
-        digest = chain_hash(self.prev, body)
-        line = body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n'
-        view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        raw = _chain_digest(self._prev_raw, body)
+        digest = raw.hex()
+        line = b"".join((body[:-1], b',"hash":"', digest.encode("ascii"), b'"}\n'))
+        written = os.write(self._fd, line)
+        if written < len(line):  # a short write (full disk, signal): finish it or raise
+            view = memoryview(line)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
         self._merkle.append(body)
-        self.prev = digest
+        self.prev, self._prev_raw = digest, raw
         self.seq += 1
         self.events += 1
         self.write_seconds += time.perf_counter() - start
