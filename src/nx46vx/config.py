@@ -9,12 +9,14 @@ command line, keyword arguments of :func:`nx46vx.run`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
@@ -385,50 +387,169 @@ def load_config(
     return config
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting (or of each value of a list setting); ``None`` = unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def holds_all(self, values: tuple[float, ...]) -> bool:
+        return all(self.holds(v) for v in values)
+
+    def describe(self) -> str:
+        def text(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {text(self.low)}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {text(self.high)}"
+        return " and ".join(part for part in (low, high) if part) or "a number"
+
+
+def _r(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Range:
+    return Range(low, high, low_open, high_open)
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = _r(0, low_open=True), _r(0), _r(1), _r(0, 1)
+SIGMA = _r(0, 32, low_open=True)
+# Every numeric setting (and every value of a numeric list) has a range here; tests/test_inputs.py checks that
+# none is missing, so a new setting cannot skip validation.
+RANGES: dict[str, Range] = {
+    "seed": _r(0, 2**63 - 1),
+    "data.val_fraction": _r(0, 1, low_open=True, high_open=True),
+    "data.min_val_volumes": NON_NEGATIVE,
+    "data.max_train_volumes": NON_NEGATIVE,
+    "features.smooth_sigma": SIGMA,
+    "features.entropy_window": _r(1, 63),
+    "features.proj_half_window": _r(0, 64),
+    "features.laplace_sigma": SIGMA,
+    "features.bandpass_sigmas": SIGMA,
+    "features.hessian_sigma": SIGMA,
+    "features.chunk_z": _r(8, 4096),
+    "features.pool_per_class": _r(1, 10**8),
+    "search.meta_neurons": _r(1, 1024),
+    "search.l1": _r(0, 100),
+    "search.l2": _r(0, 100),
+    "search.max_iter": _r(1, 10**6),
+    "search.max_epochs": _r(1, 10**5),
+    "search.patience": _r(1, 10**5),
+    "search.min_delta": _r(0, 1),
+    "search.samples_per_class": _r(1, 10**9),
+    "search.val_samples_per_class": _r(1, 10**9),
+    "search.max_meta_neurons": _r(1, 1024),
+    "search.block_rows": _r(1, 2**26),
+    "search.batch_candidates": NON_NEGATIVE,
+    "search.fbeta": _r(0, 100, low_open=True),
+    "search.init_scale": _r(0, 10),
+    "distill.ensemble_k": _r(1, 1000),
+    "distill.width": _r(1, 1024),
+    "distill.depth": _r(1, 8),
+    "distill.blocks": _r(1, 64),
+    "distill.patch": _r(2, 1024),
+    "distill.batch": _r(1, 4096),
+    "distill.steps": NON_NEGATIVE,
+    "distill.max_steps": AT_LEAST_ONE,
+    "distill.warmup_steps": AT_LEAST_ONE,
+    "distill.lr": _r(0, 10, low_open=True),
+    "distill.weight_decay": _r(0, 10),
+    "distill.dice_weight": NON_NEGATIVE,
+    "distill.bce_weight": NON_NEGATIVE,
+    "distill.skeleton_weight": NON_NEGATIVE,
+    "distill.teacher_weight": NON_NEGATIVE,
+    "distill.teacher_weight_end": NON_NEGATIVE,
+    "distill.temperature": _r(0, 100, low_open=True),
+    "distill.positive_fraction": FRACTION,
+    "distill.cache_volumes": _r(1, 10**6),
+    "distill.foreground_samples": _r(1, 10**9),
+    "distill.teacher_volumes": NON_NEGATIVE,
+    "distill.val_every": AT_LEAST_ONE,
+    "distill.val_volumes": NON_NEGATIVE,
+    "distill.workers": _r(0, 256),
+    "distill.checkpoint_every": AT_LEAST_ONE,
+    "segment.baseline_sigma": _r(0, 32),
+    "segment.min_component_voxels": NON_NEGATIVE,
+    "segment.overlap": _r(0, 1, high_open=True),
+    "segment.min_ratio": FRACTION,
+    "segment.fallback_percent": _r(0, 100, low_open=True),
+    "segment.validation_volumes": NON_NEGATIVE,
+    "budget.total_s": NON_NEGATIVE,
+    "budget.margin_s": NON_NEGATIVE,
+    "budget.reserve_per_volume_s": NON_NEGATIVE,
+    "budget.reserve_safety": _r(1, 100),
+    "budget.features_share": FRACTION,
+    "budget.search_share": FRACTION,
+    "budget.feature_s_per_mvoxel": POSITIVE,
+    "checkpoint.every_iters": AT_LEAST_ONE,
+    "checkpoint.keep_last": AT_LEAST_ONE,
+    "output.quota_gb": POSITIVE,
+    "progress.interval_s": _r(5, 15),
+    "progress.health_every": AT_LEAST_ONE,
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:<index> or mps"
+# Settings whose text is checked against a fixed set of values or a pattern: key → (check, what is allowed).
+CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "features.device": (lambda v: bool(_DEVICE.match(v)), DEVICE_CHOICES),
+    "search.device": (lambda v: bool(_DEVICE.match(v)), DEVICE_CHOICES),
+    "distill.device": (lambda v: bool(_DEVICE.match(v)), DEVICE_CHOICES),
+    "search.kernel": (lambda v: v in {"auto", "native", "torch"}, "auto, native or torch"),
+    "distill.arch": (lambda v: v in {"auto", "resenc", "plain"}, "auto, resenc or plain"),
+    "segment.method": (lambda v: v in {"auto", "baseline", "search", "ensemble", "student"}, "auto, baseline, search, ensemble or student"),
+    "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),
+    "distill.teachers": (
+        lambda v: v == "ensemble" or (v.partition(":")[0] in {"torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
+        "ensemble, torchscript:<path>, tiff:<dir> or python:<module>:<callable>",
+    ),
+}
+FREE_TEXT = {"profile", "publish.model_handle", "publish.version_notes"}
+
+
+def settings(config: RunConfig) -> dict[str, Any]:
+    """Every setting as ``{"section.key": value}`` (top-level ones by their name)."""
+    out: dict[str, Any] = {}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if is_dataclass(value):
+            out.update({f"{item.name}.{sub.name}": getattr(value, sub.name) for sub in fields(value)})
+        else:
+            out[item.name] = value
+    return out
+
+
+def _check_value(key: str, value: Any) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    if key in RANGES:
+        allowed = RANGES[key]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numeric or not allowed.holds_all(values):
+            raise ConfigError(f"invalid setting {key}", expected=allowed.describe() + (" for every value" if isinstance(value, tuple) else ""), found=value)
+    elif key in CHOICES:
+        check, allowed_text = CHOICES[key]
+        if not all(isinstance(v, str) and check(v) for v in values):
+            raise ConfigError(f"invalid setting {key}", expected=allowed_text, found=value)
+
+
 def _validate(config: RunConfig) -> None:
+    """Every setting against its range or choices, then the rules that relate settings to each other."""
+    for key, value in settings(config).items():
+        _check_value(key, value)
     checks = [
-        (config.search.meta_neurons >= 1, "search.meta_neurons", ">= 1", config.search.meta_neurons),
-        (config.search.max_iter >= 1, "search.max_iter", ">= 1", config.search.max_iter),
-        (config.search.max_epochs >= 1, "search.max_epochs", ">= 1", config.search.max_epochs),
-        (bool(config.search.l1) and all(v >= 0 for v in config.search.l1), "search.l1", "one or more values >= 0", config.search.l1),
-        (bool(config.search.l2) and all(v >= 0 for v in config.search.l2), "search.l2", "one or more values >= 0", config.search.l2),
-        (config.search.samples_per_class >= 1, "search.samples_per_class", ">= 1", config.search.samples_per_class),
-        (config.search.kernel in {"auto", "native", "torch"}, "search.kernel", "auto, native or torch", config.search.kernel),
-        (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", config.data.val_fraction),
-        (config.features.chunk_z >= 8, "features.chunk_z", ">= 8", config.features.chunk_z),
+        (bool(config.search.l1), "search.l1", "one or more values", config.search.l1),
+        (bool(config.search.l2), "search.l2", "one or more values", config.search.l2),
         (len(config.features.bandpass_sigmas) == 2, "features.bandpass_sigmas", "two sigmas", config.features.bandpass_sigmas),
-        (0.0 <= config.budget.features_share <= 1.0, "budget.features_share", "in [0, 1]", config.budget.features_share),
-        (0.0 <= config.budget.search_share <= 1.0 - config.budget.features_share, "budget.search_share", "in [0, 1 - features_share]", config.budget.search_share),
-        (config.budget.feature_s_per_mvoxel > 0, "budget.feature_s_per_mvoxel", "> 0", config.budget.feature_s_per_mvoxel),
-        (config.output.quota_gb > 0, "output.quota_gb", "> 0", config.output.quota_gb),
-        (config.budget.total_s >= 0, "budget.total_s", ">= 0 (0 = unlimited)", config.budget.total_s),
-        (config.checkpoint.every_iters >= 1, "checkpoint.every_iters", ">= 1", config.checkpoint.every_iters),
-        (5.0 <= config.progress.interval_s <= 15.0, "progress.interval_s", "between 5 and 15 seconds", config.progress.interval_s),
-        (config.progress.health_every >= 1, "progress.health_every", ">= 1", config.progress.health_every),
-        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last", ">= 1", config.checkpoint.keep_last),
+        (config.features.entropy_window % 2 == 1, "features.entropy_window", "an odd window", config.features.entropy_window),
+        (config.search.max_meta_neurons >= config.search.meta_neurons, "search.max_meta_neurons", f">= search.meta_neurons = {config.search.meta_neurons}", config.search.max_meta_neurons),
+        (config.budget.search_share <= 1.0 - config.budget.features_share, "budget.search_share", "in [0, 1 - features_share]", config.budget.search_share),
+        (bool(config.distill.blocks), "distill.blocks", "one or more values", config.distill.blocks),
         (
-            config.segment.method in {"auto", "baseline", "search", "ensemble", "student"},
-            "segment.method",
-            "auto, baseline, search, ensemble or student",
-            config.segment.method,
-        ),
-        (0.0 <= config.segment.overlap < 1.0, "segment.overlap", "in [0, 1)", config.segment.overlap),
-        (config.distill.temperature > 0, "distill.temperature", "> 0", config.distill.temperature),
-        (config.distill.arch in {"auto", "resenc", "plain"}, "distill.arch", "auto, resenc or plain", config.distill.arch),
-        (config.distill.depth >= 1, "distill.depth", ">= 1", config.distill.depth),
-        (config.distill.width >= 1, "distill.width", ">= 1", config.distill.width),
-        (bool(config.distill.blocks) and all(b >= 1 for b in config.distill.blocks), "distill.blocks", "one or more values >= 1", config.distill.blocks),
-        (config.distill.batch >= 1, "distill.batch", ">= 1", config.distill.batch),
-        (config.distill.steps >= 0, "distill.steps", ">= 0 (0 = as long as the budget grants)", config.distill.steps),
-        (config.distill.max_steps >= 1, "distill.max_steps", ">= 1", config.distill.max_steps),
-        (config.distill.warmup_steps >= 1, "distill.warmup_steps", ">= 1", config.distill.warmup_steps),
-        (config.distill.val_every >= 1, "distill.val_every", ">= 1", config.distill.val_every),
-        (config.distill.workers >= 0, "distill.workers", ">= 0", config.distill.workers),
-        (config.distill.checkpoint_every >= 1, "distill.checkpoint_every", ">= 1", config.distill.checkpoint_every),
-        (0.0 <= config.distill.positive_fraction <= 1.0, "distill.positive_fraction", "in [0, 1]", config.distill.positive_fraction),
-        (set(config.distill.augment) <= set(AUGMENTATIONS), "distill.augment", f"names from {list(AUGMENTATIONS)}", config.distill.augment),
-        (
-            config.distill.patch >= 2 ** config.distill.depth and config.distill.patch % (2 ** config.distill.depth) == 0,
+            config.distill.patch % (2 ** config.distill.depth) == 0 and config.distill.patch >= 2**config.distill.depth,
             "distill.patch",
             f"a positive multiple of 2**depth = {2 ** config.distill.depth}",
             config.distill.patch,
