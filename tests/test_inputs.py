@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from nx46vx.errors import (
     VolumeShapeError,
 )
 from nx46vx.synthetic import make_competition, write_tiff
-from nx46vx.volumes import read_label, read_pair, read_volume
+from nx46vx.volumes import inspect_volume, read_label, read_pair, read_volume
+
+from .conftest import events, masks, run_args, run_cli
 
 
 def test_reads_competition_tiff(tmp_path: Path) -> None:
@@ -119,3 +122,101 @@ def test_no_competition_root(tmp_path: Path) -> None:
 def test_errors_share_the_base() -> None:
     for cls in (TestSetError, VolumeReadError, LabelValueError, DataLayoutError):
         assert issubclass(cls, Nx46Error)
+
+
+# ----------------------------------------------------------------------------- checked at discovery
+
+
+def _page_offsets(path: Path) -> list[int]:
+    with tifffile.TiffFile(path) as tif:
+        return [page.offset for page in tif.pages]
+
+
+@pytest.mark.parametrize("where", ["inside_page_data", "at_a_page_header", "inside_a_page_header", "inside_the_file_header"])
+def test_truncated_tiff_is_named_truncated(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "cut.tif"
+    write_tiff(path, np.random.default_rng(0).integers(0, 255, (10, 16, 16), dtype=np.uint8))
+    data, offsets = path.read_bytes(), _page_offsets(path)
+    cut = {"inside_page_data": len(data) - 7, "at_a_page_header": offsets[6], "inside_a_page_header": offsets[6] + 5, "inside_the_file_header": 6}[where]
+    path.write_bytes(data[:cut])
+    for check in (inspect_volume, read_volume):
+        with pytest.raises(VolumeReadError) as err:
+            check(path)
+        assert "truncated" in str(err.value) and str(path) in str(err.value)
+
+
+def test_inspect_checks_header_pages_and_label_values(tmp_path: Path) -> None:
+    good = tmp_path / "good.tif"
+    write_tiff(good, np.ones((6, 8, 9), np.uint8))
+    assert inspect_volume(good, label=True) == (6, 8, 9)
+    flat, floats, labels = tmp_path / "flat.tif", tmp_path / "float.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(flat, np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(floats, np.zeros((3, 8, 8), np.float32), photometric="minisblack")
+    write_tiff(labels, np.full((4, 8, 8), 7, np.uint8))
+    with pytest.raises(VolumeShapeError, match="not 3-D"):
+        inspect_volume(flat)
+    with pytest.raises(VolumeDtypeError, match="uint8"):
+        inspect_volume(floats)
+    with pytest.raises(LabelValueError, match=r"values \[7\]"):
+        inspect_volume(labels, label=True)
+
+
+def _damaged_copy(demo_data: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """A copy of the demo data with its first test volume cut short and one training image made 2-D."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    test_path = sorted((data / "test_images").glob("*.tif"))[0]
+    test_path.write_bytes(test_path.read_bytes()[: test_path.stat().st_size // 2])
+    train_path = sorted((data / "train_images").glob("*.tif"))[0]
+    tifffile.imwrite(train_path, np.zeros((8, 8), np.uint8))
+    return data, test_path.stem, train_path.stem
+
+
+def test_truncated_test_volume_stops_the_run_at_discovery(demo_data: Path, tmp_path: Path) -> None:
+    data, test_id, _ = _damaged_copy(demo_data, tmp_path)
+    out = tmp_path / "out"
+    proc = run_cli(*run_args(data, out))
+    assert proc.returncode != 0
+    assert f"{test_id}.tif" in proc.stderr and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "journal.jsonl").exists() and not list(out.glob("cache/features/*"))  # stopped before any work
+
+
+def test_bad_inputs_are_rejected_and_an_empty_mask_submitted_when_asked(demo_data: Path, tmp_path: Path) -> None:
+    data, test_id, train_id = _damaged_copy(demo_data, tmp_path)
+    out = tmp_path / "out"
+    proc = run_cli(*run_args(data, out, "--set", "data.on_bad_test=empty", "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rejected = {e["data"]["kind"]: e["data"] for e in events(out / "journal.jsonl") if e["event"] == "INPUT_REJECTED"}
+    assert rejected["test"]["id"] == test_id and rejected["test"]["action"] == "empty mask" and "truncated" in rejected["test"]["what"]
+    assert rejected["train"]["id"] == train_id and rejected["train"]["action"] == "skipped" and "not 3-D" in rejected["train"]["what"]
+    submitted = masks(out / "submission.zip")
+    with tifffile.TiffFile(demo_data / "test_images" / f"{test_id}.tif") as tif:
+        shape = tif.series[0].shape
+    assert submitted[f"{test_id}.tif"].shape == shape and not submitted[f"{test_id}.tif"].any()
+    assert len(submitted) == len(list((data / "test_images").glob("*.tif")))
+
+
+def test_validation_volumes_without_surface_are_excluded_and_the_choice_says_how_it_was_made(demo_data: Path, tmp_path: Path) -> None:
+    from nx46vx.config import load_config
+    from nx46vx.runner.phases.discovery import split_train_val
+
+    from .conftest import FAST
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    config = load_config("demo", overrides=FAST)
+    _, val = split_train_val(discover([data]).train, config)
+    assert len(val) == 2
+    write_tiff(val[0].label, np.full(tifffile.imread(val[0].label).shape, 2, np.uint8))  # nothing labelled
+    write_tiff(val[1].label, np.zeros(tifffile.imread(val[1].label).shape, np.uint8))  # labelled, but no surface
+    out = tmp_path / "out"
+    proc = run_cli(*run_args(data, out, "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    journal = events(out / "journal.jsonl")
+    excluded = {e["data"]["id"]: e["data"]["surface_voxels"] for e in journal if e["event"] == "VALIDATION_EXCLUDED"}
+    assert excluded == {val[0].id: 0, val[1].id: 0}
+    unavailable = [e["data"] for e in journal if e["event"] == "VALIDATION_UNAVAILABLE"]
+    assert unavailable and unavailable[0]["reason"] == "no validation volume has enough surface voxels"
+    choice = next(e["data"] for e in journal if e["event"] == "SEGMENTER_CHOICE")
+    assert choice["by"] == "preference order" and choice["validation_scores"] == {}
+    assert choice["chosen"] == unavailable[0]["order"][0]  # the documented order decides, not a 1.0 on an empty truth

@@ -34,13 +34,19 @@ class DataConfig:
 
     ``val_fraction`` of the training volumes (at least ``min_val_volumes``) are held
     out *by volume* for validation; ``max_train_volumes`` caps how many training pairs
-    are used (0 = all).
+    are used (0 = all). A validation volume with fewer than ``min_val_surface_voxels``
+    surface voxels is not used to validate (journaled). Every file's header and its first and last page are checked
+    right after discovery: a bad training pair is skipped (``INPUT_REJECTED``); a bad
+    test volume stops the run (``on_bad_test = "error"``) or gets an empty mask
+    (``"empty"``, the ``kaggle-submit`` default: a scoring rerun must still submit).
     """
 
     include_deprecated: bool = False
     val_fraction: float = 0.2
     min_val_volumes: int = 1
     max_train_volumes: int = 0
+    on_bad_test: str = "error"
+    min_val_surface_voxels: int = 64
 
 
 @dataclass(frozen=True)
@@ -426,6 +432,7 @@ RANGES: dict[str, Range] = {
     "data.val_fraction": _r(0, 1, low_open=True, high_open=True),
     "data.min_val_volumes": NON_NEGATIVE,
     "data.max_train_volumes": NON_NEGATIVE,
+    "data.min_val_surface_voxels": NON_NEGATIVE,
     "features.smooth_sigma": SIGMA,
     "features.entropy_window": _r(1, 63),
     "features.proj_half_window": _r(0, 64),
@@ -500,6 +507,7 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.device": (lambda v: bool(_DEVICE.match(v)), DEVICE_CHOICES),
     "distill.device": (lambda v: bool(_DEVICE.match(v)), DEVICE_CHOICES),
     "search.kernel": (lambda v: v in {"auto", "native", "torch"}, "auto, native or torch"),
+    "data.on_bad_test": (lambda v: v in {"error", "empty"}, "error or empty"),
     "distill.arch": (lambda v: v in {"auto", "resenc", "plain"}, "auto, resenc or plain"),
     "segment.method": (lambda v: v in {"auto", "baseline", "search", "ensemble", "student"}, "auto, baseline, search, ensemble or student"),
     "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import struct
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tifffile
@@ -19,14 +23,14 @@ def read_any(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a 3-D TIFF of any dtype, shape (z, y, x); raises VolumeReadError / VolumeShapeError."""
     path = Path(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        size = path.stat().st_size
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            truncated = _truncation(tif, size)
+            if truncated:
+                raise VolumeReadError("truncated TIFF", path=path, expected="every page inside the file", found=truncated)
             volume = tif.asarray()
-    except FileNotFoundError:
-        raise VolumeReadError("volume file not found", path=path, expected="a TIFF file", found="nothing") from None
     except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
-        raise VolumeReadError(
-            "cannot read TIFF", path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}"
-        ) from None
+        raise _read_error(path, exc) from None
     if volume.ndim != 3:
         raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {volume.shape}")
     return volume
@@ -86,6 +90,113 @@ def read_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[
     """Read and validate an (image, label) pair; both uint8 (z, y, x) of one shape."""
     image = read_volume(image_path)
     return image, read_label(label_path, image_shape=image.shape)
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs damaged structures as errors itself; the caller raises a package error naming them instead."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _truncation(tif: tifffile.TiffFile, size: int) -> str | None:
+    """What lies past the end of a file of ``size`` bytes: a page's data or the next page's header; None when nothing."""
+    last = tif.pages[-1]
+    ends = [int(o) + int(c) for page in tif.pages for o, c in zip(page.dataoffsets, page.databytecounts)]
+    if ends and max(ends) > size:
+        return f"{size} bytes, but page data reaches byte {max(ends)}"
+    fmt = tif.tiff
+    handle = tif.filehandle
+    handle.seek(last.offset)
+    (count,) = struct.unpack(fmt.tagnoformat, handle.read(fmt.tagnosize))
+    handle.seek(last.offset + fmt.tagnosize + count * fmt.tagsize)
+    raw = handle.read(fmt.offsetsize)
+    if len(raw) < fmt.offsetsize:
+        return f"{size} bytes, cut inside the header of page {len(tif.pages)}"
+    (next_page,) = struct.unpack(fmt.offsetformat, raw)
+    if next_page >= size:
+        return f"{size} bytes, but page {len(tif.pages) + 1} starts at byte {next_page}"
+    return None
+
+
+def _read_error(path: Path, exc: BaseException) -> VolumeReadError:
+    """The package error for a TIFF that could not be read (``exc`` as raised by the OS, tifffile or a codec)."""
+    if isinstance(exc, VolumeReadError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return VolumeReadError("volume file not found", path=path, expected="a TIFF file", found="nothing")
+    # a structure that ends early (an IFD cut in half, a header shorter than its fields) is a file cut short
+    cut_short = isinstance(exc, (struct.error, EOFError)) or "corrupt" in str(exc).lower()
+    what = "truncated or corrupt TIFF" if cut_short else "cannot read TIFF"
+    return VolumeReadError(what, path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}")
+
+
+def _declared_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
+    """The shape the file says it has: tifffile's shaped metadata when present, else the first series' shape."""
+    for meta in tif.shaped_metadata or ():
+        if isinstance(meta, dict) and len(meta.get("shape", ())) == 3:
+            return tuple(int(s) for s in meta["shape"])
+    return tuple(int(s) for s in tif.series[0].shape)
+
+
+def inspect_volume(path: str | os.PathLike[str], *, label: bool = False) -> tuple[int, int, int]:
+    """Check a volume TIFF in milliseconds, without decoding it whole: header, length, first and last page.
+
+    Parameters
+    ----------
+    path : path
+    label : bool
+        Also check that the decoded pages hold only the label values {0, 1, 2}.
+
+    Returns
+    -------
+    (z, y, x) : the volume's shape.
+
+    Raises
+    ------
+    VolumeReadError
+        Missing, not a TIFF, truncated (the message says "truncated"), or a page that does not decode.
+    VolumeShapeError
+        Not 3-D.
+    VolumeDtypeError
+        Not uint8.
+    LabelValueError
+        ``label`` and a checked page holds another value.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            truncated = _truncation(tif, size)
+            if truncated:
+                raise VolumeReadError("truncated TIFF", path=path, expected="every page inside the file", found=truncated)
+            shape, dtype = tuple(int(s) for s in tif.series[0].shape), tif.series[0].dtype
+            pages = [tif.pages[0].asarray(), tif.pages[-1].asarray()] if len(shape) == 3 and dtype == np.uint8 else []
+    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
+        raise _read_error(path, exc) from None
+    if len(shape) != 3:
+        raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {shape}")
+    if dtype != np.uint8:
+        raise VolumeDtypeError("volume is not uint8", path=path, expected="uint8", found=str(dtype))
+    if label:
+        bad = np.setdiff1d(np.unique(np.concatenate([p.ravel() for p in pages])), LABEL_VALUES)
+        if bad.size:
+            raise LabelValueError("label holds values outside {0, 1, 2}", path=path, expected="values in {0, 1, 2}", found=f"values {bad.tolist()} (first or last page)")
+    return shape  # type: ignore[return-value]
+
+
+def declared_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """The shape a possibly damaged TIFF says it has (for an empty mask in its place); None when unreadable."""
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            return _declared_shape(tif)
+    except Exception:  # nothing readable: the caller decides
+        return None
 
 
 def volume_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:

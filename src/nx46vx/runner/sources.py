@@ -9,26 +9,45 @@ held at a time). Costs are read from the governor's clock: they drive decisions.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .. import distill
 from ..segment import ENSEMBLE, SEARCH_MODEL, STUDENT, probability, sliding_window
-from ..volumes import read_pair
+from ..volumes import SURFACE, read_pair
 
 if TYPE_CHECKING:
     from ..search import CandidateSearch
     from .context import RunContext
     from .state import RunState
 
+log = logging.getLogger("nx46vx")
+
 Source = Callable[[np.ndarray], np.ndarray]
 
 
 def validation_volumes(ctx: "RunContext", state: "RunState") -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image, label) of the validation volumes segmentation is chosen on, read once per session."""
+    """(image, label) of the validation volumes segmentation is chosen on, read once per session.
+
+    A volume with fewer than ``data.min_val_surface_voxels`` surface voxels is left
+    out (``VALIDATION_EXCLUDED``): on a truth without surface every empty prediction
+    scores 1.0, which would rank segmenters by how little they find. The volumes kept
+    are ``state.validation_pairs``, in the same order.
+    """
     if state.validation is None:
-        state.validation = [read_pair(p.image, p.label) for p in state.val_pairs[: ctx.config.segment.validation_volumes]]
+        least = ctx.config.data.min_val_surface_voxels
+        state.validation, state.validation_pairs = [], []
+        for pair in state.val_pairs[: ctx.config.segment.validation_volumes]:
+            image, label = read_pair(pair.image, pair.label)
+            surface = int(np.count_nonzero(label == SURFACE))
+            if surface < least:
+                log.warning("validation volume %s has %d surface voxels (fewer than %d) and is not used to validate", pair.id, surface, least)
+                ctx.event("VALIDATION_EXCLUDED", "validation", {"id": pair.id, "surface_voxels": surface, "min_val_surface_voxels": least})
+                continue
+            state.validation.append((image, label))
+            state.validation_pairs.append(pair)
     return state.validation
 
 
@@ -37,7 +56,7 @@ def validation_probabilities(ctx: "RunContext", state: "RunState", name: str, pr
     cached = state.validation_probs.get(name) if keep else state.validation_probs.pop(name, None)
     if cached is None:
         volumes = validation_volumes(ctx, state)
-        pairs = state.val_pairs[: len(volumes)]
+        pairs = state.validation_pairs
         t0 = ctx.governor.clock()
         probs = [predict(p.id, image) for p, (image, _) in zip(pairs, volumes)]
         cached = (probs, (ctx.governor.clock() - t0) / max(1, sum(image.size for image, _ in volumes)))

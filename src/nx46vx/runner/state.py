@@ -45,6 +45,9 @@ class RunState:
         The intensity baseline's mask file per test volume (the first submission and the fallback).
     masks : dict id → Path
         The mask file per test volume of the submitted segmentation.
+    rejected_tests : dict id → str
+        Test volumes that failed the discovery check under ``data.on_bad_test = "empty"``
+        (their mask stays empty), with the reason.
     segmenter : str
         Name of the segmenter the submission came from.
     validation_scores : dict name → float
@@ -64,10 +67,12 @@ class RunState:
     student: "DistillState | None" = None
     teacher_val_probs: dict[str, "list[np.ndarray] | None"] = field(default_factory=dict)
     validation: "list[tuple[np.ndarray, np.ndarray]] | None" = None
+    validation_pairs: "list[TrainPair]" = field(default_factory=list)
     validation_probs: dict[str, "tuple[list[np.ndarray | None], float]"] = field(default_factory=dict)
     baseline_masks: dict[str, Path] = field(default_factory=dict)
     masks: dict[str, Path] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    rejected_tests: dict[str, str] = field(default_factory=dict)
     segmenter: str = ""
     validation_scores: dict[str, float] = field(default_factory=dict)
     unfinished: list[str] = field(default_factory=list)

@@ -9,6 +9,7 @@ phase only replaces it with something better.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -16,9 +17,9 @@ import numpy as np
 
 from ...config import RunConfig
 from ...discovery import TrainPair, discover
-from ...errors import TestSetError
+from ...errors import TestSetError, VolumeError, VolumeShapeError
 from ...segment import intensity_baseline
-from ...volumes import read_volume, sampled_sha256, volume_shape
+from ...volumes import declared_shape, inspect_volume, read_volume, sampled_sha256
 from ..masks import mask_intact, publish_submission, write_mask
 from .base import digest, plain
 
@@ -93,17 +94,12 @@ class DiscoveryPhase:
         config = ctx.config
         found = discover(ctx.input_roots, include_deprecated=config.data.include_deprecated)
         state.discovery = found
-        pairs = list(found.train)
+        self._check_tests(ctx, state)  # headers and first/last pages now, not hours later
+        pairs = self._checked_pairs(ctx, found.train)
         if config.data.max_train_volumes > 0:
             pairs = sorted(pairs, key=lambda p: p.id)[: config.data.max_train_volumes]
         state.train_pairs, state.val_pairs = split_train_val(pairs, config)
         state.volume_keys = {p.id: sampled_sha256(p.image)[:32] + sampled_sha256(p.label)[:16] for p in pairs}
-        for test in found.test:  # headers now, not hours later
-            shape = volume_shape(test.image)
-            if shape is None or len(shape) != 3:
-                raise TestSetError("test volume is not a readable 3-D TIFF", path=test.image, expected="a multi-page uint8 TIFF (z, y, x)", found=f"shape {shape}" if shape else "an unreadable header")
-            state.shapes[test.id] = shape
-            state.test_voxels += int(np.prod(shape))
         ctx.governor.n_test = len(found.test)
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
@@ -120,6 +116,48 @@ class DiscoveryPhase:
             **found.inventory,
         })
 
+    def _check_tests(self, ctx: "RunContext", state: "RunState") -> None:
+        """Every test volume's header, length and first/last page; a bad one stops the run or gets an empty mask."""
+        bad: dict[str, VolumeError] = {}
+        for test in state.discovery.test:
+            try:
+                state.shapes[test.id] = inspect_volume(test.image)
+            except VolumeError as err:
+                if ctx.config.data.on_bad_test == "error":
+                    raise TestSetError(f"bad test volume {test.id}: {err.what}", path=err.path, expected=err.expected, found=err.found,
+                                       hint='set data.on_bad_test = "empty" to submit an empty mask for it instead') from None
+                bad[test.id] = err
+        common = Counter(state.shapes.values()).most_common(1)
+        for vol_id, err in bad.items():
+            test = next(t for t in state.discovery.test if t.id == vol_id)
+            shape = declared_shape(test.image)
+            shape = tuple(shape) if shape is not None and len(shape) == 3 else (common[0][0] if common else None)
+            if shape is None:
+                raise TestSetError(f"bad test volume {vol_id}, and no shape to give its empty mask: {err.what}", path=err.path, expected=err.expected, found=err.found)
+            state.shapes[vol_id] = shape
+            state.rejected_tests[vol_id] = str(err)
+            log.warning("test volume %s is unusable and gets an empty mask of shape %s: %s", vol_id, shape, err)
+            ctx.event("INPUT_REJECTED", self.name, {"kind": "test", "id": vol_id, "file": err.path, "what": err.what, "expected": str(err.expected),
+                                                    "found": str(err.found), "action": "empty mask", "shape": list(shape)})
+        state.test_voxels = sum(int(np.prod(shape)) for vol_id, shape in state.shapes.items() if vol_id not in state.rejected_tests)
+
+    def _checked_pairs(self, ctx: "RunContext", pairs: Sequence[TrainPair]) -> list[TrainPair]:
+        """The training pairs whose image and label pass :func:`inspect_volume` (same shape); the others are journaled and skipped."""
+        kept = []
+        for pair in pairs:
+            try:
+                shape = inspect_volume(pair.image)
+                label_shape = inspect_volume(pair.label, label=True)
+                if label_shape != shape:
+                    raise VolumeShapeError("label shape differs from its image", path=pair.label, expected=f"shape {shape}", found=f"shape {label_shape}")
+            except VolumeError as err:
+                log.warning("training pair %s is skipped: %s", pair.id, err)
+                ctx.event("INPUT_REJECTED", self.name, {"kind": "train", "id": pair.id, "file": err.path, "what": err.what, "expected": str(err.expected),
+                                                        "found": str(err.found), "action": "skipped"})
+                continue
+            kept.append(pair)
+        return kept
+
     def _baseline_submission(self, ctx: "RunContext", state: "RunState") -> None:
         """The intensity baseline on every test volume, then ``submission.zip`` from it."""
         seg = ctx.config.segment
@@ -130,7 +168,9 @@ class DiscoveryPhase:
         for test in state.discovery.test:
             path = folder / f"{test.id}.tif"
             kept = test.id in self.baseline and mask_intact(path, self.baseline[test.id])
-            if not kept:
+            if test.id in state.rejected_tests:
+                self.baseline[test.id] = write_mask(folder, test.id, np.zeros(state.shapes[test.id], np.uint8))
+            elif not kept:
                 self.baseline[test.id] = write_mask(folder, test.id, intensity_baseline(read_volume(test.image), seg))
                 ctx.governor.account("baseline_volume")
             state.baseline_masks[test.id] = path

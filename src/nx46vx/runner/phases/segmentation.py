@@ -11,6 +11,7 @@ a resumed scoring run does not redo finished volumes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -19,7 +20,7 @@ from ... import reports
 from ...config import RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import BASELINE, ENSEMBLE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
+from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
 from ...telemetry import mask_stats
 from ...volumes import read_volume, sampled_sha256
 from ..masks import mask_intact, write_mask, write_probability
@@ -29,6 +30,8 @@ from .base import digest, plain
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..state import RunState
+
+log = logging.getLogger("nx46vx")
 
 METHODS = {"baseline": BASELINE, "search": SEARCH_MODEL, "ensemble": ENSEMBLE, "student": STUDENT}
 
@@ -101,19 +104,26 @@ class SegmentationPhase:
             for teacher, probs in state.teacher_val_probs.items():
                 if probs is not None:  # the ensemble teacher is the ensemble source: its score is already tuned
                     teacher_scores[teacher] = scores[teacher] if teacher in scores else tune_postprocess(list(zip(probs, labels)), seg)[1]
-            ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.val_pairs[: len(volumes)]], "scores": scores, "teachers": teacher_scores,
+            ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.validation_pairs], "scores": scores, "teachers": teacher_scores,
                                                        "params": {k: v.to_dict() for k, v in params.items()}, "tuned_points": tuned})
             grid = len(list(postprocess_grid(seg)))
             cut = {k: v for k, v in tuned.items() if v < grid}
             if cut:
                 ctx.event("TUNING_CUT", self.name, {"tried": cut, "grid": grid})
+        else:
+            reason = "no validation volume" if not state.val_pairs else "no validation volume has enough surface voxels"
+            order = [n for n in PREFERENCE if n in names]
+            log.warning("%s: the segmenter is chosen by the fixed preference order %s, not by a score", reason, order)
+            ctx.event("VALIDATION_UNAVAILABLE", self.name, {"reason": reason, "order": order})
         state.validation, state.validation_probs = None, {}  # test segmentation needs neither
         time_left = governor.remaining() - governor.margin()
         choice = choose_segmenter(names, scores, seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
         record = {
             "chosen": choice.chosen,
+            "by": "validation score" if scores else "preference order",
             "validation_scores": scores,
-            "params": params[choice.chosen].to_dict() if choice.chosen in params else None,
+            # without validation a learned source gets the grid's first point, the plain 0.5 threshold
+            "params": None if choice.chosen == BASELINE else params.get(choice.chosen, next(iter(postprocess_grid(seg)))).to_dict(),
             "predicted_test_seconds": choice.predicted_test_seconds,
             "seconds_per_voxel": seconds_per_voxel,
             "time_left_s": None if time_left == float("inf") else time_left,
@@ -170,6 +180,9 @@ class SegmentationPhase:
             if chosen != BASELINE and self.switched_at is None and self._behind(ctx, state, test.id):
                 self.switched_at = index
                 ctx.event("SEGMENTER_SWITCH", self.name, {"from": chosen, "to": BASELINE, "at_volume": test.id, "remaining": len(tests) - index, **governor.state()})
+            if test.id in state.rejected_tests:
+                state.masks[test.id] = state.baseline_masks[test.id]  # the empty mask written at discovery
+                continue
             if chosen == BASELINE or (self.switched_at is not None and index >= self.switched_at):
                 state.masks[test.id] = state.baseline_masks[test.id]  # written at discovery
                 continue
