@@ -496,3 +496,48 @@ def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path
     choice = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")
     assert choice["predicted_test_seconds"]["student"] > choice["time_left_s"]
     assert "student" in choice["excluded_for_time"] and result.segmenter == choice["chosen"] == "intensity_baseline"
+
+
+class _CreatesAFile:
+    """Unpickling this object creates ``path``: what a malicious checkpoint payload would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.path), "w"))
+
+
+def test_planted_pickle_checkpoint_is_refused_and_never_unpickled(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    import hashlib
+    import pickle
+
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_CreatesAFile(marker))
+    pickle.loads(evil)  # the payload is live: loading it once creates the marker
+    assert marker.exists()
+    marker.unlink()
+    planted = tmp_path / "attached" / "checkpoints"
+    # a current-format checkpoint whose signatures match this run, payloads replaced by the pickle, checksums recomputed
+    newest = planted / "ckpt-99999999"
+    shutil.copytree(sorted((reference["out"] / "checkpoints").glob("ckpt-*"))[-1], newest)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    for name in ("discovery.json", "search.safetensors", "run.json"):
+        (newest / name).write_bytes(evil)
+        manifest["sha512"][name] = hashlib.sha512(evil).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    # and an old-format (torch pickle) checkpoint with a valid checksum list beside it
+    old = planted / "ckpt-99999998"
+    old.mkdir()
+    (old / "run.pt").write_bytes(evil)
+    (old / "manifest.json").write_text(json.dumps({"format": 1, "sha512": {"run.pt": hashlib.sha512(evil).hexdigest()}}))
+    out = tmp_path / "out"
+    proc = run_cli(*run_args(demo_data, out, "--input", str(tmp_path / "attached"), "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists()  # nothing was unpickled
+    journal = _events(out / "journal.jsonl")
+    corrupt = [e["data"] for e in journal if e["event"] == "CHECKPOINT_CORRUPT" and "ckpt-99999999" in e["data"]["checkpoint"]]
+    assert corrupt and "payload is malformed" in corrupt[0]["error"]
+    old_format = [e["data"] for e in journal if e["event"] == "RESUME_INCOMPATIBLE" and "ckpt-99999998" in e["data"]["checkpoint"]]
+    assert old_format and old_format[0]["field"] == "format" and old_format[0]["found"] == 1
+    assert json.loads(proc.stdout)["status"] == "complete"
