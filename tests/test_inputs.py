@@ -220,3 +220,39 @@ def test_validation_volumes_without_surface_are_excluded_and_the_choice_says_how
     choice = next(e["data"] for e in journal if e["event"] == "SEGMENTER_CHOICE")
     assert choice["by"] == "preference order" and choice["validation_scores"] == {}
     assert choice["chosen"] == unavailable[0]["order"][0]  # the documented order decides, not a 1.0 on an empty truth
+
+
+# ----------------------------------------------------------------------------- memory guard
+
+
+def test_cgroup_memory_is_read_from_v2_and_v1_layouts(tmp_path: Path) -> None:
+    from nx46vx.telemetry import cgroup_memory_free
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v2 / "memory.current").write_text("805306368\n")
+    (v2 / "memory.stat").write_text("anon 1\ninactive_file 100663296\nactive_file 5\n")
+    assert cgroup_memory_free(v2) == (1024 - 768 + 96) << 20  # reclaimable file cache counts as free
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_memory_free(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2 << 30))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(1 << 30))
+    assert cgroup_memory_free(v1) == 1 << 30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+    assert cgroup_memory_free(v1) is None
+    assert cgroup_memory_free(tmp_path / "none") is None
+
+
+def test_a_volume_too_big_for_the_memory_limit_fails_at_discovery(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nx46vx
+    from nx46vx import telemetry
+
+    monkeypatch.setattr(telemetry, "free_memory", lambda _device: 1 << 20)  # a 1 MiB container
+    with pytest.raises(TestSetError) as err:
+        nx46vx.run([demo_data], output=tmp_path / "out", profile="demo")
+    message = str(err.value)
+    assert "needs more memory than this process may use" in message and "test_images" in message and "GiB" in message
+    assert not (tmp_path / "out" / "journal.jsonl").exists()  # before any work

@@ -102,9 +102,17 @@ class OutputNotWritableError(Nx46Error):
     """The output folder cannot hold the run's files."""
 
 
+class OutputLockedError(Nx46Error):
+    """Another live nx46vx run holds the output folder's lock."""
+
+
 class DistillationNotExecuted(Nx46Error):
     """Distillation was asked for but no optimiser step ran or a teacher failed to load."""
 
 
 class NativeKernelError(Nx46Error):
     """The fused CPU search kernel cannot be built or loaded (``search.kernel = "native"``)."""
+
+
+class MemoryLimitError(Nx46Error):
+    """A volume and the working copies its processing needs do not fit in the memory this process may use."""

@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 import torch
 from scipy import ndimage
+
+from .errors import MemoryLimitError
 
 log = logging.getLogger("nx46vx")
 
@@ -59,11 +62,58 @@ def _nvml() -> list[dict[str, Any]]:
     return gpus
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_memory_free(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes this container may still use under its memory cgroup limit; None when there is no limit.
+
+    cgroup v2 (``memory.max``, ``memory.current``) or v1 (``memory/memory.limit_in_bytes``,
+    ``memory/memory.usage_in_bytes``). Inactive file cache counts as free: the kernel
+    reclaims it before the OOM killer acts.
+    """
+    layouts = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+               ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"))
+    for limit_name, usage_name, stat_name, inactive_key in layouts:
+        try:
+            raw = (root / limit_name).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:  # v2 "max", v1's page-rounded LONG_MAX: no limit
+                return None
+            usage = int((root / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            for line in (root / stat_name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(raw) - usage + inactive)
+    return None
+
+
 def free_memory(device: torch.device) -> int:
-    """Bytes free for working buffers on ``device`` (GPU memory or available RAM)."""
+    """Bytes free for working buffers on ``device``: GPU memory, or RAM within the container's cgroup limit."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(psutil.virtual_memory().available)
+    available = int(psutil.virtual_memory().available)
+    in_cgroup = cgroup_memory_free()
+    return available if in_cgroup is None else min(available, in_cgroup)
+
+
+def ensure_memory(needed: int, *, path: str | os.PathLike[str], what: str) -> None:
+    """Raise :class:`~nx46vx.errors.MemoryLimitError` when ``needed`` bytes exceed the RAM this process may use now."""
+    free = free_memory(torch.device("cpu"))
+    if needed > free:
+        raise MemoryLimitError(
+            f"{what} needs more memory than this process may use",
+            path=path,
+            expected=f"at most {free / 2**30:.2f} GiB (free within the container's limit)",
+            found=f"{needed / 2**30:.2f} GiB",
+            hint="run on a machine with more memory, or leave this volume out",
+        )
 
 
 def boot_info() -> dict[str, Any]:

@@ -17,6 +17,11 @@ from .errors import LabelValueError, VolumeDtypeError, VolumeReadError, VolumeSh
 
 LABEL_VALUES = (0, 1, 2)
 BACKGROUND, SURFACE, UNLABELED = LABEL_VALUES
+# Peak bytes per voxel while one volume is processed (upper estimates, checked before a volume is decoded):
+# segmenting holds the uint8 volume, its float32 normalised copy, the probability and weight accumulators and the
+# post-processing labels; training reads image and label and indexes a class's voxels (int64 per voxel at worst).
+SEGMENT_BYTES_PER_VOXEL = 24
+TRAIN_BYTES_PER_VOXEL = 12
 
 
 def read_any(path: str | os.PathLike[str]) -> np.ndarray:

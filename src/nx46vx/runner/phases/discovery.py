@@ -17,9 +17,10 @@ import numpy as np
 
 from ...config import RunConfig
 from ...discovery import TrainPair, discover
-from ...errors import TestSetError, VolumeError, VolumeShapeError
+from ...errors import MemoryLimitError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
 from ...segment import intensity_baseline
-from ...volumes import declared_shape, inspect_volume, read_volume, sampled_sha256
+from ...telemetry import ensure_memory
+from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, declared_shape, inspect_volume, read_volume, sampled_sha256
 from ..masks import mask_intact, publish_submission, write_mask
 from .base import digest, plain
 
@@ -118,11 +119,13 @@ class DiscoveryPhase:
 
     def _check_tests(self, ctx: "RunContext", state: "RunState") -> None:
         """Every test volume's header, length and first/last page; a bad one stops the run or gets an empty mask."""
-        bad: dict[str, VolumeError] = {}
+        bad: dict[str, Nx46Error] = {}
         for test in state.discovery.test:
             try:
                 state.shapes[test.id] = inspect_volume(test.image)
-            except VolumeError as err:
+                ensure_memory(int(np.prod(state.shapes[test.id])) * SEGMENT_BYTES_PER_VOXEL, path=test.image, what=f"segmenting test volume {test.id}")
+            except (VolumeError, MemoryLimitError) as err:
+                state.shapes.pop(test.id, None)
                 if ctx.config.data.on_bad_test == "error":
                     raise TestSetError(f"bad test volume {test.id}: {err.what}", path=err.path, expected=err.expected, found=err.found,
                                        hint='set data.on_bad_test = "empty" to submit an empty mask for it instead') from None
@@ -150,7 +153,8 @@ class DiscoveryPhase:
                 label_shape = inspect_volume(pair.label, label=True)
                 if label_shape != shape:
                     raise VolumeShapeError("label shape differs from its image", path=pair.label, expected=f"shape {shape}", found=f"shape {label_shape}")
-            except VolumeError as err:
+                ensure_memory(int(np.prod(shape)) * TRAIN_BYTES_PER_VOXEL, path=pair.image, what=f"training pair {pair.id}")
+            except (VolumeError, MemoryLimitError) as err:
                 log.warning("training pair %s is skipped: %s", pair.id, err)
                 ctx.event("INPUT_REJECTED", self.name, {"kind": "train", "id": pair.id, "file": err.path, "what": err.what, "expected": str(err.expected),
                                                         "found": str(err.found), "action": "skipped"})

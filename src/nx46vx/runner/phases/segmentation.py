@@ -21,8 +21,8 @@ from ...config import RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
 from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
-from ...telemetry import mask_stats
-from ...volumes import read_volume, sampled_sha256
+from ...telemetry import ensure_memory, mask_stats
+from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume, sampled_sha256
 from ..masks import mask_intact, write_mask, write_probability
 from ..sources import Source, probability_sources, validation_probabilities, validation_volumes
 from .base import digest, plain
@@ -187,6 +187,7 @@ class SegmentationPhase:
                 state.masks[test.id] = state.baseline_masks[test.id]  # written at discovery
                 continue
             t0 = governor.clock()
+            ensure_memory(int(np.prod(state.shapes[test.id])) * SEGMENT_BYTES_PER_VOXEL, path=test.image, what=f"segmenting test volume {test.id}")
             volume = read_volume(test.image)
             ctx.reporter.count_volume(volume.shape)
             mask, prob, info = segment(volume)
