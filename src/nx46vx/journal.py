@@ -8,7 +8,11 @@ removing that suffix and never re-serialises.
 
 * ``hash = SHA-256(0x00 || bytes.fromhex(prev) || body)``; ``prev`` of the very
   first record is 64 zeros; a resumed run's first record links to the last hash
-  of the journal it resumes and continues its ``seq``.
+  of the journal it resumes and continues its ``seq``. When that journal is damaged
+  (torn or unparseable line, broken link, a field of the wrong type), the chain
+  continues from its last good record and the new file journals
+  ``JOURNAL_DAMAGED`` naming the file, the first bad line and what is wrong;
+  ``verify(path, previous=...)`` then requires that record.
 * ``MERKLE_ROOT`` records ``{"tree_size": n, "root": hex}``: the RFC 6962 Merkle
   Tree Hash over the bodies of the first ``n`` records of this file, with leaf
   ``SHA-256(0x00 || body)`` and node ``SHA-256(0x01 || left || right)``.
@@ -23,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -140,10 +145,15 @@ def merkle_root(bodies: list[bytes]) -> str:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """Where a journal continues from: the last record's hash and the next seq."""
+    """Where a journal continues from: the last record's hash and the next seq.
+
+    ``damage`` (not part of equality) says what is wrong in the journal this link
+    was read from, after the record it points to (see :func:`last_link`).
+    """
 
     prev: str = ZERO_HASH
     seq: int = 0
+    damage: "JournalDamage | None" = field(default=None, compare=False)
 
 
 class Journal:
@@ -163,6 +173,9 @@ class Journal:
     def __init__(self, path: str | os.PathLike[str], *, run_id: str, link: ChainLink = ChainLink()) -> None:
         self.path = Path(path)
         self.run_id = run_id
+        if not is_hash(link.prev) or not isinstance(link.seq, int) or isinstance(link.seq, bool) or link.seq < 0:
+            raise JournalError("cannot continue a chain from this link", path=self.path,
+                               expected="a 64-hex-digit hash and an integer seq >= 0", found=f"prev {link.prev!r}, seq {link.seq!r}")
         self.prev = link.prev
         self._prev_raw = bytes.fromhex(link.prev)
         self.seq = link.seq
@@ -250,6 +263,20 @@ class Journal:
 # ----------------------------------------------------------------------------- verification
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_hash(value: Any) -> bool:
+    """Whether ``value`` is a record hash: 64 lowercase hex digits."""
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``value`` as a short diagnostic: its type and a clipped repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:limit] + '…' if len(text) > limit else text}"
+
+
 @dataclass(frozen=True)
 class Record:
     """One parsed journal line."""
@@ -260,44 +287,58 @@ class Record:
     fields: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    """Outcome of :func:`verify`: ``ok`` is False at the first bad line, named by ``line``."""
+class _BadLine(Exception):
+    """A line that is not a well-formed record: what is wrong, what was expected, what was found."""
 
-    ok: bool
-    records: int
-    line: int | None = None
-    reason: str = ""
-    last_hash: str = ZERO_HASH
-    next_seq: int = 0
-    roots_checked: int = 0
-    complete: bool = False
-
-    def message(self, path: str | os.PathLike[str]) -> str:
-        if self.ok:
-            state = "ends with RUN_END" if self.complete else "no RUN_END: the run was interrupted or is still running"
-            return f"OK {os.fspath(path)}: {self.records} records, {self.roots_checked} Merkle roots verified, {state}"
-        return f"FAIL {os.fspath(path)} line {self.line}: {self.reason}"
+    def __init__(self, what: str, expected: Any = None, found: Any = None) -> None:
+        super().__init__(what)
+        self.what, self.expected, self.found = what, expected, found
 
 
-def parse_line(raw: bytes, line_no: int) -> Record:
-    """Split one line into body and hash; raises JournalError on a malformed line."""
+# field -> (check, what a good value is); the body keys themselves are checked first
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "data": (lambda v: isinstance(v, dict), "a JSON object"),
+    "event": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "phase": (lambda v: isinstance(v, str), "a string"),
+    "prev": (is_hash, "64 lowercase hex digits"),
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+    "seq": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "ts_ns": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+}
+
+
+def _split_line(raw: bytes) -> Record:
+    """Split one raw line into body, hash and typed fields; raises :class:`_BadLine` (line number 0: the caller's)."""
     if not raw.endswith(b"\n"):
-        raise JournalError(f"line {line_no} is truncated", expected="a line ending in a newline", found="end of file")
+        raise _BadLine("truncated line", "a line ending in a newline", "end of file")
     line = raw[:-1]
     suffix = line[-_HASH_SUFFIX_LEN:]
     if len(line) <= _HASH_SUFFIX_LEN or not (suffix.startswith(b',"hash":"') and suffix.endswith(b'"}')):
-        raise JournalError(f"line {line_no} has no hash suffix", expected=',"hash":"<64 hex>"}', found=line[-80:].decode("utf-8", "replace"))
-    digest = suffix[len(b',"hash":"'):-2].decode("ascii", "replace")
+        raise _BadLine("no hash suffix", ',"hash":"<64 hex>"}', line[-80:].decode("utf-8", "replace"))
+    digest = suffix[len(b',"hash":"') : -2].decode("ascii", "replace")
+    if not is_hash(digest):
+        raise _BadLine("field 'hash' is not a record hash", "64 lowercase hex digits", repr(digest))
     body = line[:-_HASH_SUFFIX_LEN] + b"}"
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise JournalError(f"line {line_no} body is not JSON", expected="a JSON object", found=str(exc)) from None
+        raise _BadLine("body is not JSON", "a JSON object", str(exc)) from None
     if not isinstance(fields, dict) or tuple(sorted(fields)) != BODY_KEYS:
         found = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
-        raise JournalError(f"line {line_no} has the wrong fields", expected=list(BODY_KEYS), found=found)
-    return Record(line_no, body, digest, fields)
+        raise _BadLine("wrong fields", list(BODY_KEYS), found)
+    for key, (check, good) in _FIELD_TYPES.items():
+        if not check(fields[key]):
+            raise _BadLine(f"field {key!r} has the wrong type or value", good, _shown(fields[key]))
+    return Record(0, body, digest, fields)
+
+
+def parse_line(raw: bytes, line_no: int) -> Record:
+    """Split one line into body and hash, with every field's type checked; raises JournalError naming the line."""
+    try:
+        rec = _split_line(raw)
+    except _BadLine as bad:
+        raise JournalError(f"line {line_no}: {bad.what}", expected=bad.expected, found=bad.found) from None
+    return Record(line_no, rec.body, rec.hash, rec.fields)
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[Record]:
@@ -307,71 +348,181 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[Record]:
             yield parse_line(raw, line_no)
 
 
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of :func:`verify`: ``ok`` is False at the first bad line, named by ``line`` (1-based).
+
+    ``last_hash`` and ``next_seq`` are the link after the last good record (the
+    last one before ``line`` whose chain verifies from the start); ``expected``
+    and ``found`` detail a bad line; ``note`` says how a damaged previous journal
+    was continued.
+    """
+
+    ok: bool
+    records: int
+    line: int | None = None
+    reason: str = ""
+    last_hash: str = ZERO_HASH
+    next_seq: int = 0
+    roots_checked: int = 0
+    complete: bool = False
+    expected: Any = None
+    found: Any = None
+    note: str = ""
+
+    def message(self, path: str | os.PathLike[str]) -> str:
+        """One line for a person: ``OK …`` or ``FAIL <file> line <n>: <what is wrong>``."""
+        if self.ok:
+            state = "ends with RUN_END" if self.complete else "no RUN_END: the run was interrupted or is still running"
+            note = f"; {self.note}" if self.note else ""
+            return f"OK {os.fspath(path)}: {self.records} records, {self.roots_checked} Merkle roots verified, {state}{note}"
+        where = f" line {self.line}" if self.line is not None else ""
+        return f"FAIL {os.fspath(path)}{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class JournalDamage:
+    """Where a journal a run continues is damaged, for its ``JOURNAL_DAMAGED`` event."""
+
+    file: str
+    line: int | None
+    reason: str
+    expected: str | None
+    found: str | None
+    good_records: int
+
+    @classmethod
+    def from_report(cls, path: str | os.PathLike[str], report: VerifyReport) -> "JournalDamage":
+        """The damage a failed :func:`verify` report names (expected and found as text, for the journal)."""
+        expected = None if report.expected is None else str(report.expected)
+        found = None if report.found is None else str(report.found)
+        return cls(os.fspath(path), report.line, report.reason, expected, found, report.records)
+
+    def to_data(self, link: "ChainLink") -> dict[str, Any]:
+        """``JOURNAL_DAMAGED`` data: the file, the first bad line, what is wrong and where the new chain starts."""
+        return {
+            "file": self.file,
+            "line": self.line,
+            "reason": self.reason,
+            "expected": self.expected,
+            "found": self.found,
+            "last_good_line": self.good_records or None,
+            "continues_from": {"hash": link.prev, "seq": link.seq},
+        }
+
+    def message(self) -> str:
+        """One line for the log."""
+        where = f"is damaged at line {self.line}" if self.line is not None else "cannot be read"
+        start = f"its last good record (line {self.good_records})" if self.good_records else "a new chain (it has no good record)"
+        return f"journal {self.file} {where}: {self.reason}; the new journal continues from {start}"
+
+
 def last_link(path: str | os.PathLike[str]) -> ChainLink:
-    """The link after the last intact record of a journal (stops at the first bad line)."""
+    """The link after the last good record of a journal; ``damage`` says what is wrong after it, if anything."""
     report = verify(path)
-    return ChainLink(report.last_hash, report.next_seq)
+    damage = None if report.ok else JournalDamage.from_report(path, report)
+    return ChainLink(report.last_hash, report.next_seq, damage)
+
+
+def _fail(state: "_ScanState", line: int | None, what: str, expected: Any = None, found: Any = None) -> VerifyReport:
+    reason = what + (f": expected {expected}, got {found}" if expected is not None or found is not None else "")
+    return VerifyReport(False, state.count, line, reason, state.prev, state.next_seq, state.roots, expected=expected, found=found)
+
+
+@dataclass
+class _ScanState:
+    prev: str
+    next_seq: int
+    count: int = 0
+    roots: int = 0
+    complete: bool = False
+
+
+def _check_record(rec: Record, state: _ScanState, merkle: MerkleAccumulator, standalone: bool) -> VerifyReport | None:
+    """Check one record against the chain so far and advance it; a report names what is wrong, None when good."""
+    f, line_no = rec.fields, rec.line_no
+    if line_no == 1:
+        if f["event"] != "RUN_START":
+            return _fail(state, 1, "wrong first event", "RUN_START", f["event"])
+        if standalone:  # a standalone check accepts a continuation: the chain starts where the file says
+            state.prev, state.next_seq = f["prev"], f["seq"]
+    if f["seq"] != state.next_seq:
+        return _fail(state, line_no, "broken chain: wrong seq", state.next_seq, f["seq"])
+    if f["prev"] != state.prev:
+        return _fail(state, line_no, "broken chain: prev is not the previous record's hash", state.prev, f["prev"])
+    actual = chain_hash(state.prev, rec.body)
+    if actual != rec.hash:
+        return _fail(state, line_no, "hash does not match the record", actual, rec.hash)
+    if f["event"] == "MERKLE_ROOT":
+        data = f["data"]
+        want = {"tree_size": merkle.size, "root": merkle.root()}
+        got = {"tree_size": data.get("tree_size"), "root": data.get("root")}
+        if got != want:
+            return _fail(state, line_no, "bad Merkle root", want, got)
+        state.roots += 1
+    merkle.append(rec.body)
+    state.prev, state.next_seq = rec.hash, f["seq"] + 1
+    state.complete = f["event"] == "RUN_END"
+    state.count += 1
+    return None
+
+
+def _scan(path: str | os.PathLike[str], start: ChainLink, standalone: bool) -> tuple[VerifyReport, list[dict[str, Any]]]:
+    """Verify one file from ``start``; also returns the data of its ``JOURNAL_DAMAGED`` records."""
+    state = _ScanState(start.prev, start.seq)
+    merkle = MerkleAccumulator()
+    damaged: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    rec = _split_line(raw)
+                except _BadLine as bad:
+                    return _fail(state, line_no, bad.what, bad.expected, bad.found), damaged
+                bad_report = _check_record(Record(line_no, rec.body, rec.hash, rec.fields), state, merkle, standalone)
+                if bad_report is not None:
+                    return bad_report, damaged
+                if rec.fields["event"] == "JOURNAL_DAMAGED":
+                    damaged.append(rec.fields["data"])
+    except OSError as exc:
+        return VerifyReport(False, 0, None, f"cannot read the journal: {exc}"), damaged
+    if state.count == 0:
+        return _fail(state, 1, "journal is empty", "at least a RUN_START record", "no lines"), damaged
+    return VerifyReport(True, state.count, None, "", state.prev, state.next_seq, state.roots, state.complete), damaged
 
 
 def verify(path: str | os.PathLike[str], *, previous: str | os.PathLike[str] | None = None) -> VerifyReport:
-    """Check a journal's chain, hashes, seq numbers and Merkle roots.
+    """Check a journal's chain, hashes, seq numbers, field types and Merkle roots.
 
     Parameters
     ----------
     path : path
         The journal to check.
     previous : path, optional
-        The journal of the run this one resumed: its last intact record must be
-        the one the first record of ``path`` links to.
+        The journal of the run this one resumed: its last good record must be the
+        one the first record of ``path`` links to. When it is damaged, ``path``
+        must also journal ``JOURNAL_DAMAGED`` naming the first bad line.
 
     Returns
     -------
     VerifyReport
-        ``ok`` False names the first bad line (1-based) and why.
+        ``ok`` False names the first bad line (1-based) and what is wrong; never raises.
     """
-    expected = ChainLink()
-    if previous is not None:
-        before = verify(previous)
-        if not before.ok:
-            return VerifyReport(False, 0, before.line, f"previous journal {os.fspath(previous)} is bad: {before.reason}")
-        expected = ChainLink(before.last_hash, before.next_seq)
-    merkle = MerkleAccumulator()
-    count = roots = 0
-    prev, next_seq, complete = expected.prev, expected.seq, False
-    line_no = 0
-    try:
-        with open(path, "rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                rec = parse_line(raw, line_no)
-                f = rec.fields
-                if line_no == 1:
-                    if f["event"] != "RUN_START":
-                        return VerifyReport(False, 0, 1, f"first event expected RUN_START, got {f['event']}")
-                    if previous is None:
-                        # A standalone check accepts a continuation: the chain starts where the file says.
-                        prev, next_seq = f["prev"], f["seq"]
-                if f["seq"] != next_seq:
-                    return VerifyReport(False, count, line_no, f"seq expected {next_seq}, got {f['seq']}", prev, next_seq, roots)
-                if f["prev"] != prev:
-                    return VerifyReport(False, count, line_no, f"prev expected {prev}, got {f['prev']}", prev, next_seq, roots)
-                actual = chain_hash(prev, rec.body)
-                if actual != rec.hash:
-                    return VerifyReport(False, count, line_no, f"hash expected {actual}, got {rec.hash}", prev, next_seq, roots)
-                if f["event"] == "MERKLE_ROOT":
-                    data = f["data"]
-                    want = {"tree_size": merkle.size, "root": merkle.root()}
-                    got = {"tree_size": data.get("tree_size"), "root": data.get("root")}
-                    if got != want:
-                        return VerifyReport(False, count, line_no, f"Merkle root expected {want}, got {got}", prev, next_seq, roots)
-                    roots += 1
-                merkle.append(rec.body)
-                prev, next_seq = rec.hash, f["seq"] + 1
-                complete = f["event"] == "RUN_END"
-                count += 1
-    except JournalError as exc:
-        return VerifyReport(False, count, line_no, exc.what + (f": expected {exc.expected}, got {exc.found}" if exc.expected else ""), prev, next_seq, roots)
-    except OSError as exc:
-        return VerifyReport(False, 0, None, f"cannot read: {exc}")
-    if count == 0:
-        return VerifyReport(False, 0, 1, "journal is empty", prev, next_seq, roots)
-    return VerifyReport(True, count, None, "", prev, next_seq, roots, complete)
+    if previous is None:
+        return _scan(path, ChainLink(), standalone=True)[0]
+    before = verify(previous)
+    if not before.ok and before.line is None:
+        return VerifyReport(False, 0, None, f"previous journal {os.fspath(previous)} cannot be checked: {before.reason}")
+    report, damaged = _scan(path, ChainLink(before.last_hash, before.next_seq), standalone=False)
+    if before.ok:
+        return report
+    where = f"previous journal {os.fspath(previous)} is damaged at line {before.line} ({before.reason})"
+    if not report.ok:
+        good = f"its last good record (line {before.records})" if before.records else "a new chain (it has no good record)"
+        return replace(report, reason=f"{report.reason}; {where}, so this journal must continue from {good}")
+    if not any(d.get("line") == before.line for d in damaged):
+        expected = f"a JOURNAL_DAMAGED event naming line {before.line}"
+        return replace(report, ok=False, line=1, reason=f"{where} but this journal does not record it: expected {expected}, got none",
+                       expected=expected, found="none", complete=False)
+    note = f"{where}; continued from its last good record, as JOURNAL_DAMAGED records"
+    return replace(report, note=note)

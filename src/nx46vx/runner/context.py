@@ -8,8 +8,10 @@ report, ``HEALTH``, a journal sync), whatever happens inside.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import socket
 import shutil
 import sys
 import time
@@ -17,8 +19,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
+
 from ..config import RunConfig
-from ..errors import OutputNotWritableError
+from ..errors import OutputLockedError, OutputNotWritableError
 from ..features import resolve_device
 from ..governor import TRAINING_PHASES, Governor
 from ..journal import ChainLink, Journal
@@ -54,6 +61,84 @@ def check_output_writable(output: Path) -> None:
         raise OutputNotWritableError(
             "output folder is nearly full", path=output, expected=f">= {MIN_FREE_BYTES >> 20} MiB free", found=f"{free >> 20} MiB free"
         )
+
+
+LOCK_NAME = ".nx46vx.lock"
+
+
+class OutputLock:
+    """One run per output folder: an exclusive ``flock`` on ``<output>/.nx46vx.lock`` held for the whole run.
+
+    The kernel drops the lock when its holder exits, however it dies, so a lock file
+    left behind by a killed run blocks nothing: only a live holder does. The file is
+    never deleted (unlinking a lock file lets two runs lock two different files) and
+    holds the holder's pid, host and run id for the message a second run shows. On a
+    platform without ``fcntl`` (Windows) there is no lock.
+
+    Use :meth:`acquire`; :meth:`release` is idempotent.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, output: Path, *, run_id: str = "") -> "OutputLock":
+        """Create ``output`` if needed and lock it, or raise :class:`OutputLockedError` at once when another run holds it.
+
+        Raises
+        ------
+        OutputLockedError
+            Another live process holds the lock.
+        OutputNotWritableError
+            The folder or its lock file cannot be created.
+
+        A file system without ``flock`` (some network mounts) gets no lock and a warning.
+        """
+        path = output / LOCK_NAME
+        if fcntl is None:
+            log.debug("no fcntl on this platform: %s is not locked against a second run", output)
+            return cls(path, -1)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputNotWritableError("output folder is not writable", path=output, expected="a writable folder", found=str(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise OutputLockedError(
+                    "another nx46vx run is using this output folder", path=output, expected="no other run writing into it",
+                    found=f"a live run holding {path} ({holder})", hint="wait for that run to finish, or pass another --output",
+                ) from None
+            log.warning("the file system refuses flock (%s): %s is not locked against a second run", exc, output)
+            return cls(path, -1)
+        with contextlib.suppress(OSError):  # who holds it is for the message of a second run only
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id}).encode() + b"\n")
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlock and close (the file stays: see the class docstring)."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _lock_holder(fd: int) -> str:
+    """``pid …`` of the run holding a lock file, as it wrote it (it may not have yet)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        pid, host = info.get("pid"), info.get("host")
+    except (OSError, ValueError, AttributeError):
+        pid = host = None
+    if pid is None:
+        return "pid not written yet"
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
 def install_log_handler() -> logging.Handler | None:
@@ -114,6 +199,7 @@ class RunContext:
         self.journal: Journal | None = None
         self._pending: list[tuple[str, str, dict[str, Any]]] = []
         self.previous_journal: Path | None = None
+        self.lock: OutputLock | None = None
         self.io_seconds = 0.0
         self.quota = OutputQuota(output, config.output.quota_gb)
         self.reporter = Reporter(self)
@@ -122,15 +208,19 @@ class RunContext:
 
     @contextlib.contextmanager
     def session(self, state: "RunState") -> Iterator[None]:
-        """The run's frame: output checked before any work, signals turned into a graceful stop, everything released at the end."""
-        check_output_writable(self.output)
-        self.reporter.state = state
-        self.governor.install_signal_handlers()
+        """The run's frame: the output folder locked and checked before any work, signals turned into a graceful stop,
+        everything released at the end (the lock last)."""
         try:
-            self.set_aside_previous_journal()
-            yield
+            self.lock = OutputLock.acquire(self.output, run_id=self.run_id)
+            check_output_writable(self.output)
+            self.reporter.state = state
+            self.governor.install_signal_handlers()
+            try:
+                self.set_aside_previous_journal()
+                yield
+            finally:
+                self.governor.restore_signal_handlers()
         finally:
-            self.governor.restore_signal_handlers()
             self.close()
 
     # ------------------------------------------------------------------ journal
@@ -153,9 +243,16 @@ class RunContext:
             self.previous_journal = target
 
     def open_journal(self, link: ChainLink, run_start: dict[str, Any]) -> None:
-        """Open ``journal.jsonl`` continuing ``link``; write ``RUN_START``, ``BOOT`` and what was held."""
+        """Open ``journal.jsonl`` continuing ``link``; write ``RUN_START``, ``BOOT`` and what was held.
+
+        When the journal ``link`` was read from is damaged, the chain continues from its
+        last good record and ``JOURNAL_DAMAGED`` (file, line, what is wrong) follows ``RUN_START``.
+        """
         self.journal = Journal(self.output / "journal.jsonl", run_id=self.run_id, link=link)
         self.journal.record("RUN_START", "run", run_start)
+        if link.damage is not None:
+            log.warning("%s", link.damage.message())
+            self.journal.record("JOURNAL_DAMAGED", "run", link.damage.to_data(link))
         self.journal.record("BOOT", "run", boot_info())
         for event, phase, data in self._pending:
             self.journal.record(event, phase, data)
@@ -204,9 +301,14 @@ class RunContext:
         self.event("TIME_BUDGET_STATE", name, state)
 
     def close(self) -> None:
-        """Release the journal and the log handler this run installed."""
-        if self.journal is not None:
-            self.journal.close()
-        if self._handler is not None:
-            log.removeHandler(self._handler)
-            self._handler = None
+        """Release the journal, the log handler this run installed and, last, the output folder's lock."""
+        try:
+            if self.journal is not None:
+                self.journal.close()
+        finally:
+            if self._handler is not None:
+                log.removeHandler(self._handler)
+                self._handler = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
