@@ -541,3 +541,35 @@ def test_planted_pickle_checkpoint_is_refused_and_never_unpickled(reference: dic
     old_format = [e["data"] for e in journal if e["event"] == "RESUME_INCOMPATIBLE" and "ckpt-99999998" in e["data"]["checkpoint"]]
     assert old_format and old_format[0]["field"] == "format" and old_format[0]["found"] == 1
     assert json.loads(proc.stdout)["status"] == "complete"
+
+
+def test_read_only_checkpoints_folder_fails_at_the_start(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nx46vx.runner.context as context
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    real_probe = context.probe_writable
+
+    def read_only_checkpoints(folder: Path) -> None:  # root ignores permission bits: inject the refusal
+        if folder.name == "checkpoints":
+            raise PermissionError(13, "Permission denied", str(folder))
+        real_probe(folder)
+
+    monkeypatch.setattr(context, "probe_writable", read_only_checkpoints)
+    with pytest.raises(OutputNotWritableError) as err:
+        nx46vx.run([demo_data], output=out, profile="demo")
+    assert "checkpoints" in str(err.value) and "Permission denied" in str(err.value)
+    assert not (out / "journal.jsonl").exists() and not (out / "cache").exists()  # before any work
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_named_error(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nx46vx.checkpoint as checkpoint
+
+    def disk_gone(*_args: object, **_kwargs: object) -> Path:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", disk_gone)
+    with pytest.raises(OutputNotWritableError) as err:
+        nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=["data.max_train_volumes=1"])
+    assert "cannot write a checkpoint" in str(err.value) and "Read-only file system" in str(err.value)
+    assert (tmp_path / "out" / "submission.zip").exists()  # the baseline submission came first

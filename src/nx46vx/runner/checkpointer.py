@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputNotWritableError
 from ..journal import ChainLink, last_link
 from ..progress import calibrate
 
@@ -129,7 +129,10 @@ class Checkpointer:
             "global_progress": ctx.progress.global_progress(),
             "reason": reason,
         }
-        path = ckpt.write_checkpoint(self.folder, self.seq, payload, manifest, keep_last=ctx.config.checkpoint.keep_last, linked=linked)
+        try:
+            path = ckpt.write_checkpoint(self.folder, self.seq, payload, manifest, keep_last=ctx.config.checkpoint.keep_last, linked=linked)
+        except OSError as exc:  # the folder turned read-only or full after the start-up probe: a named error, not a traceback
+            raise OutputNotWritableError("cannot write a checkpoint", path=self.folder, expected="a writable folder with free space", found=str(exc)) from None
         self._remember_done(path)
         self.merkle_prev = root
         seconds = time.perf_counter() - t0

@@ -44,18 +44,33 @@ log = logging.getLogger("nx46vx")
 MIN_FREE_BYTES = 64 << 20
 
 
+#: Folders a run writes into; those a previous run left in the output are probed too (a read-only ``checkpoints/``
+#: must stop the run at its start, not at its first checkpoint hours later).
+WRITTEN_FOLDERS = (".", "checkpoints", "cache", "cache/features", "cache/foreground", "masks", "journals", "previews", "probabilities")
+
+
+def probe_writable(folder: Path) -> None:
+    """Write, fsync and remove a 4 KiB file in ``folder``; raises OSError when that fails."""
+    probe = folder / f".nx46vx-probe-{os.getpid()}"
+    with open(probe, "wb") as handle:
+        handle.write(b"0" * 4096)
+        handle.flush()
+        os.fsync(handle.fileno())
+    probe.unlink()
+
+
 def check_output_writable(output: Path) -> None:
-    """Fail before any work when the output folder cannot hold the run's files."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".nx46vx-probe-{os.getpid()}"
-        with open(probe, "wb") as handle:
-            handle.write(b"0" * 4096)
-            handle.flush()
-            os.fsync(handle.fileno())
-        probe.unlink()
-    except OSError as exc:
-        raise OutputNotWritableError("output folder is not writable", path=output, expected="a writable folder", found=str(exc)) from None
+    """Fail before any work when the output folder (or a folder of it the run writes into) cannot hold the run's files."""
+    for name in WRITTEN_FOLDERS:
+        folder = output / name
+        try:
+            if name == ".":
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                continue
+            probe_writable(folder)
+        except OSError as exc:
+            raise OutputNotWritableError("output folder is not writable", path=folder, expected="a writable folder", found=str(exc)) from None
     free = shutil.disk_usage(output).free
     if free < MIN_FREE_BYTES:
         raise OutputNotWritableError(
