@@ -64,3 +64,9 @@ def test_bad_setting_stops_the_cli_before_any_work(tmp_path: Path, capsys: pytes
     assert "invalid setting distill.batch" in captured.err + captured.out
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists()  # nothing was created: the settings were refused before discovery
+
+
+def test_debug_shows_the_traceback_of_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--set", "distill.batch=0"]
+    assert main(["--debug", *args]) == 2
+    assert "Traceback" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def test_validation_volumes_without_surface_are_excluded_and_the_choice_says_how
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     config = load_config("demo", overrides=FAST)
-    _, val = split_train_val(discover([data]).train, config)
+    _, val, _ = split_train_val(discover([data]).train, config)
     assert len(val) == 2
     write_tiff(val[0].label, np.full(tifffile.imread(val[0].label).shape, 2, np.uint8))  # nothing labelled
     write_tiff(val[1].label, np.zeros(tifffile.imread(val[1].label).shape, np.uint8))  # labelled, but no surface
@@ -256,3 +256,46 @@ def test_a_volume_too_big_for_the_memory_limit_fails_at_discovery(demo_data: Pat
     message = str(err.value)
     assert "needs more memory than this process may use" in message and "test_images" in message and "GiB" in message
     assert not (tmp_path / "out" / "journal.jsonl").exists()  # before any work
+
+
+# ----------------------------------------------------------------------------- validation split by scroll
+
+
+def _pairs(scrolls: dict[str, int]) -> list:
+    from nx46vx.discovery import TrainPair
+
+    out, n = [], 0
+    for scroll, count in scrolls.items():
+        for _ in range(count):
+            out.append(TrainPair(f"{1000 + n}", Path(f"{n}.tif"), Path(f"l{n}.tif"), scroll))
+            n += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_validation_holds_out_whole_scrolls(seed: int) -> None:
+    from nx46vx.config import load_config
+    from nx46vx.runner.phases.discovery import split_train_val
+
+    config = load_config("default", overrides=[f"seed={seed}"])  # val_fraction 0.2 of 20 volumes: target 4
+    pairs = _pairs({"1": 6, "2": 3, "3": 1, "4": 7, "5": 3})
+    train, val, how = split_train_val(pairs, config)
+    assert how["by"] == "scroll" and sorted(p.id for p in train + val) == sorted(p.id for p in pairs)
+    val_scrolls, train_scrolls = {p.scroll_id for p in val}, {p.scroll_id for p in train}
+    assert val_scrolls.isdisjoint(train_scrolls) and sorted(val_scrolls) == how["val_scrolls"]
+    assert 1 <= len(val) <= 4 and train_scrolls  # within the target, and something still trains
+    assert split_train_val(list(reversed(pairs)), config) == (train, val, how)  # seeded, order-independent
+
+
+def test_a_single_scroll_or_no_scroll_ids_split_by_volume_and_say_so() -> None:
+    from nx46vx.config import load_config
+    from nx46vx.runner.phases.discovery import split_train_val
+
+    config = load_config("default")
+    _, val, how = split_train_val(_pairs({"1": 10}), config)
+    assert how == {"by": "volume", "reason": "one scroll only"} and len(val) == 2
+    _, val, how = split_train_val(_pairs({"": 10}), config)
+    assert how["by"] == "volume" and how["reason"] == "no scroll_id for every volume" and len(val) == 2
+    # only big scrolls: the smallest is held out rather than none
+    _, val, how = split_train_val(_pairs({"a": 8, "b": 12}), config)
+    assert how["val_scrolls"] == ["a"] and len(val) == 8

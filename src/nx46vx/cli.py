@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -96,6 +97,7 @@ def _cmd_wheelhouse(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nx46vx", description="Vesuvius surface detection with resumable training and a verifiable journal.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the whole pipeline on competition-layout data")
@@ -142,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except Nx46Error as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"nx46vx: error: {exc}", file=sys.stderr)
         return 2
 

@@ -31,16 +31,46 @@ if TYPE_CHECKING:
 log = logging.getLogger("nx46vx")
 
 
-def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list[TrainPair], list[TrainPair]]:
-    """Validation split by volume, seeded; fewer than two pairs → no validation (and no search)."""
+def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list[TrainPair], list[TrainPair], dict[str, Any]]:
+    """Hold out whole scrolls for validation (a seeded grouped split); returns (train, val, how it was split).
+
+    Volumes of one scroll are never split between training and validation: a model
+    validated on volumes of a scroll it trained on looks better than it is, and every
+    validation-driven choice would lean on that. Scrolls are taken in a seeded order,
+    each one while the validation set stays within its target
+    (``val_fraction`` of the volumes, at least ``min_val_volumes``); when none fits,
+    the smallest scroll is held out. At least one scroll always trains. Without two
+    scrolls (one scroll, or no ``scroll_id`` column) the split falls back to volumes,
+    and says so. Fewer than two pairs → no validation (and no search).
+    """
     ordered = sorted(pairs, key=lambda p: p.id)
     if len(ordered) < 2:
-        return ordered, []
-    order = np.random.default_rng([config.seed, 4]).permutation(len(ordered))
+        return ordered, [], {"by": "none", "reason": "fewer than two training pairs"}
     n_val = min(len(ordered) - 1, max(config.data.min_val_volumes, int(round(config.data.val_fraction * len(ordered)))))
-    val = sorted((ordered[i] for i in order[:n_val]), key=lambda p: p.id)
-    train = sorted((ordered[i] for i in order[n_val:]), key=lambda p: p.id)
-    return train, val
+    scrolls: dict[str, list[TrainPair]] = {}
+    for pair in ordered:
+        scrolls.setdefault(pair.scroll_id, []).append(pair)
+    if len(scrolls) < 2 or "" in scrolls:
+        order = np.random.default_rng([config.seed, 4]).permutation(len(ordered))
+        val_ids = {ordered[i].id for i in order[:n_val]}
+        reason = "one scroll only" if len(scrolls) < 2 and "" not in scrolls else "no scroll_id for every volume"
+        how: dict[str, Any] = {"by": "volume", "reason": reason}
+    else:
+        names = sorted(scrolls)
+        held: list[str] = []
+        count = 0
+        for i in np.random.default_rng([config.seed, 4]).permutation(len(names)):
+            size = len(scrolls[names[i]])
+            if count + size <= n_val and len(held) + 1 < len(names):
+                held.append(names[i])
+                count += size
+        if not held:
+            held = [min(names, key=lambda name: (len(scrolls[name]), name))]
+        val_ids = {p.id for name in held for p in scrolls[name]}
+        how = {"by": "scroll", "val_scrolls": sorted(held), "train_scrolls": sorted(set(names) - set(held))}
+    val = [p for p in ordered if p.id in val_ids]
+    train = [p for p in ordered if p.id not in val_ids]
+    return train, val, how
 
 
 class DiscoveryPhase:
@@ -99,7 +129,9 @@ class DiscoveryPhase:
         pairs = self._checked_pairs(ctx, found.train)
         if config.data.max_train_volumes > 0:
             pairs = sorted(pairs, key=lambda p: p.id)[: config.data.max_train_volumes]
-        state.train_pairs, state.val_pairs = split_train_val(pairs, config)
+        state.train_pairs, state.val_pairs, split = split_train_val(pairs, config)
+        if split["by"] == "volume":
+            log.warning("validation volumes are drawn from scrolls that also train (%s): validation scores will be optimistic", split["reason"])
         state.volume_keys = {p.id: sampled_sha256(p.image)[:32] + sampled_sha256(p.label)[:16] for p in pairs}
         ctx.governor.n_test = len(found.test)
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
@@ -113,6 +145,7 @@ class DiscoveryPhase:
             "val": len(state.val_pairs),
             "test_ids": [t.id for t in found.test],
             "data_key": self.data_key,
+            "split": dict(split, val_ids=[p.id for p in state.val_pairs]),
             "warnings": list(found.warnings),
             **found.inventory,
         })
