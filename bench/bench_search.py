@@ -1,7 +1,9 @@
 """Batched FISTA over the 135-candidate grid vs the old per-candidate NumPy ISTA loop vs scikit-learn.
 
-Run: ``python bench/bench_search.py [--samples 1000000] [--old-candidates 2] [--sklearn-candidates 2] [--torch-iters 3]``.
-All three work on the same design rows (one synthetic training sample of labelled voxels).
+Run: ``python bench/bench_search.py [--samples 1000000] [--repeats 3] [--old-candidates 2] [--sklearn-candidates 2] [--torch-iters 3]``.
+All three work on the same design rows (one synthetic training sample of labelled voxels). The batched
+search and the old loop are timed ``--repeats`` times each, alternating, and the ratio of their medians is
+printed last.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=1_000_000)
     parser.add_argument("--iters", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3, help="timings of the batched search and of the old loop, alternating (median)")
     parser.add_argument("--old-candidates", type=int, default=2)
     parser.add_argument("--sklearn-candidates", type=int, default=2)
     parser.add_argument("--torch-iters", type=int, default=3, help="iterations of the eager-torch path, for reference (0: skip)")
@@ -85,25 +88,34 @@ def main() -> None:
             state, _ = solver.step(design, state, metas, l1, l2, lips)
         return (time.perf_counter() - t0) / (iters * k)
 
-    solver = BatchedFISTA(block_rows=cfg.block_rows, kernel=cfg.kernel)
-    batched = time_search(solver, args.iters)
-    print(f"(a) batched FISTA, {solver.kernel_for(torch.device('cpu'))} kernel: {k} candidates x {args.iters} iterations on {n:,} samples: "
-          f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration", flush=True)
-    if args.torch_iters:
-        eager = time_search(BatchedFISTA(block_rows=cfg.block_rows, kernel="torch"), args.torch_iters)
-        print(f"    batched FISTA, torch kernel (timed {args.torch_iters} iterations): {eager * 1e3:.3f} ms per candidate-iteration", flush=True)
-
     # (b) old per-candidate loop, a subset of candidates, scaled linearly
     xs = phi[:, :N_X].numpy().astype(np.float64)
     x2 = phi[:, N_X : 2 * N_X].numpy().astype(np.float64)
     gs = phi[:, 2 * N_X : 2 * N_X + N_G].numpy().astype(np.float64)
     y64 = labels.astype(np.float64)
-    t0 = time.perf_counter()
-    for cand in grid[: args.old_candidates]:
-        old_loop(xs, x2, gs, y64, cand.l1, cand.l2, args.iters)
-    old = (time.perf_counter() - t0) / (args.iters * args.old_candidates)
+
+    def time_old() -> float:
+        t0 = time.perf_counter()
+        for cand in grid[: args.old_candidates]:
+            old_loop(xs, x2, gs, y64, cand.l1, cand.l2, args.iters)
+        return (time.perf_counter() - t0) / (args.iters * args.old_candidates)
+
+    solver = BatchedFISTA(block_rows=cfg.block_rows, kernel=cfg.kernel)
+    kernel = solver.kernel_for(torch.device("cpu"))
+    batched_runs, old_runs = [], []
+    for r in range(args.repeats):
+        batched_runs.append(time_search(solver, args.iters))
+        old_runs.append(time_old())
+        print(f"    repeat {r + 1}: batched {batched_runs[-1] * 1e3:.3f} ms, old {old_runs[-1] * 1e3:.3f} ms per candidate-iteration "
+              f"({old_runs[-1] / batched_runs[-1]:.1f}x)", flush=True)
+    batched, old = float(np.median(batched_runs)), float(np.median(old_runs))
+    print(f"(a) batched FISTA, {kernel} kernel: {k} candidates x {args.iters} iterations on {n:,} samples: "
+          f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration (median of {args.repeats})", flush=True)
+    if args.torch_iters:
+        eager = time_search(BatchedFISTA(block_rows=cfg.block_rows, kernel="torch"), args.torch_iters)
+        print(f"    batched FISTA, torch kernel (timed {args.torch_iters} iterations): {eager * 1e3:.3f} ms per candidate-iteration", flush=True)
     print(f"(b) old NumPy loop: timed {args.old_candidates} candidates x {args.iters} iterations, scaled linearly to {k}: "
-          f"{old * args.iters * k:.1f} s, {old * 1e3:.3f} ms per candidate-iteration", flush=True)
+          f"{old * args.iters * k:.1f} s, {old * 1e3:.3f} ms per candidate-iteration (median of {args.repeats})", flush=True)
 
     # (c) scikit-learn elastic-net logistic regression (saga), a few candidates
     from sklearn.linear_model import LogisticRegression
@@ -120,7 +132,7 @@ def main() -> None:
         total_iters += int(clf.n_iter_[0])
     sk = (time.perf_counter() - t0) / total_iters
     print(f"(c) sklearn saga  : {args.sklearn_candidates} candidates, {total_iters} epochs: {sk * 1e3:.3f} ms per candidate-epoch")
-    print(f"batched vs old loop: {old / batched:.1f}x")
+    print(f"batched vs old loop (medians): {old / batched:.1f}x")
 
 
 if __name__ == "__main__":

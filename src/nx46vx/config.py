@@ -489,7 +489,7 @@ RANGES: dict[str, Range] = {
     "budget.total_s": NON_NEGATIVE,
     "budget.margin_s": NON_NEGATIVE,
     "budget.reserve_per_volume_s": NON_NEGATIVE,
-    "budget.reserve_safety": _r(1, 100),
+    "budget.reserve_safety": _r(1),
     "budget.features_share": FRACTION,
     "budget.search_share": FRACTION,
     "budget.feature_s_per_mvoxel": POSITIVE,
