@@ -25,6 +25,7 @@ small components removed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -123,6 +124,7 @@ def sliding_window(
     volume) to logits of the same spatial shape. Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
+    On a GPU the network runs in fp16 (autocast); logits are accumulated in float32.
     Windows go through the network ``batch`` at a time; 0 sizes the batch from
     the free memory of ``device`` (a tenth of it, at ~64 float32 activations per
     window voxel), between 1 and 16.
@@ -141,7 +143,9 @@ def sliding_window(
     positions = list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
     if batch <= 0:
         batch = int(np.clip(0.1 * free_memory(device) // (64 * 4 * patch**3), 1, 16))
-    with torch.no_grad():
+    # fp16 on a GPU (half the memory and several times the tensor-core throughput); float32 on a CPU
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]
             windows = torch.stack([image[z : z + patch, y : y + patch, x : x + patch] for z, y, x in chunk])[:, None].to(device)
