@@ -573,3 +573,17 @@ def test_a_checkpoint_that_cannot_be_written_is_a_named_error(demo_data: Path, t
         nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=["data.max_train_volumes=1"])
     assert "cannot write a checkpoint" in str(err.value) and "Read-only file system" in str(err.value)
     assert (tmp_path / "out" / "submission.zip").exists()  # the baseline submission came first
+
+
+def test_raising_max_epochs_after_the_search_ended_continues_it(demo_data: Path, tmp_path: Path) -> None:
+    quick = ("--set", "distill.enabled=false", "--set", "search.max_iter=20")
+    first = run_cli(*run_args(demo_data, tmp_path / "out", *quick, "--set", "search.max_epochs=1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = run_cli(*run_args(demo_data, tmp_path / "out", *quick, "--set", "search.max_epochs=2"))
+    assert more.returncode == 0, more.stderr[-2000:]
+    journal = _events(tmp_path / "out" / "journal.jsonl")
+    extended = [e["data"] for e in journal if e["event"] == "SEARCH_EXTENDED"]
+    assert extended == [{"epochs_done": 1, "max_epochs": 2, "stagnation": 0, "patience": extended[0]["patience"]}]
+    assert [e["data"]["epoch"] for e in journal if e["event"] == "EPOCH_DONE"] == [1]  # only the new epoch ran
+    direct = run_cli(*run_args(demo_data, tmp_path / "direct", *quick, "--set", "search.max_epochs=2"))
+    assert json.loads(more.stdout)["model_digest"] == json.loads(direct.stdout)["model_digest"]  # as if it had never stopped

@@ -52,6 +52,11 @@ class Standardiser:
         return cls(mean, np.where(std > 1e-8, std, 1.0).astype(np.float32))
 
 
+def extendable(stage: str, epoch: int, stagnation: int, config: SearchConfig) -> bool:
+    """Whether a search in ``stage`` after ``epoch`` epochs may run more under ``config`` (see :meth:`CandidateSearch.reopen`)."""
+    return stage == "done" and epoch < config.max_epochs and stagnation < config.patience
+
+
 def design_rows(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``[x, x∘x, g, 1]`` from raw features (n, C) → (n, P) float32 (same function for training and inference)."""
     z = (features - mean) / std
@@ -340,6 +345,18 @@ class CandidateSearch:
         else:
             self.stage = "epoch_start"
         return events
+
+    def reopen(self) -> dict[str, Any] | None:
+        """Continue a finished search when the settings now allow more: ``max_epochs`` above the epochs done, and a
+        ``patience`` the stagnation has not reached. Returns what changed (for ``SEARCH_EXTENDED``), or None.
+
+        The epochs run next are the ones an uninterrupted search with these settings would have run: each
+        epoch's sample and bootstraps come from the seed and the epoch number, and the parameters carry over.
+        """
+        if not extendable(self.stage, self.epoch, self.stagnation, self.config):
+            return None
+        self.stage = "epoch_start"
+        return {"epochs_done": self.epoch, "max_epochs": self.config.max_epochs, "stagnation": self.stagnation, "patience": self.config.patience}
 
     # ------------------------------------------------------------------ results
 

@@ -20,6 +20,7 @@ from ...features import FeatureCache, spec_dict
 from ...volumes import read_pair, volume_voxels
 from ...walk import walk_folders
 from .base import plain
+from .search import SearchPhase
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -61,7 +62,8 @@ class FeaturesPhase:
 
     def run(self, ctx: "RunContext", state: "RunState") -> None:
         with ctx.phase(self.name) as end:
-            needed = state.trainable and not any(p.done for p in ctx.phases if p.name == "search")  # only the search reads pools
+            search = next((p for p in ctx.phases if isinstance(p, SearchPhase)), None)
+            needed = state.trainable and not (search is not None and search.finished(ctx.config))  # only the search reads pools
             if not needed:
                 end.update(skipped="the search already finished" if state.trainable else "fewer than two training volumes")
                 ctx.progress.set(self.name, 1.0)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...config import RunConfig
 from ...search import N_PARAMS, CandidateSearch
+from ...search.engine import extendable
 from .base import plain
 
 if TYPE_CHECKING:
@@ -39,6 +40,11 @@ class SearchPhase:
         self._saved = saved
         self.done = bool(saved) and saved.get("stage") == "done"
 
+    def finished(self, config: RunConfig) -> bool:
+        """Done, and not to be continued by this session's settings (the features phase then loads no pools)."""
+        saved = self._saved
+        return self.done and not (saved is not None and extendable(str(saved["stage"]), int(saved["epoch"]), int(saved["stagnation"]), config.search))
+
     def run(self, ctx: "RunContext", state: "RunState") -> None:
         with ctx.phase(self.name) as end:
             if not state.trainable:
@@ -51,6 +57,9 @@ class SearchPhase:
             search = CandidateSearch(ctx.config.search, train, val, seed=ctx.config.seed, device=ctx.device)
             if self._saved is not None:
                 search.load_state_dict(self._saved)
+                extended = search.reopen()  # max_epochs and patience are not in the signature: raising them continues
+                if extended:
+                    ctx.event("SEARCH_EXTENDED", self.name, extended)
             self.search = state.search = search
             ctx.reporter.session_iters_start = search.candidate_iterations
             if not search.done:
