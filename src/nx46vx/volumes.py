@@ -27,15 +27,8 @@ TRAIN_BYTES_PER_VOXEL = 12
 def read_any(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a 3-D TIFF of any dtype, shape (z, y, x); raises VolumeReadError / VolumeShapeError."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            truncated = _truncation(tif, size)
-            if truncated:
-                raise VolumeReadError("truncated TIFF", path=path, expected="every page inside the file", found=truncated)
-            volume = tif.asarray()
-    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
-        raise _read_error(path, exc) from None
+    with _checked_tiff(path) as tif:
+        volume = tif.asarray()
     if volume.ndim != 3:
         raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {volume.shape}")
     return volume
@@ -129,6 +122,20 @@ def _truncation(tif: tifffile.TiffFile, size: int) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _checked_tiff(path: Path) -> Iterator[tifffile.TiffFile]:
+    """An open TIFF whose pages all lie inside the file; any failure, opening or inside the block, is a VolumeReadError."""
+    try:
+        size = path.stat().st_size
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            truncated = _truncation(tif, size)
+            if truncated:
+                raise VolumeReadError("truncated TIFF", path=path, expected="every page inside the file", found=truncated)
+            yield tif
+    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
+        raise _read_error(path, exc) from None
+
+
 def _read_error(path: Path, exc: BaseException) -> VolumeReadError:
     """The package error for a TIFF that could not be read (``exc`` as raised by the OS, tifffile or a codec)."""
     if isinstance(exc, VolumeReadError):
@@ -174,16 +181,9 @@ def inspect_volume(path: str | os.PathLike[str], *, label: bool = False) -> tupl
         ``label`` and a checked page holds another value.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            truncated = _truncation(tif, size)
-            if truncated:
-                raise VolumeReadError("truncated TIFF", path=path, expected="every page inside the file", found=truncated)
-            shape, dtype = tuple(int(s) for s in tif.series[0].shape), tif.series[0].dtype
-            pages = [tif.pages[0].asarray(), tif.pages[-1].asarray()] if len(shape) == 3 and dtype == np.uint8 else []
-    except Exception as exc:  # tifffile and imagecodecs raise many kinds; all mean "unreadable"
-        raise _read_error(path, exc) from None
+    with _checked_tiff(path) as tif:
+        shape, dtype = tuple(int(s) for s in tif.series[0].shape), tif.series[0].dtype
+        pages = [tif.pages[0].asarray(), tif.pages[-1].asarray()] if len(shape) == 3 and dtype == np.uint8 else []
     if len(shape) != 3:
         raise VolumeShapeError("volume is not 3-D", path=path, expected="3-D (z, y, x)", found=f"shape {shape}")
     if dtype != np.uint8:
