@@ -136,8 +136,9 @@ class DistillState:
     """The student and everything its training needs to continue exactly.
 
     ``schedule_steps`` is the length the learning-rate schedule is laid out over
-    (decided once, from the budget, and stored); ``best`` the best-on-validation
-    weights with their score and step (what segmentation uses).
+    and ``val_every`` the steps between validations (both decided once, from the
+    budget, and stored; ``val_every`` None = ``distill.val_every``); ``best`` the
+    best-on-validation weights with their score and step (what segmentation uses).
     """
 
     network: nn.Module
@@ -146,6 +147,7 @@ class DistillState:
     step: int = 0
     schedule_steps: int | None = None
     best: dict[str, Any] | None = None
+    val_every: int | None = None
 
 
 def resolve(config: DistillConfig, device: torch.device) -> DistillConfig:
@@ -264,6 +266,7 @@ def state_dict(state: DistillState) -> dict[str, Any]:
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "step": state.step,
         "schedule_steps": state.schedule_steps,
+        "val_every": state.val_every,
         "best": state.best,
     }
 
@@ -276,6 +279,7 @@ def load_state_dict(state: DistillState, saved: dict[str, Any]) -> None:
     state.step = int(saved["step"])
     state.schedule_steps = None if saved["schedule_steps"] is None else int(saved["schedule_steps"])
     state.best = saved["best"]
+    state.val_every = None if saved.get("val_every") is None else int(saved["val_every"])
 
 
 def student_digest(state: DistillState) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from ..state import RunState
 
 log = logging.getLogger("nx46vx")
+#: The most of the student's training time its in-training validations may take (they are spaced to fit).
+VALIDATION_SHARE = 0.15
 
 
 class DistillationPhase:
@@ -196,6 +199,9 @@ class DistillationPhase:
 
         After the warm-up, the measured seconds per step and per validation (one is run
         now to measure it) give the steps that fit the phase's time left, with 10 % spare.
+        Validations are spaced so that they take at most :data:`VALIDATION_SHARE` of the
+        training time (never closer than ``distill.val_every``): on a CPU one validation
+        can cost as much as dozens of steps.
         """
         governor = ctx.governor
         if cfg.steps > 0 or governor.remaining() == float("inf"):
@@ -204,14 +210,17 @@ class DistillationPhase:
             return
         if student.step < cfg.warmup_steps or steps_here < 2:
             return
-        per_step = (governor.clock() - started) / steps_here
+        step_s = (governor.clock() - started) / steps_here
         t0 = governor.clock()
         if val:
             self._validate(ctx, student, val, cfg)
-        per_step += (governor.clock() - t0) / cfg.val_every
+        validation_s = governor.clock() - t0
+        student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * max(step_s, 1e-9))))
+        per_step = step_s + validation_s / student.val_every
         left = governor.phase_time_left(self.name)
         student.schedule_steps = student.step + max(1, int(0.9 * left / max(per_step, 1e-9)))
-        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6), "time_left_s": round(left, 3)})
+        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6),
+                                                      "seconds_per_validation": round(validation_s, 6), "val_every": student.val_every, "time_left_s": round(left, 3)})
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[tuple[np.ndarray, np.ndarray]], cfg: Any) -> str | None:
         """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
@@ -241,7 +250,7 @@ class DistillationPhase:
                 steps_here += 1
                 bar.update(1)
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
-                if val and (student.step % cfg.val_every == 0 or finished):
+                if val and (student.step % (student.val_every or cfg.val_every) == 0 or finished):
                     self._validate(ctx, student, val, cfg)
                 self.done = finished
                 if student.step % cfg.checkpoint_every == 0 or finished:
