@@ -177,12 +177,12 @@ class SegmentationPhase:
             if saved is not None and saved["image"] == image_key and saved["segmenter"] == chosen and mask_intact(path, saved["sha"]):
                 state.masks[test.id] = path  # finished in an earlier session
                 continue
-            if chosen != BASELINE and self.switched_at is None and self._behind(ctx, state, test.id):
-                self.switched_at = index
-                ctx.event("SEGMENTER_SWITCH", self.name, {"from": chosen, "to": BASELINE, "at_volume": test.id, "remaining": len(tests) - index, **governor.state()})
             if test.id in state.rejected_tests:
                 state.masks[test.id] = state.baseline_masks[test.id]  # the empty mask written at discovery
                 continue
+            if chosen != BASELINE and self.switched_at is None and self._behind(ctx, state, test.id):
+                self.switched_at = index
+                ctx.event("SEGMENTER_SWITCH", self.name, {"from": chosen, "to": BASELINE, "at_volume": test.id, "remaining": len(tests) - index, **governor.state()})
             if chosen == BASELINE or (self.switched_at is not None and index >= self.switched_at):
                 state.masks[test.id] = state.baseline_masks[test.id]  # written at discovery
                 continue
