@@ -73,6 +73,15 @@ def test_bits_do_not_depend_on_the_thread_count() -> None:
     assert all(np.array_equal(results[0], other) for other in results[1:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_gpu_agrees_with_cpu() -> None:
+    vol = np.random.default_rng(0).integers(0, 255, (24, 20, 20), dtype=np.uint8)
+    cpu = compute_features(vol, CFG, device=torch.device("cpu"))
+    gpu = compute_features(vol, CFG, device=torch.device("cuda"))
+    for c, name in enumerate(CHANNELS):
+        assert np.abs(cpu[c] - gpu[c]).max() <= 1e-4 * max(1e-6, float(np.abs(cpu[c]).max())), name
+
+
 def test_cpu_filters_agree_with_the_torch_filters_used_on_gpu() -> None:
     vol = np.random.default_rng(4).integers(0, 255, (28, 20, 22), dtype=np.uint8)
     low, high = features.normalise(vol)
