@@ -122,3 +122,15 @@ def test_checkpoint_links_the_files_of_finished_phases(tmp_path: Path) -> None:
     assert (first / "live.safetensors").stat().st_ino != (second / "live.safetensors").stat().st_ino
     assert ckpt.is_committed(second) and torch.equal(ckpt.load_payload(second, "frozen")["weights"], torch.arange(1000, dtype=torch.float32))
     ctx.close()
+
+
+def test_validation_threshold_is_in_the_signatures_of_the_phases_that_validate() -> None:
+    from dataclasses import replace
+
+    from nx46vx.config import load_config
+    from nx46vx.runner import phases
+
+    config = load_config("demo")
+    changed = replace(config, data=replace(config.data, min_val_surface_voxels=config.data.min_val_surface_voxels + 1))
+    differ = [p.name for p in phases() if p.signature(config) != p.signature(changed)]
+    assert differ == ["distillation", "segmentation"]  # not discovery, features or search

@@ -211,6 +211,11 @@ def postprocess_grid(config: SegmentConfig) -> Iterable[PostParams]:
     yield PostParams(high=0.5, low=0.5, min_component=base, fill_holes=False, closing=1)
 
 
+def plain_params(config: SegmentConfig) -> PostParams:
+    """The grid's first point, the plain 0.5 threshold: what a source gets when nothing was tuned."""
+    return next(iter(postprocess_grid(config)))
+
+
 def tune_postprocess(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True
 ) -> tuple[PostParams, float, int]:

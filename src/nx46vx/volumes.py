@@ -148,14 +148,6 @@ def _read_error(path: Path, exc: BaseException) -> VolumeReadError:
     return VolumeReadError(what, path=path, expected="a readable multi-page TIFF", found=f"{type(exc).__name__}: {exc}")
 
 
-def _declared_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
-    """The shape the file says it has: tifffile's shaped metadata when present, else the first series' shape."""
-    for meta in tif.shaped_metadata or ():
-        if isinstance(meta, dict) and len(meta.get("shape", ())) == 3:
-            return tuple(int(s) for s in meta["shape"])
-    return tuple(int(s) for s in tif.series[0].shape)
-
-
 def inspect_volume(path: str | os.PathLike[str], *, label: bool = False) -> tuple[int, int, int]:
     """Check a volume TIFF in milliseconds, without decoding it whole: header, length, first and last page.
 
@@ -195,19 +187,17 @@ def inspect_volume(path: str | os.PathLike[str], *, label: bool = False) -> tupl
     return shape  # type: ignore[return-value]
 
 
-def declared_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """The shape a possibly damaged TIFF says it has (for an empty mask in its place); None when unreadable."""
+def volume_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """Shape of a TIFF volume from its header (no decoding); None when unreadable.
+
+    tifffile's shaped metadata wins over the pages counted, so a file cut short still
+    says the shape it was written with (the shape of an empty mask in its place).
+    """
     try:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            return _declared_shape(tif)
-    except Exception:  # nothing readable: the caller decides
-        return None
-
-
-def volume_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """Shape of a TIFF volume from its header (no decoding); None when unreadable."""
-    try:
-        with tifffile.TiffFile(path) as tif:
+            for meta in tif.shaped_metadata or ():
+                if isinstance(meta, dict) and len(meta.get("shape", ())) == 3:
+                    return tuple(int(s) for s in meta["shape"])
             return tuple(int(s) for s in tif.series[0].shape)
     except Exception:  # an unreadable file is reported by the caller, naming it
         return None

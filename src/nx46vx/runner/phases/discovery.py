@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ...config import RunConfig
-from ...discovery import TrainPair, discover
+from ...discovery import TestVolume, TrainPair, discover
 from ...errors import MemoryLimitError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
 from ...segment import intensity_baseline
 from ...telemetry import ensure_memory
-from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, declared_shape, inspect_volume, read_volume, sampled_sha256
+from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, sampled_sha256, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
 from .base import digest, plain
 
@@ -152,7 +152,7 @@ class DiscoveryPhase:
 
     def _check_tests(self, ctx: "RunContext", state: "RunState") -> None:
         """Every test volume's header, length and first/last page; a bad one stops the run or gets an empty mask."""
-        bad: dict[str, Nx46Error] = {}
+        bad: list[tuple[TestVolume, Nx46Error]] = []
         for test in state.discovery.test:
             try:
                 state.shapes[test.id] = inspect_volume(test.image)
@@ -162,11 +162,11 @@ class DiscoveryPhase:
                 if ctx.config.data.on_bad_test == "error":
                     raise TestSetError(f"bad test volume {test.id}: {err.what}", path=err.path, expected=err.expected, found=err.found,
                                        hint='set data.on_bad_test = "empty" to submit an empty mask for it instead') from None
-                bad[test.id] = err
+                bad.append((test, err))
         common = Counter(state.shapes.values()).most_common(1)
-        for vol_id, err in bad.items():
-            test = next(t for t in state.discovery.test if t.id == vol_id)
-            shape = declared_shape(test.image)
+        for test, err in bad:
+            vol_id = test.id
+            shape = volume_shape(test.image)
             shape = tuple(shape) if shape is not None and len(shape) == 3 else (common[0][0] if common else None)
             if shape is None:
                 raise TestSetError(f"bad test volume {vol_id}, and no shape to give its empty mask: {err.what}", path=err.path, expected=err.expected, found=err.found)

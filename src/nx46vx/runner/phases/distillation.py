@@ -24,7 +24,7 @@ from ...config import RunConfig
 from ...discovery import TrainPair
 from ...metric import score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
-from ...segment import normalised, postprocess, postprocess_grid, sliding_window
+from ...segment import normalised, plain_params, postprocess, sliding_window
 from ...volumes import read_pair
 from ..sources import search_probability, validation_probabilities, validation_volumes
 from ..training_data import Prefetcher, VolumeCache
@@ -57,7 +57,9 @@ class DistillationPhase:
 
         resolved = distill.resolve(config.distill, resolve_device(config.distill.device))  # a CPU student is not a GPU one
         settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("checkpoint_every", "device", "workers")}
-        return plain(dict(settings, seed=config.seed, device_kind=resolve_device(config.distill.device).type))
+        # the validation volumes pick the best weights: which of them count is part of what the student is
+        return plain(dict(settings, seed=config.seed, device_kind=resolve_device(config.distill.device).type,
+                          min_val_surface_voxels=config.data.min_val_surface_voxels))
 
     def state_dict(self) -> dict[str, Any] | None:
         if self.student is None:
@@ -279,7 +281,7 @@ class DistillationPhase:
         """
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
-        params = next(iter(postprocess_grid(seg)))  # the plain 0.5 threshold: the grid's first point
+        params = plain_params(seg)
         scores = []
         t0 = governor.clock()
         for image, label in val:

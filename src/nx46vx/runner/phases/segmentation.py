@@ -20,7 +20,7 @@ from ... import reports
 from ...config import RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, postprocess, postprocess_grid, tune_postprocess
+from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, plain_params, postprocess, postprocess_grid, tune_postprocess
 from ...telemetry import ensure_memory, mask_stats
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume, sampled_sha256
 from ..masks import mask_intact, write_mask, write_probability
@@ -48,7 +48,8 @@ class SegmentationPhase:
         self.switched_at: int | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
-        return plain(dict(dataclasses.asdict(config.segment), reserve_safety=config.budget.reserve_safety))
+        return plain(dict(dataclasses.asdict(config.segment), reserve_safety=config.budget.reserve_safety,
+                          min_val_surface_voxels=config.data.min_val_surface_voxels))  # which volumes validate the choice
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "choice": self.choice, "masks": self.masks, "switched_at": self.switched_at}
@@ -122,8 +123,7 @@ class SegmentationPhase:
             "chosen": choice.chosen,
             "by": "validation score" if scores else "preference order",
             "validation_scores": scores,
-            # without validation a learned source gets the grid's first point, the plain 0.5 threshold
-            "params": None if choice.chosen == BASELINE else params.get(choice.chosen, next(iter(postprocess_grid(seg)))).to_dict(),
+            "params": None if choice.chosen == BASELINE else params.get(choice.chosen, plain_params(seg)).to_dict(),
             "predicted_test_seconds": choice.predicted_test_seconds,
             "seconds_per_voxel": seconds_per_voxel,
             "time_left_s": None if time_left == float("inf") else time_left,
