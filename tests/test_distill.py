@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,34 @@ def test_sliding_window_blends_to_the_whole_volume_result() -> None:
     assert np.allclose(sliding_window(vol, Bright(), patch=16, flip_tta=True), expected, atol=1e-5)
 
 
+def _whole_volume_blend(vol: np.ndarray, network: torch.nn.Module, patch: int, stride: int) -> np.ndarray:
+    """Reference: every window of the edge-padded, normalised volume blended into whole-volume sums, one window at a time."""
+    image = np.pad(normalised(vol), [(0, max(0, patch - s)) for s in vol.shape], mode="edge")
+    starts = [sorted(set(list(range(0, s - patch, stride)) + [s - patch])) if s > patch else [0] for s in image.shape]
+    t = np.arange(patch, dtype=np.float32) - (patch - 1) / 2
+    g = np.exp(-0.5 * (t / (patch / 4)) ** 2)
+    weights = torch.from_numpy(np.maximum(g[:, None, None] * g[None, :, None] * g[None, None, :], 1e-3).astype(np.float32))
+    acc, norm = torch.zeros(image.shape), torch.zeros(image.shape)
+    with torch.no_grad():
+        for z in starts[0]:
+            for y in starts[1]:
+                for x in starts[2]:
+                    window = torch.from_numpy(image[z : z + patch, y : y + patch, x : x + patch].copy())[None, None]
+                    acc[z : z + patch, y : y + patch, x : x + patch] += torch.sigmoid(network(window))[0, 0] * weights
+                    norm[z : z + patch, y : y + patch, x : x + patch] += weights
+    return (acc / norm).numpy()[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+
+
+@pytest.mark.parametrize("shape, batch", [((70, 21, 19), 1), ((70, 21, 19), 5), ((41, 37, 33), 16), ((9, 30, 12), 2)])
+def test_sliding_window_by_row_slabs_equals_whole_volume_sums(shape: tuple[int, ...], batch: int) -> None:
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(3, 1, 3, padding=1)).eval()
+    vol = np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8)
+    prob = sliding_window(vol, network, patch=16, overlap=0.5, batch=batch)
+    assert prob.shape == vol.shape and prob.dtype == np.float32 and prob.flags.c_contiguous
+    np.testing.assert_allclose(prob, _whole_volume_blend(vol, network, 16, 8), rtol=0, atol=2e-6)
+
+
 def test_postprocess_hysteresis_and_fallback() -> None:
     prob = np.zeros((20, 20, 20), np.float32)
     prob[5:7] = 0.6
@@ -171,9 +200,16 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     assert "student" in result.validation_scores
     with pytest.raises(DistillationNotExecuted, match="failed to load"):
         nx46vx.run([demo_data], output=tmp_path / "missing", profile="demo", overrides=FAST + ['distill.teachers=["tiff:/nonexistent/preds"]'])
-    labels_only = nx46vx.run([demo_data], output=tmp_path / "labels", profile="demo", overrides=FAST + ["distill.teachers=[]", "distill.steps=5"])
-    start = next(e["data"] for e in events(tmp_path / "labels" / "journal.jsonl") if e["event"] == "DISTILLATION_START")
+    # labels only, trained data-parallel by two processes started from inside run()
+    labels_only = nx46vx.run([demo_data], output=tmp_path / "labels", profile="demo", overrides=FAST + ["distill.teachers=[]", "distill.steps=5", "distill.processes=2"])
+    journal = events(tmp_path / "labels" / "journal.jsonl")
+    start = next(e["data"] for e in journal if e["event"] == "DISTILLATION_START")
     assert start["teachers"] == [] and labels_only.status == "complete"
+    parallel = next(e["data"] for e in journal if e["event"] == "DISTILLATION_PARALLEL")
+    assert parallel["processes"] == 2 and parallel["backend"] == "gloo" and parallel["patches_per_process"] == 1
+    steps = [e["data"] for e in journal if e["event"] == "DISTILLATION_LOSS_STEP"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5] and all(math.isfinite(s["total"]) for s in steps)
+    assert not list((tmp_path / "labels" / "cache").glob(".ddp-*"))
 
 
 def test_the_student_learns_thin_surfaces_on_scroll_data() -> None:

@@ -2,46 +2,65 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from nx46vx import distill
 from nx46vx.config import DistillConfig
-from nx46vx.parallel import shard, spawn, train_steps
+from nx46vx.errors import ConfigError
+from nx46vx.parallel import DataParallelTrainer, shard, world_size
 
 CFG = DistillConfig(arch="resenc", width=4, depth=2, blocks=(1, 1), patch=16, batch=4, warmup_steps=1, lr=1e-2, teacher_weight=0.5)
+CPU = torch.device("cpu")
+# per step: which patches have a teacher target (uneven over the two shards, and once none in the second one)
+COVERED = ([True, True, True, False], [True, True, False, False], [False, True, True, True])
 
 
-class Batches:
-    """Seeded global batches (picklable, so spawned workers draw the same ones)."""
-
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(1000 + step)
-        shape = (CFG.batch, 1, CFG.patch, CFG.patch, CFG.patch)
-        label = torch.randint(0, 3, shape, generator=g).to(torch.uint8)
-        return {"image": torch.rand(shape, generator=g), "label": label, "target": torch.rand(shape, generator=g), "covered": torch.ones(CFG.batch, dtype=torch.bool)}
+def batch_at(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    shape = (CFG.batch, 1, CFG.patch, CFG.patch, CFG.patch)
+    label = torch.randint(0, 3, shape, generator=g).to(torch.uint8)
+    return {"image": torch.rand(shape, generator=g), "label": label, "target": torch.rand(shape, generator=g), "covered": torch.tensor(COVERED[step % 3])}
 
 
-def test_shard_splits_evenly() -> None:
-    batch = Batches()(0)
+def test_shard_splits_evenly_and_carries_the_batch_counts() -> None:
+    batch = batch_at(0)
     parts = [shard(batch, r, 2) for r in range(2)]
     assert torch.equal(torch.cat([p["image"] for p in parts]), batch["image"])
+    assert all(float(p["patches_total"]) == 4 and int(p["covered_total"]) == 3 for p in parts)
+
+
+def test_world_size_checks_an_explicit_count() -> None:
+    assert world_size(0, batch=4, device=CPU) == 1
+    assert world_size(2, batch=4, device=CPU) == 2
+    with pytest.raises(ConfigError, match="divisor of distill.batch"):
+        world_size(3, batch=4, device=CPU)
 
 
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    out = tmp_path / "rank0.safetensors"
-    spawn(train_steps, 2, str(tmp_path / "init"), CFG, 0, Batches(), 3, str(out))
-    from safetensors.torch import load_file
-
-    parallel = load_file(str(out))
-    state = distill.init_state(CFG, seed=0, device=torch.device("cpu"))
-    state.schedule_steps = 3
-    for step in range(3):
-        distill.train_step(state, Batches()(step), CFG)
-    single = state.network.state_dict()
-    assert parallel.keys() == single.keys()
-    initial = distill.init_state(CFG, seed=0, device=torch.device("cpu")).network.state_dict()
-    assert any(not torch.equal(single[k], initial[k]) for k in single)  # training moved the weights
-    for key in single:
-        assert torch.allclose(parallel[key], single[key], atol=2e-5, rtol=1e-4), key
+    """One step alone (so the helper must receive a non-trivial optimiser state), then three data-parallel steps."""
+    single = distill.init_state(CFG, seed=0, device=CPU)
+    single.schedule_steps = 4
+    distill.train_step(single, batch_at(3), CFG)
+    parallel = distill.init_state(CFG, seed=0, device=CPU)
+    distill.load_state_dict(parallel, copy.deepcopy(distill.state_dict(single)))  # a copy: the optimiser would share its moment tensors
+    trainer = DataParallelTrainer(parallel, CFG, world=2, device=CPU, folder=tmp_path)
+    try:
+        parallel_terms = [trainer.step(parallel, batch_at(step)) for step in range(3)]
+    finally:
+        trainer.close()
+    assert not list(tmp_path.iterdir())  # the rendezvous file is gone
+    assert all(not p.is_alive() for p in trainer.helpers.processes)
+    single_terms = [distill.train_step(single, batch_at(step), CFG) for step in range(3)]
+    assert parallel.step == single.step == 4
+    for p_terms, s_terms in zip(parallel_terms, single_terms):
+        for key in ("total", "dice", "bce", "teacher", "grad_norm", "lr"):
+            assert p_terms[key] == pytest.approx(s_terms[key], rel=1e-4, abs=1e-6), key
+    initial = distill.init_state(CFG, seed=0, device=CPU).network.state_dict()
+    weights = single.network.state_dict()
+    assert any(not torch.equal(weights[k], initial[k]) for k in weights)  # training moved the weights
+    for key, value in parallel.network.state_dict().items():
+        assert torch.allclose(value, weights[key], atol=2e-5, rtol=1e-4), key

@@ -106,6 +106,9 @@ class DistillConfig:
     w(t)·teacher``, ``w`` going linearly from ``teacher_weight`` to
     ``teacher_weight_end``. Every ``val_every`` steps the student is scored by the
     competition metric on ``val_volumes`` validation volumes and the best weights kept.
+    ``processes``: data-parallel training processes (DDP, :mod:`nx46vx.parallel`);
+    0 = one per visible GPU when more than one is visible, else 1 (``batch`` is the
+    global batch and must divide evenly over them).
     """
 
     enabled: bool = True
@@ -136,6 +139,7 @@ class DistillConfig:
     val_every: int = 100
     val_volumes: int = 2
     workers: int = 2
+    processes: int = 0
     checkpoint_every: int = 50
     device: str = "auto"
 
@@ -479,6 +483,7 @@ RANGES: dict[str, Range] = {
     "distill.val_every": AT_LEAST_ONE,
     "distill.val_volumes": NON_NEGATIVE,
     "distill.workers": _r(0, 256),
+    "distill.processes": _r(0, 1024),
     "distill.checkpoint_every": AT_LEAST_ONE,
     "segment.baseline_sigma": _r(0, 32),
     "segment.min_component_voxels": NON_NEGATIVE,

@@ -197,8 +197,10 @@ def losses(outputs: list[torch.Tensor], batch: dict[str, torch.Tensor], config: 
         skeleton = downsample_label(batch["skeleton"], factor) if "skeleton" in batch else None
         for name, value in label_losses(logits, downsample_label(batch["label"], factor), skeleton).items():
             terms[name] = terms.get(name, 0.0) + weight * value
-    terms["teacher"] = teacher_loss(outputs[0], batch["target"], batch["covered"], config.temperature)
-    active = teacher_weight if bool(batch["covered"].any()) else 0.0
+    # a data-parallel share carries the whole batch's counts (nx46vx.parallel.shard)
+    covered_total = batch.get("covered_total")
+    terms["teacher"] = teacher_loss(outputs[0], batch["target"], batch["covered"], config.temperature, patches_total=batch.get("patches_total"), covered_total=covered_total)
+    active = teacher_weight if bool(batch["covered"].any() if covered_total is None else covered_total > 0) else 0.0
     terms["total"] = config.dice_weight * terms["dice"] + config.bce_weight * terms["bce"] + config.skeleton_weight * terms.get("skeleton", 0.0) + active * terms["teacher"]
     return terms
 

@@ -110,6 +110,10 @@ class DistillationNotExecuted(Nx46Error):
     """Distillation was asked for but no optimiser step ran or a teacher failed to load."""
 
 
+class ParallelTrainingError(Nx46Error):
+    """A data-parallel training process failed, or a batch does not fit the data-parallel layout."""
+
+
 class NativeKernelError(Nx46Error):
     """The fused CPU search kernel cannot be built or loaded (``search.kernel = "native"``)."""
 

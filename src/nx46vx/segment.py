@@ -68,9 +68,13 @@ def intensity_baseline(volume: np.ndarray, config: SegmentConfig) -> np.ndarray:
     return remove_small_components(smooth > threshold_otsu(smooth), config.min_component_voxels)
 
 
-def normalised(volume: np.ndarray) -> np.ndarray:
-    """uint8 volume → float32 in ~[0, 1] by its 1st/99.5th percentiles (the network input)."""
-    low, high = normalise(volume)
+def normalised(volume: np.ndarray, *, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 volume → float32 in ~[0, 1] by its 1st/99.5th percentiles (the network input).
+
+    ``bounds`` = those percentiles when already known (a window of a volume is
+    normalised by the whole volume's; the result is the same slice of the whole).
+    """
+    low, high = normalise(volume) if bounds is None else bounds
     return ((volume.astype(np.float32) - low) / (high - low)).astype(np.float32)
 
 
@@ -108,6 +112,48 @@ def _starts(size: int, patch: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
+class _Blend:
+    """Gaussian-weighted sums of window probabilities over the rows ``[base, base + len)`` still being written.
+
+    Windows arrive in z-major order, so the rows before the lowest window start of a
+    batch are final: they are divided out into ``out`` and the buffers move on. Only
+    the rows the windows in flight cover are held (about ``patch + stride`` rows for a
+    large volume), never a second whole-volume accumulator; the sums and the order
+    they are added in are those of whole-volume buffers, so the result is the same.
+    """
+
+    def __init__(self, out: np.ndarray, patch: int, weights: torch.Tensor) -> None:
+        self.out, self.patch, self.weights = out, patch, weights
+        self.base = 0
+        self.acc = torch.zeros((0, *out.shape[1:]), dtype=torch.float32)
+        self.norm = torch.zeros_like(self.acc)
+
+    def span(self, first: int, end: int) -> None:
+        """Rows before ``first`` are final: write them out; hold the rows up to ``end``."""
+        done = first - self.base
+        if done > 0:
+            torch.div(self.acc[:done], self.norm[:done], out=torch.from_numpy(self.out[self.base : first]))
+            keep = self.acc.shape[0] - done
+            for buffer in (self.acc.numpy(), self.norm.numpy()):
+                buffer[:keep] = buffer[done:]  # numpy copies overlapping rows correctly
+                buffer[keep:] = 0
+            self.base = first
+        if end - self.base > self.acc.shape[0]:
+            grown = [torch.zeros((end - self.base, *self.out.shape[1:]), dtype=torch.float32) for _ in range(2)]
+            for new, old in zip(grown, (self.acc, self.norm)):
+                new[: old.shape[0]] = old
+            self.acc, self.norm = grown
+
+    def add(self, z: int, y: int, x: int, window_prob: torch.Tensor) -> None:
+        p, z = self.patch, z - self.base
+        self.acc[z : z + p, y : y + p, x : x + p] += window_prob * self.weights
+        self.norm[z : z + p, y : y + p, x : x + p] += self.weights
+
+    def finish(self) -> None:
+        """Write out the rows still held (every window has been added)."""
+        self.span(self.out.shape[0], 0)
+
+
 def sliding_window(
     volume: np.ndarray,
     network: Callable[[torch.Tensor], torch.Tensor],
@@ -120,7 +166,7 @@ def sliding_window(
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
-    ``network`` maps a (1, 1, p, p, p) float tensor (the :func:`normalised`
+    ``network`` maps a (B, 1, p, p, p) float tensor (windows of the :func:`normalised`
     volume) to logits of the same spatial shape. Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
@@ -128,19 +174,20 @@ def sliding_window(
     Windows go through the network ``batch`` at a time; 0 sizes the batch from
     the free memory of ``device`` (a tenth of it, at ~64 float32 activations per
     window voxel), between 1 and 16.
+
+    Memory: besides ``volume`` and the returned map, only the rows the windows in
+    flight cover (:class:`_Blend`); each window is normalised when it is cut, so no
+    float copy of the whole volume is made.
     """
     device = device or torch.device("cpu")
-    image = torch.from_numpy(normalised(volume))
-    pads = [max(0, patch - s) for s in image.shape]
-    if any(pads):
-        image = torch.nn.functional.pad(image[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
-    shape = image.shape
-    acc = torch.zeros(shape, dtype=torch.float32)
-    norm = torch.zeros(shape, dtype=torch.float32)
-    weights = _window_weights(patch)
+    bounds = normalise(volume)
+    pads = [max(0, patch - s) for s in volume.shape]
+    source = np.pad(volume, [(0, p) for p in pads], mode="edge") if any(pads) else volume
+    out = np.empty(source.shape, dtype=np.float32)
+    blend = _Blend(out, patch, _window_weights(patch))
     stride = max(1, int(round(patch * (1 - overlap))))
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
-    positions = list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
+    positions = list(itertools.product(*(_starts(s, patch, stride) for s in source.shape)))
     if batch <= 0:
         batch = int(np.clip(0.1 * free_memory(device) // (64 * 4 * patch**3), 1, 16))
     # fp16 on a GPU (half the memory and several times the tensor-core throughput); float32 on a CPU
@@ -148,17 +195,18 @@ def sliding_window(
     with torch.no_grad(), autocast:
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]
-            windows = torch.stack([image[z : z + patch, y : y + patch, x : x + patch] for z, y, x in chunk])[:, None].to(device)
+            cut = [normalised(source[z : z + patch, y : y + patch, x : x + patch], bounds=bounds) for z, y, x in chunk]
+            windows = torch.from_numpy(np.stack(cut))[:, None].to(device)
             logits = torch.zeros_like(windows)
             for axes in flips:
-                out = network(windows.flip(axes) if axes else windows).float()
-                logits += out.flip(axes) if axes else out
+                out_w = network(windows.flip(axes) if axes else windows).float()
+                logits += out_w.flip(axes) if axes else out_w
             probs = torch.sigmoid(logits / len(flips))[:, 0].cpu()
+            blend.span(chunk[0][0], chunk[-1][0] + patch)
             for (z, y, x), window_prob in zip(chunk, probs):
-                acc[z : z + patch, y : y + patch, x : x + patch] += window_prob * weights
-                norm[z : z + patch, y : y + patch, x : x + patch] += weights
-    prob = (acc / norm).numpy()
-    return np.ascontiguousarray(prob[: volume.shape[0], : volume.shape[1], : volume.shape[2]])
+                blend.add(z, y, x, window_prob)
+    blend.finish()
+    return out if not any(pads) else np.ascontiguousarray(out[: volume.shape[0], : volume.shape[1], : volume.shape[2]])
 
 
 # ----------------------------------------------------------------------------- post-processing

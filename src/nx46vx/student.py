@@ -159,12 +159,28 @@ def label_losses(logits: torch.Tensor, label: torch.Tensor, skeleton: torch.Tens
     return out
 
 
-def teacher_loss(logits: torch.Tensor, target: torch.Tensor, covered: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Tempered BCE to the teachers' soft target ``T²·BCE(σ(z/T), σ(logit(p)/T))`` over the covered patches (0 when none)."""
+def teacher_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    covered: torch.Tensor,
+    temperature: float,
+    *,
+    patches_total: torch.Tensor | None = None,
+    covered_total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tempered BCE to the teachers' soft target ``T²·BCE(σ(z/T), σ(logit(p)/T))``, averaged over the covered patches (0 when none).
+
+    ``patches_total`` and ``covered_total`` (scalar tensors) are the patch and covered
+    counts of the whole batch when this one is a data-parallel worker's share of it:
+    the mean is then over the whole batch's covered patches, so the workers' average
+    equals the loss of the whole batch (a share with more covered patches weighs more).
+    """
     soft = torch.sigmoid(torch.logit(target.clamp(_EPS, 1 - _EPS)) / temperature)
     per_voxel = F.binary_cross_entropy_with_logits(logits / temperature, soft, reduction="none") * temperature**2
     weights = covered.float()[:, None, None, None, None].expand_as(logits)
-    return _per_patch_mean(per_voxel, weights) * weights.shape[0] / weights[:, 0, 0, 0, 0].sum().clamp_min(1.0)
+    patches = weights.shape[0] if patches_total is None else patches_total
+    count = weights[:, 0, 0, 0, 0].sum() if covered_total is None else covered_total.float()
+    return _per_patch_mean(per_voxel, weights) * patches / count.clamp_min(1.0)
 
 
 def downsample_label(label: torch.Tensor, factor: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from ..training_data import Prefetcher, VolumeCache
 from .base import digest, plain
 
 if TYPE_CHECKING:
+    from ...parallel import DataParallelTrainer
     from ..context import RunContext
     from ..state import RunState
 
@@ -56,7 +57,7 @@ class DistillationPhase:
         from ...features import resolve_device
 
         resolved = distill.resolve(config.distill, resolve_device(config.distill.device))  # a CPU student is not a GPU one
-        settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("checkpoint_every", "device", "workers")}
+        settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("checkpoint_every", "device", "workers", "processes")}
         # the validation volumes pick the best weights: which of them count is part of what the student is
         return plain(dict(settings, seed=config.seed, device_kind=resolve_device(config.distill.device).type,
                           min_val_surface_voxels=config.data.min_val_surface_voxels))
@@ -234,6 +235,7 @@ class DistillationPhase:
 
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
         stopped, started, steps_here = None, governor.clock(), 0
+        trainer = self._data_parallel(ctx, student, cfg)
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
@@ -248,7 +250,7 @@ class DistillationPhase:
                     state.unfinished.append(self.name)
                     ctx.checkpointer.write("pretimeout_flush")
                     break
-                self._one_step(ctx, state, student, batches.get(student.step), cfg)
+                self._one_step(ctx, state, student, batches.get(student.step), cfg, trainer)
                 steps_here += 1
                 bar.update(1)
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
@@ -260,13 +262,30 @@ class DistillationPhase:
                     ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
                 ctx.reporter.report()
         finally:
+            if trainer is not None:
+                trainer.close()
             batches.close()
             bar.close()
         return stopped
 
-    def _one_step(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, batch: dict[str, torch.Tensor], cfg: Any) -> None:
+    def _data_parallel(self, ctx: "RunContext", student: distill.DistillState, cfg: Any) -> "DataParallelTrainer | None":
+        """Helper processes for data-parallel training when more than one process is set or GPU visible (``DISTILLATION_PARALLEL``)."""
+        from ...parallel import DataParallelTrainer, world_size
+
+        world = world_size(cfg.processes, batch=cfg.batch, device=ctx.distill_device)
+        if world == 1:
+            return None
+        t0 = ctx.governor.clock()
+        trainer = DataParallelTrainer(student, cfg, world=world, device=ctx.distill_device, folder=ctx.output / "cache")
+        ctx.event("DISTILLATION_PARALLEL", self.name, {"processes": world, "backend": "nccl" if ctx.distill_device.type == "cuda" else "gloo",
+                                                      "patches_per_process": cfg.batch // world, "start_s": round(ctx.governor.clock() - t0, 3)})
+        return trainer
+
+    def _one_step(
+        self, ctx: "RunContext", state: "RunState", student: distill.DistillState, batch: dict[str, torch.Tensor], cfg: Any, trainer: "DataParallelTrainer | None"
+    ) -> None:
         ctx.event("DISTILLATION_BATCH_BEGIN", self.name, {"step": student.step + 1, "patches": int(batch["image"].shape[0]), "covered": int(batch["covered"].sum())})
-        terms = distill.train_step(student, batch, cfg)
+        terms = trainer.step(student, batch) if trainer is not None else distill.train_step(student, batch, cfg)
         state.advanced.add(self.name)
         losses = {k: terms[k] for k in ("total", "label", "dice", "bce", "teacher", "skeleton") if k in terms}
         ctx.event("DISTILLATION_LOSS_STEP", self.name, {"step": student.step, **losses, "teacher_weight": terms["teacher_weight"]})
