@@ -16,9 +16,9 @@
 #include <string.h>
 
 #define KB 16   /* candidates per group: two vectors of 8 floats */
-#define TR 64   /* rows per tile (the tile's rows and residuals stay in L1) */
-#define RB 4    /* rows advanced together in the forward product: 8 independent FMA chains */
-#define JB 4    /* gradient rows accumulated together in the backward product */
+#define TR 60   /* rows per tile (their residuals stay in L1); a multiple of RB */
+#define RB 6    /* rows advanced together in the forward product: 12 independent FMA chains */
+#define JB 6    /* gradient rows accumulated together in the backward product: 12 chains */
 #define MAXP 64 /* largest supported design width */
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -29,6 +29,14 @@ static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b
 static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
 #define NV (2 * RB) /* vectors of logits per block of RB rows */
+
+/* Keep theta's two vectors of one column in registers for the RB rows (GCC otherwise folds them into
+ * every FMA as a memory operand: two loads per row, which saturates the load ports). */
+#if defined(__x86_64__)
+#define IN_REGISTERS(a, b) __asm__("" : "+x"(a), "+x"(b))
+#else
+#define IN_REGISTERS(a, b) ((void)0)
+#endif
 
 /* exp(x) for x <= 0 on NV vectors: Cody-Waite reduction by ln 2 and the Cephes expf polynomial (~1 ulp).
  * Stage by stage over the NV vectors, so their dependent polynomial chains overlap. */
@@ -73,7 +81,7 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
                        const int32_t *restrict rows, const float *restrict w, int64_t n,
                        const float *restrict th, float *restrict grad, float *restrict loss, int with_grad)
 {
-    float xs[TR * MAXP];
+    const float *xp[TR]; /* the tile's rows: the backward product reads them again where they lie (L1/L2) */
     v8f rs[TR][2];
     v8f lacc[2] = {bcast(0.0f), bcast(0.0f)};
     for (int64_t i0 = 0; i0 < n; i0 += TR) {
@@ -90,12 +98,15 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
                 yi[q] = y[r];
             }
             v8f z[RB][2];
-            for (int q = 0; q < RB; ++q) z[q][0] = z[q][1] = bcast(0.0f);
+            for (int q = 0; q < RB; ++q) {
+                z[q][0] = z[q][1] = bcast(0.0f);
+                xp[t0 + q] = x[q];
+            }
             for (int j = 0; j < P; ++j) {
-                const v8f a = *(const v8fu *)(th + j * KB), b = *(const v8fu *)(th + j * KB + 8);
+                v8f a = *(const v8fu *)(th + j * KB), b = *(const v8fu *)(th + j * KB + 8);
+                IN_REGISTERS(a, b);
                 for (int q = 0; q < RB; ++q) {
-                    const float xj = x[q][j];
-                    xs[(t0 + q) * P + j] = xj;
+                    const v8f xj = bcast(x[q][j]); /* a broadcast load: no scalar copy, no shuffle */
                     z[q][0] += xj * a;
                     z[q][1] += xj * b;
                 }
@@ -129,7 +140,7 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
             for (int t = 0; t < ntp; ++t) {
                 const v8f r0 = rs[t][0], r1 = rs[t][1];
                 for (int u = 0; u < JB; ++u) {
-                    const float xj = xs[t * P + j + u];
+                    const float xj = xp[t][j + u];
                     g[u][0] += xj * r0;
                     g[u][1] += xj * r1;
                 }
@@ -142,7 +153,7 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
         for (; j < P; ++j) {
             v8f g0 = *(v8fu *)(grad + j * KB), g1 = *(v8fu *)(grad + j * KB + 8);
             for (int t = 0; t < ntp; ++t) {
-                const float xj = xs[t * P + j];
+                const float xj = xp[t][j];
                 g0 += xj * rs[t][0];
                 g1 += xj * rs[t][1];
             }

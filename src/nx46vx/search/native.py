@@ -42,6 +42,7 @@ log = logging.getLogger("nx46vx")
 SOURCE = Path(__file__).with_name("_logistic_kernel.c")
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
 KERNEL_VERSION = 1
+PIECES_PER_THREAD = 8  # work pieces per kernel thread (dynamic load balance)
 CHUNK_ROWS = 4096  # rows of the design per chunk: the unit of work of one thread, and of the summation order
 
 _VP, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -249,7 +250,9 @@ class FusedLogistic:
         grad_parts = np.empty((n_chunks, groups, p, self.width) if with_gradient else (1,), np.float32)
         loss_parts = np.empty((n_chunks, groups, self.width), np.float32)
         pool, threads = self._threads()
-        cuts = np.linspace(0, n_chunks, min(threads, n_chunks) + 1).astype(np.int64)
+        # several pieces per thread, handed out as threads free up: a vCPU that is slowed down (a busy neighbour)
+        # does not hold the others back; the partial sums are per chunk, so the bits do not depend on the pieces
+        cuts = np.linspace(0, n_chunks, min(PIECES_PER_THREAD * threads, n_chunks) + 1).astype(np.int64)
         args = (
             phi.ctypes.data, y.ctypes.data, p, layout.rows.ctypes.data, layout.weights.ctypes.data,
             layout.offsets.ctypes.data, n_chunks, groups, layout.group_meta.ctypes.data, theta_t.ctypes.data,
