@@ -1,9 +1,11 @@
 """Batched FISTA over the 135-candidate grid vs the old per-candidate NumPy ISTA loop vs scikit-learn.
 
-Run: ``python bench/bench_search.py [--samples 1000000] [--repeats 3] [--old-candidates 2] [--sklearn-candidates 2] [--torch-iters 3]``.
+Run: ``python bench/bench_search.py [--samples 1000000] [--repeats 3] [--old-candidates 2] [--sklearn-candidates 2] [--torch-iters 3] [--every-iteration]``.
 All three work on the same design rows (one synthetic training sample of labelled voxels). The batched
 search and the old loop are timed ``--repeats`` times each, alternating, and the ratio of their medians is
-printed last.
+printed last. The batched search runs as the search phase does: the objective, which only ``FIT_ITER``
+reports, is evaluated on the iterations that report it (``search.objective_every``; the old loop never
+evaluated its objective); ``--every-iteration`` also times it on every iteration.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from nx46vx.config import FeatureConfig, SearchConfig
 from nx46vx.features import sample_pool
 from nx46vx.search import BatchedFISTA, Design, design_rows, make_grid, penalised_mask
-from nx46vx.search.engine import N_X, N_G, Standardiser
+from nx46vx.search.engine import N_X, N_G, Standardiser, reports_objective
 from nx46vx.search.sampling import balanced_sample, bootstrap_weights
 from nx46vx.synthetic import make_volume
 
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--old-candidates", type=int, default=2)
     parser.add_argument("--sklearn-candidates", type=int, default=2)
     parser.add_argument("--torch-iters", type=int, default=3, help="iterations of the eager-torch path, for reference (0: skip)")
+    parser.add_argument("--every-iteration", action="store_true", help="also time the search with the objective on every iteration, once")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, building a sample of {args.samples:,} labelled voxels …", flush=True)
@@ -78,14 +81,19 @@ def main() -> None:
     l1 = torch.tensor([c.l1 for c in grid])
     l2 = torch.tensor([c.l2 for c in grid])
 
-    def time_search(solver: BatchedFISTA, iters: int) -> float:
-        """Seconds per candidate-iteration over ``iters`` iterations (after one warm-up iteration)."""
+    def time_search(solver: BatchedFISTA, iters: int, search: SearchConfig | None = None) -> float:
+        """Seconds per candidate-iteration over ``iters`` iterations (after one warm-up iteration), as the search runs them.
+
+        The objective is evaluated on the iterations whose ``FIT_ITER`` reports it (:func:`reports_objective`).
+        """
+        search = replace(search or cfg, max_iter=iters)
         lips = solver.lipschitz(design, metas, l2)
         state = solver.init_state(torch.zeros(k, phi.shape[1]))
         state, _ = solver.step(design, state, metas, l1, l2, lips)  # warm-up (and kernel build)
+        state = solver.init_state(torch.zeros(k, phi.shape[1]))
         t0 = time.perf_counter()
-        for _ in range(iters):
-            state, _ = solver.step(design, state, metas, l1, l2, lips)
+        for it in range(1, iters + 1):
+            state, _ = solver.step(design, state, metas, l1, l2, lips, with_objective=reports_objective(it, search))
         return (time.perf_counter() - t0) / (iters * k)
 
     # (b) old per-candidate loop, a subset of candidates, scaled linearly
@@ -109,8 +117,13 @@ def main() -> None:
         print(f"    repeat {r + 1}: batched {batched_runs[-1] * 1e3:.3f} ms, old {old_runs[-1] * 1e3:.3f} ms per candidate-iteration "
               f"({old_runs[-1] / batched_runs[-1]:.1f}x)", flush=True)
     batched, old = float(np.median(batched_runs)), float(np.median(old_runs))
+    reported = sum(reports_objective(it, replace(cfg, max_iter=args.iters)) for it in range(1, args.iters + 1))
     print(f"(a) batched FISTA, {kernel} kernel: {k} candidates x {args.iters} iterations on {n:,} samples: "
-          f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration (median of {args.repeats})", flush=True)
+          f"{batched * args.iters * k:.1f} s, {batched * 1e3:.3f} ms per candidate-iteration (median of {args.repeats}; "
+          f"objective evaluated on {reported} of {args.iters} iterations, search.objective_every = {cfg.objective_every})", flush=True)
+    if args.every_iteration:
+        every = time_search(solver, args.iters, replace(cfg, objective_every=1))
+        print(f"    with the objective on every iteration (search.objective_every = 1, once): {every * 1e3:.3f} ms per candidate-iteration", flush=True)
     if args.torch_iters:
         eager = time_search(BatchedFISTA(block_rows=cfg.block_rows, kernel="torch"), args.torch_iters)
         print(f"    batched FISTA, torch kernel (timed {args.torch_iters} iterations): {eager * 1e3:.3f} ms per candidate-iteration", flush=True)

@@ -112,6 +112,10 @@ def test_fused_kernel_matches_torch_path() -> None:
             assert float((grad_f - grad_t).abs().max() / grad_t.abs().max()) < 1e-5
         else:
             assert grad_f is None
+    # the gradient alone (an iteration that does not report its objective) is the same gradient, bit for bit
+    for solver, (_, grad) in ((fused, fused._scan(design, theta, metas, True)), (eager, eager._scan(design, theta, metas, True))):
+        no_loss, grad_only = solver._scan(design, theta, metas, True, with_loss=False)
+        assert no_loss is None and torch.equal(grad_only, grad)
     # extreme logits: the stable forms stay finite and agree
     loss_f, grad_f = fused._scan(design, theta * 200, metas, True)
     loss_t, grad_t = eager._scan(design, theta * 200, metas, True)
@@ -198,6 +202,8 @@ def test_search_learns_and_meta_neurons_differ(pools) -> None:
     assert names.count("FIT_ITER") == 120 and names.count("CANDIDATE_DONE") == 135 and names.count("EPOCH_DONE") == 1
     it = next(d for n, d in events if n == "FIT_ITER")
     assert set(it) == {"epoch", "candidate", "batch_size", "iter", "objective"} and len(it["objective"]) == 135
+    reported = [d["iter"] for n, d in events if n == "FIT_ITER" and d["objective"] is not None]
+    assert reported == [1, *range(10, 121, 10)]  # search.objective_every = 10
     done = [d for n, d in events if n == "CANDIDATE_DONE"]
     assert set(done[0]) == {"epoch", "candidate", "meta_neuron", "l1", "l2", "objective", "val_f1", "val_iou", "val_fbeta", "threshold", "active_start", "active_mid", "active_end"}
     # the all-positive predictor's F1 on the validation prevalence
@@ -211,6 +217,22 @@ def test_search_learns_and_meta_neurons_differ(pools) -> None:
     theta = search.theta
     assert not torch.equal(theta[0], theta[15]) and not torch.equal(theta[15], theta[30])
     assert abs(done[0]["objective"] - done[15]["objective"]) > 0
+
+
+def test_reporting_the_objective_less_often_changes_no_fit(pools) -> None:
+    runs = {}
+    for every in (1, 5):
+        search = _search(pools, max_iter=12, batch_candidates=45, objective_every=every)
+        events = []
+        while not search.done:
+            events += search.advance()
+        runs[every] = (search.theta, {(d["candidate"], d["iter"]): d["objective"] for n, d in events if n == "FIT_ITER"},
+                       [d for n, d in events if n == "CANDIDATE_DONE"])
+    (theta_1, objectives_1, done_1), (theta_5, objectives_5, done_5) = runs[1], runs[5]
+    assert torch.equal(theta_1, theta_5) and done_1 == done_5
+    assert sorted({i for _, i in objectives_5 if objectives_5[_, i] is not None}) == [1, 5, 10, 12]
+    assert all(value is None or value == objectives_1[key] for key, value in objectives_5.items())
+    assert all(value is not None for value in objectives_1.values())
 
 
 def test_state_dict_resume_is_bit_exact(pools) -> None:

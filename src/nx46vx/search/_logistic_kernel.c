@@ -76,10 +76,11 @@ static inline void vlog1p_unit_n(const v8f *restrict e, v8f *restrict out)
 }
 
 /* Rows rows[0..n) of phi (row-major, width P) with weights w[0..n); theta_t is P x KB.
- * loss (KB) is overwritten; grad (P x KB) is accumulated when with_grad. */
-static void scan_group(const float *restrict phi, const float *restrict y, int P,
-                       const int32_t *restrict rows, const float *restrict w, int64_t n,
-                       const float *restrict th, float *restrict grad, float *restrict loss, int with_grad)
+ * loss (KB) is overwritten (with zeros unless with_loss); grad (P x KB) is accumulated when with_grad.
+ * Always inlined with constant flags, so each combination is its own loop without branches. */
+static inline __attribute__((always_inline)) void
+scan_group(const float *restrict phi, const float *restrict y, int P, const int32_t *restrict rows, const float *restrict w, int64_t n,
+           const float *restrict th, float *restrict grad, float *restrict loss, const int with_grad, const int with_loss)
 {
     const float *xp[TR]; /* the tile's rows: the backward product reads them again where they lie (L1/L2) */
     v8f rs[TR][2];
@@ -120,12 +121,12 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
             }
             vexp_nonpos_n(e);                                               /* exp(-|z|) */
             for (int v = 0; v < NV; ++v) inv[v] = 1.0f / (1.0f + e[v]);     /* sigmoid(|z|), in [0.5, 1] */
-            vlog1p_unit_n(e, lg);
+            if (with_loss) vlog1p_unit_n(e, lg);
             for (int v = 0; v < NV; ++v) {
                 const int q = v / 2, h = v % 2;
                 const v8f s = sel(pos[v], inv[v], e[v] * inv[v]);          /* sigmoid(z) */
                 /* softplus(z) = max(z, 0) + log(1 + exp(-|z|)) */
-                lacc[h] += wi[q] * (sel(pos[v], zz[v], bcast(0.0f)) + lg[v] - yi[q] * zz[v]);
+                if (with_loss) lacc[h] += wi[q] * (sel(pos[v], zz[v], bcast(0.0f)) + lg[v] - yi[q] * zz[v]);
                 rs[t0 + q][h] = wi[q] * (s - yi[q]);
             }
         }
@@ -165,27 +166,38 @@ static void scan_group(const float *restrict phi, const float *restrict y, int P
     *(v8fu *)(loss + 8) = lacc[1];
 }
 
-int nx_kernel_version(void) { return 1; }
+#define NX_GRADIENT 1
+#define NX_LOSS 2
+
+int nx_kernel_version(void) { return 2; }
 int nx_group_width(void) { return KB; }
 int nx_max_width(void) { return MAXP; }
 
-/* Chunks [c0, c1) of every group.  Group g uses the rows of its meta-neuron
+/* Chunks [c0, c1) of every group; what = NX_GRADIENT | NX_LOSS (or one of them; the loss when neither).
+ * Group g uses the rows of its meta-neuron
  * group_meta[g]: rows[offsets[m * (n_chunks + 1) + c] .. offsets[... + c + 1]) with
  * weights w[same]; theta_t holds G blocks of P x KB.  Partial sums go to
  * grad_parts (n_chunks, G, P, KB) and loss_parts (n_chunks, G, KB). */
 void nx_logistic_chunks(const float *phi, const float *y, int P,
                         const int32_t *rows, const float *w, const int64_t *offsets, int64_t n_chunks,
                         int n_groups, const int32_t *group_meta, const float *theta_t,
-                        int64_t c0, int64_t c1, float *grad_parts, float *loss_parts, int with_grad)
+                        int64_t c0, int64_t c1, float *grad_parts, float *loss_parts, int what)
 {
+    const int with_grad = what & NX_GRADIENT;
     for (int64_t c = c0; c < c1; ++c) {
         for (int g = 0; g < n_groups; ++g) {
             const int64_t *off = offsets + (int64_t)group_meta[g] * (n_chunks + 1);
             float *gp = grad_parts + (c * n_groups + g) * (int64_t)P * KB;
             float *lp = loss_parts + (c * n_groups + g) * (int64_t)KB;
             if (with_grad) memset(gp, 0, sizeof(float) * P * KB);
-            scan_group(phi, y, P, rows + off[c], w + off[c], off[c + 1] - off[c],
-                       theta_t + (int64_t)g * P * KB, gp, lp, with_grad);
+            const int32_t *r = rows + off[c];
+            const float *wc = w + off[c], *th = theta_t + (int64_t)g * P * KB;
+            const int64_t n = off[c + 1] - off[c];
+            switch (what & (NX_GRADIENT | NX_LOSS)) {
+            case NX_GRADIENT | NX_LOSS: scan_group(phi, y, P, r, wc, n, th, gp, lp, 1, 1); break;
+            case NX_GRADIENT: scan_group(phi, y, P, r, wc, n, th, gp, lp, 1, 0); break;
+            default: scan_group(phi, y, P, r, wc, n, th, gp, lp, 0, 1); break;
+            }
         }
     }
 }

@@ -152,15 +152,17 @@ class BatchedFISTA:
             return groups, int(counts[0])
         return None
 
-    def _scan(self, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _scan(
+        self, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool, with_loss: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One pass over the rows at ``theta`` (K, P).
 
-        Returns the weighted data loss per candidate (K,) float64 and, when
-        ``with_gradient``, ``Φᵀ R`` (P, K) at the same point.
+        Returns the weighted data loss per candidate (K,) float64 when ``with_loss``
+        (else None) and, when ``with_gradient``, ``Φᵀ R`` (P, K) at the same point.
         """
         fused = self._fused_kernel(theta.device)
         if fused is not None:
-            return self._scan_fused(fused, design, theta, metas, with_gradient)
+            return self._scan_fused(fused, design, theta, metas, with_gradient, with_loss)
         n, p = design.phi.shape
         k = theta.shape[0]
         dev = theta.device
@@ -184,19 +186,20 @@ class BatchedFISTA:
                 groups, size = layout
                 w_b = design.weights[start:stop].index_select(1, groups)[:, :, None]  # (nb, groups, 1)
                 weigh = lambda t: t.view(nb, -1, size).mul_(w_b)  # noqa: E731
-            loss = self.datafit.loss_(z, y_b, work_buf[:nb])
-            weigh(loss)
-            loss_sum += loss.sum(dim=0)
+            if with_loss:
+                loss = self.datafit.loss_(z, y_b, work_buf[:nb])
+                weigh(loss)
+                loss_sum += loss.sum(dim=0)
             if with_gradient:
                 resid = self.datafit.residual_(z, y_b)
                 weigh(resid)
                 grad.addmm_(phi_b.T, resid)
-        return loss_sum, grad
+        return loss_sum if with_loss else None, grad
 
     @staticmethod
     def _scan_fused(
-        fused: native.FusedLogistic, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fused: native.FusedLogistic, design: Design, theta: torch.Tensor, metas: torch.Tensor, with_gradient: bool, with_loss: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """:meth:`_scan` in the compiled kernel, which visits only rows with a non-zero weight."""
         metas_np = metas.cpu().numpy()
         key = ("fused_layout", metas_np.tobytes())
@@ -209,38 +212,49 @@ class BatchedFISTA:
                 design.y.reshape(-1).to(torch.float32).contiguous().numpy(),
             )
         phi, y = design.derived["fused_arrays"]
-        loss, grad = fused.scan(phi, y, design.derived[key], theta.detach().to(torch.float32).contiguous().numpy(), with_gradient=with_gradient)
-        return torch.from_numpy(loss), None if grad is None else torch.from_numpy(grad)
+        loss, grad = fused.scan(phi, y, design.derived[key], theta.detach().to(torch.float32).contiguous().numpy(), with_gradient=with_gradient, with_loss=with_loss)
+        return None if loss is None else torch.from_numpy(loss), None if grad is None else torch.from_numpy(grad)
 
     def objective(self, design: Design, theta: torch.Tensor, metas: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
         """Full objective per candidate (K,), float64."""
         data, _ = self._scan(design, theta, metas, with_gradient=False)
+        assert data is not None
         return data + self._penalty(theta, l1, l2, design.penalised)
 
     def _penalty(self, theta: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (self.smooth_penalty.value(theta, l2, mask) + self.prox_penalty.value(theta, l1, mask)).double()
 
     def step(
-        self, design: Design, state: FistaState, metas: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor, lipschitz: torch.Tensor
-    ) -> tuple[FistaState, torch.Tensor]:
+        self,
+        design: Design,
+        state: FistaState,
+        metas: torch.Tensor,
+        l1: torch.Tensor,
+        l2: torch.Tensor,
+        lipschitz: torch.Tensor,
+        *,
+        with_objective: bool = True,
+    ) -> tuple[FistaState, torch.Tensor | None]:
         """One FISTA iteration.
 
         Returns
         -------
         FistaState
-            The next state (the input is not modified).
-        Tensor, float64, shape (K,)
-            Objective at the extrapolated point ``y = x + m·(x − x_prev)`` where the
-            gradient is taken (``y = x`` on the first iteration of a batch). Taking it
-            there shares the logits of the gradient pass, so the objective costs no
-            second GEMM; the objective of the final iterate is computed separately
+            The next state (the input is not modified; it does not depend on ``with_objective``).
+        Tensor, float64, shape (K,), or None
+            With ``with_objective``: the objective at the extrapolated point
+            ``y = x + m·(x − x_prev)`` where the gradient is taken (``y = x`` on the
+            first iteration of a batch). Taking it there shares the logits of the
+            gradient pass, so it costs no second product, only the softplus (about a
+            fifth of the pass: the step itself never needs it, the step size being
+            ``1/L``). The objective of the final iterate is computed separately
             (:meth:`objective`).
         """
         momentum = (state.t_prev - 1.0) / state.t
         x = state.x
         y = x + momentum * (x - state.x_prev)
-        data, grad = self._scan(design, y, metas, with_gradient=True)
-        objective = data + self._penalty(y, l1, l2, design.penalised)
+        data, grad = self._scan(design, y, metas, with_gradient=True, with_loss=with_objective)
+        objective = data + self._penalty(y, l1, l2, design.penalised) if data is not None else None
         grad_y = grad.T + self.smooth_penalty.gradient(y, l2, design.penalised)
         step = 1.0 / lipschitz
         x_new = self.prox_penalty.prox(y - step[:, None] * grad_y, l1 * step, design.penalised)

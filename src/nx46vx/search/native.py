@@ -41,7 +41,8 @@ log = logging.getLogger("nx46vx")
 
 SOURCE = Path(__file__).with_name("_logistic_kernel.c")
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
+_GRADIENT, _LOSS = 1, 2  # what the kernel computes (NX_GRADIENT, NX_LOSS)
 PIECES_PER_THREAD = 8  # work pieces per kernel thread (dynamic load balance)
 CHUNK_ROWS = 4096  # rows of the design per chunk: the unit of work of one thread, and of the summation order
 
@@ -222,9 +223,9 @@ class FusedLogistic:
         return self._pool, key[0]
 
     def scan(
-        self, phi: np.ndarray, y: np.ndarray, layout: RowLayout, theta: np.ndarray, *, with_gradient: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weighted loss and gradient at ``theta``.
+        self, phi: np.ndarray, y: np.ndarray, layout: RowLayout, theta: np.ndarray, *, with_gradient: bool, with_loss: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Weighted loss and gradient at ``theta`` (at least one of them).
 
         Parameters
         ----------
@@ -234,12 +235,15 @@ class FusedLogistic:
 
         Returns
         -------
-        loss : ndarray, float64, shape (K,)
-            ``Σ_i c_i (softplus(z_i) − y_i z_i)``.
+        loss : ndarray, float64, shape (K,), or None
+            ``Σ_i c_i (softplus(z_i) − y_i z_i)`` (None unless ``with_loss``: the
+            logarithm it needs is about a fifth of the pass).
         grad : ndarray, float32, shape (P, K), or None
             ``Φᵀ [c ∘ (σ(z) − y)]``.
         """
         n, p = phi.shape
+        if not (with_gradient or with_loss):
+            raise ValueError("scan computes the loss, the gradient or both")
         if p > self.max_params:
             raise NativeKernelError("design too wide for the fused kernel", expected=f"<= {self.max_params} columns", found=p)
         k = theta.shape[0]
@@ -257,8 +261,9 @@ class FusedLogistic:
             phi.ctypes.data, y.ctypes.data, p, layout.rows.ctypes.data, layout.weights.ctypes.data,
             layout.offsets.ctypes.data, n_chunks, groups, layout.group_meta.ctypes.data, theta_t.ctypes.data,
         )
+        what = (_GRADIENT if with_gradient else 0) | (_LOSS if with_loss else 0)
         futures = [
-            pool.submit(self.lib.nx_logistic_chunks, *args, int(a), int(b), grad_parts.ctypes.data, loss_parts.ctypes.data, int(with_gradient))
+            pool.submit(self.lib.nx_logistic_chunks, *args, int(a), int(b), grad_parts.ctypes.data, loss_parts.ctypes.data, what)
             for a, b in zip(cuts[:-1], cuts[1:])
         ]
         for future in futures:
@@ -266,7 +271,7 @@ class FusedLogistic:
         grad = np.empty((groups, p, self.width), np.float64)
         loss = np.empty((groups, self.width), np.float64)
         self.lib.nx_reduce(grad_parts.ctypes.data, loss_parts.ctypes.data, n_chunks, groups, p, grad.ctypes.data, loss.ctypes.data, int(with_gradient))
-        loss_k = loss.reshape(-1)[layout.slot]
+        loss_k = loss.reshape(-1)[layout.slot] if with_loss else None
         if not with_gradient:
             return loss_k, None
         grad_k = grad.transpose(1, 0, 2).reshape(p, -1)[:, layout.slot].astype(np.float32)
