@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from nx46vx import distill
 from nx46vx.config import DistillConfig
-from nx46vx.errors import ConfigError
+from nx46vx.errors import ConfigError, ParallelTrainingError
 from nx46vx.parallel import DataParallelTrainer, shard, world_size
 
 CFG = DistillConfig(arch="resenc", width=4, depth=2, blocks=(1, 1), patch=16, batch=4, warmup_steps=1, lr=1e-2, teacher_weight=0.5)
@@ -64,3 +65,12 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert any(not torch.equal(weights[k], initial[k]) for k in weights)  # training moved the weights
     for key, value in parallel.network.state_dict().items():
         assert torch.allclose(value, weights[key], atol=2e-5, rtol=1e-4), key
+
+
+def test_a_helper_that_cannot_start_is_reported_at_once(tmp_path: Path) -> None:
+    state = distill.init_state(CFG, seed=0, device=CPU)
+    wider = replace(CFG, width=8)  # the helper builds a wider network: rank 0's weights do not load into it
+    with pytest.raises(ParallelTrainingError, match="failed to start") as err:
+        DataParallelTrainer(state, wider, world=2, device=CPU, folder=tmp_path)
+    assert "size mismatch" in str(err.value)
+    assert not list(tmp_path.iterdir())

@@ -176,10 +176,10 @@ def _helper(index: int, world: int, init_file: str, config: DistillConfig, saved
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    state = distill.init_state(config, seed=0, device=device)
+    distill.load_state_dict(state, saved)  # before joining: a failure here is seen by rank 0 at the rendezvous
     _init_group(rank, world, init_file, "nccl" if device.type == "cuda" else "gloo")
     try:
-        state = distill.init_state(config, seed=0, device=device)
-        distill.load_state_dict(state, saved)
         forward = _wrap(state.network, device)
         channel = _Channel(config, world, device)
         while True:
@@ -223,12 +223,33 @@ class DataParallelTrainer:
         )
         self._open = True
         try:
-            _init_group(0, world, str(self.init_file), "nccl" if device.type == "cuda" else "gloo")
+            self._rendezvous("nccl" if device.type == "cuda" else "gloo")
             self.forward: DistributedDataParallel | None = _wrap(state.network, device)
         except BaseException:
             self._stop_helpers(wait_s=0)
             raise
         self.channel = _Channel(config, world, device)
+
+    def _rendezvous(self, backend: str) -> None:
+        """Join the group, watching the helpers meanwhile: one that fails to start is reported now, not after the timeout."""
+        failure: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                _init_group(0, self.world, str(self.init_file), backend)
+            except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+                failure.append(err)
+
+        thread = threading.Thread(target=join, name="nx46vx-ddp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(1.0)
+            try:
+                self.helpers.join(timeout=0)  # raises when a helper has failed
+            except Exception as err:
+                raise ParallelTrainingError("a data-parallel helper process failed to start", expected=f"{self.world - 1} helpers joining", found=str(err).strip()[-800:]) from err
+        if failure:
+            raise ParallelTrainingError("the data-parallel processes could not join", expected=f"{self.world} processes", found=repr(failure[0])) from failure[0]
 
     def step(self, state: distill.DistillState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One data-parallel optimiser step on the global ``batch``; the loss terms are the ranks' average."""
