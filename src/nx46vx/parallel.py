@@ -217,7 +217,7 @@ class DataParallelTrainer:
         self.config, self.world, self.device = config, world, device
         folder.mkdir(parents=True, exist_ok=True)
         self.init_file = folder / f".ddp-{os.getpid()}-{time.monotonic_ns()}"
-        saved = _cpu(distill.state_dict(state))
+        saved = _cpu(dict(distill.state_dict(state), best=None))  # the best weights stay with rank 0 (it validates)
         self.helpers = mp.start_processes(
             _helper, args=(world, str(self.init_file), config, saved, str(device), os.getpid()), nprocs=world - 1, join=False, start_method="spawn"
         )
