@@ -233,15 +233,27 @@ def test_attach_previous_output_or_results_zip(reference: dict, demo_data: Path,
     assert ok and ".attached" in ok[0]["data"]["checkpoint"]
 
 
-def _partial_run(demo_data: Path, out: Path, kill_at: str = "FIT_ITER:150") -> None:
+@pytest.fixture(scope="module")
+def partial_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where outputs of runs killed at an event are kept, one per kill point, to be copied for each test (the runs are deterministic)."""
+    return tmp_path_factory.mktemp("partial")
+
+
+def _partial_run(demo_data: Path, out: Path, kill_at: str = "FIT_ITER:150", *, cache: Path | None = None) -> None:
+    kept = cache / kill_at.replace(":", "-") if cache is not None else None
+    if kept is not None and kept.is_dir():
+        shutil.copytree(kept, out)
+        return
     killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL
+    if kept is not None:
+        shutil.copytree(out, kept)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo_data: Path, tmp_path: Path) -> None:
+def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo_data: Path, tmp_path: Path, partial_runs: Path) -> None:
     out = tmp_path / "out"
-    _partial_run(demo_data, out)
+    _partial_run(demo_data, out, cache=partial_runs)
     ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
     newest = ckpts[-1] / "search.safetensors"
     if damage == "flip":
@@ -266,9 +278,11 @@ def test_corrupt_newest_checkpoint_falls_back(damage: str, reference: dict, demo
     "change,kept,field",
     [("search.meta_neurons=8", ["discovery", "features"], "search.grid.meta_neurons"), ("features.hessian_sigma=2.0", ["discovery"], "features.spec.hessian_sigma")],
 )
-def test_changed_setting_redoes_its_phase_and_later_ones(change: str, kept: list[str], field: str, demo_data: Path, tmp_path: Path) -> None:
+def test_changed_setting_redoes_its_phase_and_later_ones(
+    change: str, kept: list[str], field: str, demo_data: Path, tmp_path: Path, partial_runs: Path
+) -> None:
     out = tmp_path / "out"
-    _partial_run(demo_data, out, "FIT_ITER:30")
+    _partial_run(demo_data, out, "FIT_ITER:30", cache=partial_runs)
     proc = run_cli(*run_args(demo_data, out, "--set", change, "--set", "search.max_epochs=1", "--set", "distill.enabled=false"))
     assert proc.returncode == 0, proc.stderr
     partial = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "RESUME_PARTIAL"]
@@ -276,9 +290,9 @@ def test_changed_setting_redoes_its_phase_and_later_ones(change: str, kept: list
     assert field in partial[0]["changed"] and partial[0]["changed"][field][0] != partial[0]["changed"][field][1]
 
 
-def test_other_data_or_an_old_format_is_incompatible(demo_data: Path, tmp_path: Path) -> None:
+def test_other_data_or_an_old_format_is_incompatible(demo_data: Path, tmp_path: Path, partial_runs: Path) -> None:
     out = tmp_path / "out"
-    _partial_run(demo_data, out, "FIT_ITER:30")
+    _partial_run(demo_data, out, "FIT_ITER:30", cache=partial_runs)
     other = tmp_path / "other"
     shutil.copytree(demo_data, other)
     first = sorted((other / "train_images").glob("*.tif"))[0]
