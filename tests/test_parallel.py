@@ -48,12 +48,13 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     distill.train_step(single, batch_at(3), CFG)
     parallel = distill.init_state(CFG, seed=0, device=CPU)
     distill.load_state_dict(parallel, copy.deepcopy(distill.state_dict(single)))  # a copy: the optimiser would share its moment tensors
+    (tmp_path / ".ddp-1-1").write_bytes(b"")  # a rendezvous file left by a killed run
     trainer = DataParallelTrainer(parallel, CFG, world=2, device=CPU, folder=tmp_path)
     try:
         parallel_terms = [trainer.step(parallel, batch_at(step)) for step in range(3)]
     finally:
         trainer.close()
-    assert not list(tmp_path.iterdir())  # the rendezvous file is gone
+    assert not list(tmp_path.iterdir())  # the stale rendezvous file and this run's are gone
     assert all(not p.is_alive() for p in trainer.helpers.processes)
     single_terms = [distill.train_step(single, batch_at(step), CFG) for step in range(3)]
     assert parallel.step == single.step == 4

@@ -216,6 +216,8 @@ class DataParallelTrainer:
             device = torch.device("cuda", torch.cuda.current_device())
         self.config, self.world, self.device = config, world, device
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".ddp-*"):  # left by a killed run (the output lock keeps any other run out)
+            stale.unlink(missing_ok=True)
         self.init_file = folder / f".ddp-{os.getpid()}-{time.monotonic_ns()}"
         saved = _cpu(dict(distill.state_dict(state), best=None))  # the best weights stay with rank 0 (it validates)
         self.helpers = mp.start_processes(
