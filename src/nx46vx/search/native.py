@@ -44,7 +44,7 @@ FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
 KERNEL_VERSION = 2
 _GRADIENT, _LOSS = 1, 2  # what the kernel computes (NX_GRADIENT, NX_LOSS)
 PIECES_PER_THREAD = 8  # work pieces per kernel thread (dynamic load balance)
-CHUNK_ROWS = 4096  # rows of the design per chunk: the unit of work of one thread, and of the summation order
+CHUNK_ROWS = 4096  # rows of the design per chunk: the unit of the summation order (threads take pieces of whole chunks)
 
 _VP, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
