@@ -2,11 +2,12 @@
  *
  * One pass over the rows of a design matrix computes, for groups of 16
  * candidates that share their rows (one meta-neuron's bootstrap), the logits
- * z = phi . theta, the loss  w * (softplus(z) - y z)  and the gradient
+ * z = phi . theta, the loss  w * (softplus(z) - y z)  and/or the gradient
  * phi^T [w * (sigmoid(z) - y)], without ever storing z: the forward product,
  * the transcendental functions and the backward product meet in registers and
  * L1.  Built at run time by nx46vx/search/native.py with the system C compiler
- * (-O3 -march=native); GCC/Clang vector extensions, no intrinsics, no libm.
+ * (-O3 -march=native); GCC/Clang vector extensions, no intrinsics (one empty
+ * inline-asm register hint on x86-64), no libm.
  *
  * Determinism: rows are cut into fixed chunks; every (chunk, group) writes its
  * own partial sums and nx_reduce adds them in chunk order, so the result does
