@@ -208,10 +208,26 @@ def test_kill_parity_after_time_driven_decisions(demo_data: Path, tmp_path: Path
     assert replayed and replayed[0]["replayed"] and replayed[0]["chosen"] == subset[0]["chosen"]
 
 
-def test_attach_previous_output_or_results_zip(reference: dict, demo_data: Path, tmp_path: Path) -> None:
-    run1 = tmp_path / "run1"
-    killed = run_cli(*run_args(demo_data, run1), env={"NX46VX_KILL_AT": "FIT_ITER:150"})
+@pytest.fixture(scope="module")
+def partial_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where outputs of runs killed at an event are kept, one per kill point, to be copied for each test (the runs are deterministic)."""
+    return tmp_path_factory.mktemp("partial")
+
+
+def _partial_run(demo_data: Path, out: Path, kill_at: str = "FIT_ITER:150", *, cache: Path | None = None) -> None:
+    kept = cache / kill_at.replace(":", "-") if cache is not None else None
+    if kept is not None and kept.is_dir():
+        shutil.copytree(kept, out)
+        return
+    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL
+    if kept is not None:
+        shutil.copytree(out, kept)
+
+
+def test_attach_previous_output_or_results_zip(reference: dict, demo_data: Path, tmp_path: Path, partial_runs: Path) -> None:
+    run1 = tmp_path / "run1"
+    _partial_run(demo_data, run1, "FIT_ITER:150", cache=partial_runs)
     # attach the whole previous output folder
     run2 = tmp_path / "run2"
     proc = run_cli(*run_args(demo_data, run2, "--input", str(run1)))
@@ -231,23 +247,6 @@ def test_attach_previous_output_or_results_zip(reference: dict, demo_data: Path,
     assert json.loads(proc.stdout)["model_digest"] == reference["result"]["model_digest"]
     ok = [e for e in _events(run3 / "journal.jsonl") if e["event"] == "RESUME_OK"]
     assert ok and ".attached" in ok[0]["data"]["checkpoint"]
-
-
-@pytest.fixture(scope="module")
-def partial_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where outputs of runs killed at an event are kept, one per kill point, to be copied for each test (the runs are deterministic)."""
-    return tmp_path_factory.mktemp("partial")
-
-
-def _partial_run(demo_data: Path, out: Path, kill_at: str = "FIT_ITER:150", *, cache: Path | None = None) -> None:
-    kept = cache / kill_at.replace(":", "-") if cache is not None else None
-    if kept is not None and kept.is_dir():
-        shutil.copytree(kept, out)
-        return
-    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
-    assert killed.returncode == -signal.SIGKILL
-    if kept is not None:
-        shutil.copytree(out, kept)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
