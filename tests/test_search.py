@@ -230,7 +230,7 @@ def test_reporting_the_objective_less_often_changes_no_fit(pools) -> None:
                        [d for n, d in events if n == "CANDIDATE_DONE"])
     (theta_1, objectives_1, done_1), (theta_5, objectives_5, done_5) = runs[1], runs[5]
     assert torch.equal(theta_1, theta_5) and done_1 == done_5
-    assert sorted({i for _, i in objectives_5 if objectives_5[_, i] is not None}) == [1, 5, 10, 12]
+    assert sorted({i for (_, i), value in objectives_5.items() if value is not None}) == [1, 5, 10, 12]
     assert all(value is None or value == objectives_1[key] for key, value in objectives_5.items())
     assert all(value is not None for value in objectives_1.values())
 
