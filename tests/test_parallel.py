@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,3 +76,9 @@ def test_a_helper_that_cannot_start_is_reported_at_once(tmp_path: Path) -> None:
         DataParallelTrainer(state, wider, world=2, device=CPU, folder=tmp_path)
     assert "size mismatch" in str(err.value)
     assert not list(tmp_path.iterdir())
+    # the failed start left nothing waiting: the next trainer in this process (a notebook kernel) joins and steps
+    trainer = DataParallelTrainer(state, CFG, world=2, device=CPU, folder=tmp_path)
+    try:
+        assert math.isfinite(trainer.step(state, batch_at(0))["total"]) and state.step == 1
+    finally:
+        trainer.close()

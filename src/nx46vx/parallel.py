@@ -62,6 +62,11 @@ def world_size(requested: int, *, batch: int, device: torch.device) -> int:
     return requested
 
 
+def backend_for(device: torch.device) -> str:
+    """The collective backend of a device: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def batch_spec(config: DistillConfig) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Name, shape and dtype of each tensor of a global batch (:func:`nx46vx.patches.make_batch`)."""
     volume = (config.batch, 1, config.patch, config.patch, config.patch)
@@ -112,7 +117,7 @@ class _Channel:
 
     def __init__(self, config: DistillConfig, world: int, device: torch.device) -> None:
         self.config, self.world = config, world
-        self.nccl = device.type == "cuda"
+        self.nccl = backend_for(device) == "nccl"
         self.device = device if self.nccl else torch.device("cpu")  # gloo sends CPU tensors
         self.spec = batch_spec(config)
 
@@ -146,6 +151,11 @@ class _Channel:
         return terms | dict(zip(names, (values / self.world).tolist()))
 
 
+def _ready_file(init_file: str | Path, rank: int) -> Path:
+    """The file helper ``rank`` creates once it has restored its state and is about to join."""
+    return Path(f"{init_file}.ready-{rank}")
+
+
 def _init_group(rank: int, world: int, init_file: str, backend: str) -> None:
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
@@ -177,8 +187,9 @@ def _helper(index: int, world: int, init_file: str, config: DistillConfig, saved
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     state = distill.init_state(config, seed=0, device=device)
-    distill.load_state_dict(state, saved)  # before joining: a failure here is seen by rank 0 at the rendezvous
-    _init_group(rank, world, init_file, "nccl" if device.type == "cuda" else "gloo")
+    distill.load_state_dict(state, saved)  # before joining: a failure here is seen by rank 0 before it joins
+    _ready_file(init_file, rank).touch()
+    _init_group(rank, world, init_file, backend_for(device))
     try:
         forward = _wrap(state.network, device)
         channel = _Channel(config, world, device)
@@ -214,7 +225,7 @@ class DataParallelTrainer:
 
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.config, self.world, self.device = config, world, device
+        self.config, self.world, self.device, self.backend = config, world, device, backend_for(device)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".ddp-*"):  # left by a killed run (the output lock keeps any other run out)
             stale.unlink(missing_ok=True)
@@ -225,33 +236,32 @@ class DataParallelTrainer:
         )
         self._open = True
         try:
-            self._rendezvous("nccl" if device.type == "cuda" else "gloo")
+            self._rendezvous()
             self.forward: DistributedDataParallel | None = _wrap(state.network, device)
         except BaseException:
             self._stop_helpers(wait_s=0)
             raise
         self.channel = _Channel(config, world, device)
 
-    def _rendezvous(self, backend: str) -> None:
-        """Join the group, watching the helpers meanwhile: one that fails to start is reported now, not after the timeout."""
-        failure: list[BaseException] = []
+    def _rendezvous(self) -> None:
+        """Wait until every helper has restored its state, watching them meanwhile, then join the group.
 
-        def join() -> None:
+        A helper that fails to start is reported now, not after the collective timeout,
+        and rank 0 never enters the group's rendezvous without its helpers (a rendezvous
+        left waiting would block the next run in the same notebook kernel).
+        """
+        waiting = [_ready_file(self.init_file, rank) for rank in range(1, self.world)]
+        while not all(path.exists() for path in waiting):
             try:
-                _init_group(0, self.world, str(self.init_file), backend)
-            except BaseException as err:  # noqa: BLE001 - handed to the calling thread
-                failure.append(err)
-
-        thread = threading.Thread(target=join, name="nx46vx-ddp-rendezvous", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(1.0)
-            try:
-                self.helpers.join(timeout=0)  # raises when a helper has failed
+                ended = self.helpers.join(timeout=0.2)  # raises when a helper has failed
             except Exception as err:
                 raise ParallelTrainingError("a data-parallel helper process failed to start", expected=f"{self.world - 1} helpers joining", found=str(err).strip()[-800:]) from err
-        if failure:
-            raise ParallelTrainingError("the data-parallel processes could not join", expected=f"{self.world} processes", found=repr(failure[0])) from failure[0]
+            if ended:
+                raise ParallelTrainingError("the data-parallel helper processes ended before joining", expected=f"{self.world - 1} helpers joining", found="all exited")
+        try:
+            _init_group(0, self.world, str(self.init_file), self.backend)
+        except RuntimeError as err:
+            raise ParallelTrainingError("the data-parallel processes could not join", expected=f"{self.world} processes", found=str(err)) from err
 
     def step(self, state: distill.DistillState, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One data-parallel optimiser step on the global ``batch``; the loss terms are the ranks' average."""
@@ -298,8 +308,9 @@ class DataParallelTrainer:
                 if process.is_alive():
                     process.terminate()
                     process.join(5)
-            self.init_file.unlink(missing_ok=True)
+            for path in [self.init_file, *(_ready_file(self.init_file, rank) for rank in range(1, self.world))]:
+                path.unlink(missing_ok=True)
         return error
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "AllOutputs", "DataParallelTrainer", "batch_spec", "shard", "world_size"]
+__all__ = ["COLLECTIVE_TIMEOUT", "AllOutputs", "DataParallelTrainer", "backend_for", "batch_spec", "shard", "world_size"]

@@ -277,7 +277,7 @@ class DistillationPhase:
             return None
         t0 = ctx.governor.clock()
         trainer = DataParallelTrainer(student, cfg, world=world, device=ctx.distill_device, folder=ctx.output / "cache")
-        ctx.event("DISTILLATION_PARALLEL", self.name, {"processes": world, "backend": "nccl" if ctx.distill_device.type == "cuda" else "gloo",
+        ctx.event("DISTILLATION_PARALLEL", self.name, {"processes": world, "backend": trainer.backend,
                                                       "patches_per_process": cfg.batch // world, "start_s": round(ctx.governor.clock() - t0, 3)})
         return trainer
 
