@@ -7,7 +7,8 @@ Dice + BCE, flips and rot90) for the same number of seconds on the run's trainin
 
 * **cascade** — input (image, ensemble probability), output ``net(...) + logit(p_ensemble)`` with the last
   layer zero-initialised, so it starts as the ensemble and learns a correction (nnU-Net's cascade feeds the
-  previous stage's output the same way);
+  previous stage's output the same way; in the pipeline as ``distill.teacher_input``,
+  :class:`nx46vx.student.PriorResidual`);
 * **image only** — today's student without a teacher.
 
 Each source gets the best hysteresis point of a small grid on the run's validation volumes (by the competition
@@ -30,53 +31,26 @@ from torch import nn
 import nx46vx
 from nx46vx import checkpoint as ckpt
 from nx46vx.config import FeatureConfig, SegmentConfig
+from nx46vx.distill import network_input
 from nx46vx.metric import score_volume
 from nx46vx.patches import TrainVolume, foreground_sample, make_batch
-from nx46vx.segment import PostParams, intensity_baseline, normalised, postprocess, probability
-from nx46vx.student import PlainUNet, _conv_block, label_losses
+from nx46vx.segment import PostParams, intensity_baseline, normalised, postprocess, probability, sliding_window
+from nx46vx.student import build_network, label_losses
 from nx46vx.synthetic import make_competition
 from nx46vx.volumes import read_volume
 
 GRID = [PostParams(high=h, low=low, min_component=32) for h in (0.6, 0.7, 0.8) for low in (0.3, 0.4, 0.5, 0.6) if low <= h]
 
 
-def logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-4, 1 - 1e-4)
-    return torch.log(p) - torch.log1p(-p)
-
-
-class Cascade(nn.Module):
-    """(image, teacher probability) → logits of a correction added to the teacher's logit."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = PlainUNet(16, 3)
-        self.net.down[0] = _conv_block(2, 16)
-        nn.init.zeros_(self.net.head.weight)
-        nn.init.zeros_(self.net.head.bias)
-
-    def forward(self, image: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat((image, teacher), 1)) + logit(teacher)
-
-
-class ImageOnly(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = PlainUNet(16, 3)
-
-    def forward(self, image: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return self.net(image)
-
-
-def train(model: nn.Module, volumes: list[TrainVolume], seconds: float) -> int:
+def train(model: nn.Module, volumes: list[TrainVolume], seconds: float, *, prior: bool) -> int:
     """AdamW steps on seeded batches until ``seconds`` have passed; returns the step count."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     start, step = time.monotonic(), 0
     while time.monotonic() - start < seconds:
-        batch = make_batch(lambda i: volumes[i], len(volumes), step, seed=0, batch=2, patch=48, positive_fraction=0.5, augmentations=("flip", "rot90"))
+        batch = make_batch(lambda i: volumes[i], len(volumes), step, seed=0, batch=2, patch=48, positive_fraction=0.5, augmentations=("flip", "rot90"), prior=prior)
         model.train()
         optimiser.zero_grad()
-        terms = label_losses(model(batch["image"], batch["target"]), batch["label"])
+        terms = label_losses(model(network_input(batch)), batch["label"])
         (terms["dice"] + terms["bce"]).backward()
         optimiser.step()
         step += 1
@@ -109,7 +83,7 @@ def main() -> None:
         return image, read_volume(data / f"{split}_labels" / f"{vid}.tif"), probability(image, thetas, mean, std, FeatureConfig())
 
     volumes = {v: load("train", v) for v in train_ids + val_ids} | {v: load("test", v) for v in test_ids}
-    training = [TrainVolume(normalised(volumes[v][0]), volumes[v][1], foreground_sample(volumes[v][1], cap=20000, seed=0), volumes[v][2]) for v in train_ids]
+    training = [TrainVolume(normalised(volumes[v][0]), volumes[v][1], foreground_sample(volumes[v][1], cap=20000, seed=0), volumes[v][2], volumes[v][2]) for v in train_ids]
     cfg = SegmentConfig()
 
     def scores(probs: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -118,14 +92,13 @@ def main() -> None:
         return round(mean_score(val_ids, best), 4), round(mean_score(test_ids, best), 4)
 
     results = {"ensemble": scores({v: volumes[v][2] for v in val_ids + test_ids})}
-    for name, cls in (("cascade", Cascade), ("image only", ImageOnly)):
+    for name, prior in (("cascade", True), ("image only", False)):
         torch.manual_seed(0)
-        model = cls()
-        steps = train(model, training, args.seconds)
+        model = build_network("plain", width=16, depth=3, blocks=(1,), prior=prior)
+        steps = train(model, training, args.seconds, prior=prior)
         model.eval()
         with torch.no_grad():
-            probs = {v: torch.sigmoid(model(torch.from_numpy(normalised(volumes[v][0]))[None, None], torch.from_numpy(volumes[v][2])[None, None]))[0, 0].numpy()
-                     for v in val_ids + test_ids}
+            probs = {v: sliding_window(volumes[v][0], model, patch=max(volumes[v][0].shape), overlap=0.0, prior=volumes[v][2] if prior else None) for v in val_ids + test_ids}
         results[f"{name} ({steps} steps)"] = scores(probs)
     otsu = float(np.mean([score_volume(intensity_baseline(volumes[v][0], cfg), volumes[v][1]).score for v in test_ids]))
     print(f"{len(train_ids)} training, {len(val_ids)} validation, {len(test_ids)} test volumes; {args.seconds:.0f} s of training per student")

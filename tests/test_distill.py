@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,38 @@ def test_networks_and_deep_supervision_shapes() -> None:
     assert (cpu.arch, cpu.width, cpu.depth, cpu.patch) == ("plain", 16, 3, 48)
 
 
+def test_a_student_fed_the_ensembles_map_starts_as_that_map_and_learns_a_correction(volumes) -> None:
+    from nx46vx.student import build_network, prior_logit
+
+    x = torch.rand(2, 2, 16, 16, 16)
+    for arch in ("plain", "resenc"):
+        outs = build_network(arch, width=4, depth=2, blocks=(1, 1), prior=True).forward_all(x)
+        assert torch.equal(outs[0], prior_logit(x[:, 1:2]))  # zero heads: the untrained student is the prior
+    assert torch.equal(outs[1], prior_logit(torch.nn.functional.avg_pool3d(x[:, 1:2], 2)))  # the coarser head corrects the pooled prior
+    # the prior moves with the image's geometry: equal to the target map before augmenting, equal after every augmentation
+    maps = [np.random.default_rng(i).random(img.shape).astype(np.float32) for i, (_, img, _) in enumerate(volumes)]
+    vols = [TrainVolume(normalised(img), lab, foreground_sample(lab, cap=100, seed=0), m, m) for (_, img, lab), m in zip(volumes, maps)]
+    make = lambda step, prior: make_batch(lambda i: vols[i], 2, step, seed=3, batch=4, patch=16, positive_fraction=0.5, augmentations=AUGMENTATIONS, prior=prior)  # noqa: E731
+    for step in range(6):
+        batch, without = make(step, True), make(step, False)
+        assert torch.equal(batch["prior"], batch["target"]) and "prior" not in without
+        assert all(torch.equal(batch[k], without[k]) for k in without)  # the prior draws nothing: the other tensors are unchanged
+    with pytest.raises(ValueError, match="no prior map"):
+        make_batch(lambda i: TrainVolume(vols[i].image, vols[i].label, vols[i].foreground), 2, 0, seed=3, batch=2, patch=16, positive_fraction=0.5, augmentations=(), prior=True)
+    # training feeds (image, prior); inference over sliding windows of an untrained student returns the prior
+    cfg = DistillConfig(arch="plain", width=4, depth=2, patch=16, batch=4, steps=3, warmup_steps=1, teacher_input=True)
+    state = distill.init_state(cfg, seed=0, device=CPU)
+    head = state.network.net.head.weight.detach().clone()
+    assert math.isfinite(distill.train_step(state, make(0, True), cfg)["total"]) and not torch.equal(state.network.net.head.weight, head)
+    fresh = distill.init_state(cfg, seed=0, device=CPU).network.eval()
+    image = volumes[0][1]
+    prob = sliding_window(image, fresh, patch=16, overlap=0.5, flip_tta=True, prior=maps[0])
+    np.testing.assert_allclose(prob, np.clip(maps[0], 1e-4, 1 - 1e-4), atol=1e-6)
+    with pytest.raises(ValueError, match="prior of shape"):
+        sliding_window(image, fresh, patch=16, prior=maps[0][:-1])
+    assert not distill.resolve(replace(cfg, teachers=("tiff:x",)), CPU).teacher_input  # the prior is the ensemble's: no ensemble, no prior
+
+
 def test_lr_schedule_warms_up_then_follows_the_granted_steps() -> None:
     assert distill.lr_at(0, total=None, warmup=4, base=1.0) == 0.25
     assert distill.lr_at(10, total=None, warmup=4, base=1.0) == 1.0  # undecided: held at the peak
@@ -194,7 +227,8 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     steps = [e["data"] for e in journal if e["event"] == "DISTILLATION_LOSS_STEP"]
     assert len(steps) == 30 and {"total", "label", "dice", "bce", "teacher", "teacher_weight"} <= set(steps[0])
     validations = [e["data"] for e in journal if e["event"] == "DISTILLATION_VALIDATION"]
-    assert [v["step"] for v in validations] == [10, 20, 30] and all(0 <= v["score"] <= 1 for v in validations)
+    assert [v["step"] for v in validations] == [0, 10, 20, 30] and all(0 <= v["score"] <= 1 for v in validations)
+    assert [v["scored"] for v in validations] == ["prior", "network", "network", "network"]  # the demo's student starts as the ensemble
     end = next(e["data"] for e in journal if e["event"] == "DISTILLATION_END")
     assert end["teacher_coverage_percent"] == {"ensemble": 100.0, f"torchscript:{script}": 100.0}
     assert "student" in result.validation_scores

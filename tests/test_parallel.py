@@ -76,9 +76,16 @@ def test_a_helper_that_cannot_start_is_reported_at_once(tmp_path: Path) -> None:
         DataParallelTrainer(state, wider, world=2, device=CPU, folder=tmp_path)
     assert "size mismatch" in str(err.value)
     assert not list(tmp_path.iterdir())
-    # the failed start left nothing waiting: the next trainer in this process (a notebook kernel) joins and steps
-    trainer = DataParallelTrainer(state, CFG, world=2, device=CPU, folder=tmp_path)
+    # the failed start left nothing waiting: the next trainer in this process (a notebook kernel) joins and steps —
+    # here a student fed the ensemble's map (distill.teacher_input): the prior channel travels with the batch
+    fed = replace(CFG, teacher_input=True)
+    state, single = distill.init_state(fed, seed=0, device=CPU), distill.init_state(fed, seed=0, device=CPU)
+    batch = batch_at(0) | {"prior": torch.rand(batch_at(0)["target"].shape, generator=torch.Generator().manual_seed(5))}
+    trainer = DataParallelTrainer(state, fed, world=2, device=CPU, folder=tmp_path)
     try:
-        assert math.isfinite(trainer.step(state, batch_at(0))["total"]) and state.step == 1
+        terms = trainer.step(state, batch)
     finally:
         trainer.close()
+    expected = distill.train_step(single, batch, fed)
+    assert state.step == 1 and math.isfinite(terms["total"]) and terms["total"] == pytest.approx(expected["total"], rel=1e-4)
+    assert all(not p.is_alive() for p in trainer.helpers.processes)

@@ -17,6 +17,7 @@ import pytest
 import tifffile
 
 import nx46vx
+from nx46vx import checkpoint as ckpt
 from nx46vx.errors import OutputNotWritableError
 from nx46vx.journal import verify
 
@@ -501,6 +502,13 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
     assert [p.name for p in exported] == sorted(p.name for p in (demo_data / "test_images").glob("*.tif"))
     prob = tifffile.imread(exported[0])
     assert prob.dtype == np.uint8 and prob.shape == tifffile.imread(demo_data / "test_images" / exported[0].name).shape and prob.max() > 0
+    # the demo's student takes the search ensemble's map as a second input: predict() rebuilds that map from the checkpoint alone
+    saved = ckpt.load_payload(ckpt.latest_committed(out / "checkpoints"), "distillation")
+    assert saved["network"]["teacher_input"] is True and saved["prior"]["thetas"].shape[0] == saved["network"]["ensemble_k"]
+    outside = nx46vx.predict(demo_data / "test_images" / exported[0].name, model=out)
+    assert np.abs(np.round(outside.probability * 255).astype(int) - prob.astype(int)).max() <= 1
+    first = next(e["data"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "DISTILLATION_VALIDATION")
+    assert (first["step"], first["scored"], first["improved"]) == (0, "prior", True)  # the untrained student is the ensemble: the score to beat
 
 
 def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path) -> None:

@@ -116,12 +116,18 @@ class DistillConfig:
     competition metric on ``val_volumes`` validation volumes and the best weights kept.
     ``processes``: data-parallel training processes (DDP, :mod:`nx46vx.parallel`);
     0 = one per visible GPU when more than one is visible, else 1 (``batch`` is the
-    global batch and must divide evenly over them).
+    global batch and must divide evenly over them). ``teacher_input``: the search
+    ensemble's probability is the student's second input channel and its logit the
+    base the student corrects (:class:`nx46vx.student.PriorResidual`, nnU-Net
+    cascade style); it needs the ``ensemble`` teacher (without it the setting is
+    off), and the student then trains on the ``teacher_volumes`` that have the
+    ensemble's map.
     """
 
     enabled: bool = True
     teachers: tuple[str, ...] = ("ensemble",)
     ensemble_k: int = 5
+    teacher_input: bool = False
     arch: str = "auto"
     width: int = 32
     depth: int = 4

@@ -15,7 +15,9 @@ it is cheaper) is trained on augmented patches (:mod:`nx46vx.patches`) with Dice
 BCE on the labels (label 2 masked), deep supervision, an optional skeleton-recall
 term and the tempered teacher term ``T²·BCE(σ(z_s/T), σ(logit(p_t)/T))`` with its own
 weight schedule; AdamW, linear warm-up then cosine over the steps the budget granted
-(mixed precision on GPU); the best-on-validation weights are kept. Everything here is
+(mixed precision on GPU); the best-on-validation weights are kept. With
+``distill.teacher_input`` the student is a :class:`~nx46vx.student.PriorResidual`
+fed (image, ensemble probability) (:func:`network_input`). Everything here is
 pure and step-wise: :func:`init_state`, :func:`train_step`, :func:`keep_if_best`,
 :func:`state_dict` / :func:`load_state_dict`; the runner journals and checkpoints.
 """
@@ -125,6 +127,8 @@ def load_teacher(
 def soft_target(probs: Sequence[np.ndarray | None]) -> np.ndarray | None:
     """Mean of the teachers that cover a volume (None when none does)."""
     present = [p for p in probs if p is not None]
+    if len(present) == 1:  # the one teacher's own map: no second copy of a whole volume
+        return np.asarray(present[0], dtype=np.float32)
     return None if not present else np.mean(present, axis=0).astype(np.float32)
 
 
@@ -151,7 +155,10 @@ class DistillState:
 
 
 def resolve(config: DistillConfig, device: torch.device) -> DistillConfig:
-    """Concrete student settings for ``device``: ``arch="auto"`` is the ResEnc U-Net on a GPU and the cheaper plain U-Net on a CPU."""
+    """Concrete student settings for ``device``: ``arch="auto"`` is the ResEnc U-Net on a GPU and the cheaper plain U-Net on a CPU;
+    ``teacher_input`` holds only with the ``ensemble`` teacher (the prior it feeds)."""
+    if config.teacher_input and "ensemble" not in config.teachers:
+        config = replace(config, teacher_input=False)
     if config.arch != "auto":
         return config
     if device.type == "cuda":
@@ -159,12 +166,17 @@ def resolve(config: DistillConfig, device: torch.device) -> DistillConfig:
     return replace(config, arch="plain", width=min(config.width, 16), depth=min(config.depth, 3), patch=min(config.patch, 48))
 
 
+def network_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The network's input of a batch: ``image`` (B, 1, p, p, p), with the ``prior`` channel appended when the batch has one."""
+    return torch.cat((batch["image"], batch["prior"]), dim=1) if "prior" in batch else batch["image"]
+
+
 def init_state(config: DistillConfig, *, seed: int, device: torch.device) -> DistillState:
     """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU)."""
     config = resolve(config, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + 5)
-        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks).to(device)
+        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     return DistillState(network, optimizer, scaler)
@@ -225,7 +237,7 @@ def train_step(
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
         with torch.autocast(device_type="cuda", dtype=torch.float16):
-            outputs = forward(batch["image"])
+            outputs = forward(network_input(batch))
         terms = losses([o.float() for o in outputs], batch, config, teacher_weight=teacher_weight)
         state.scaler.scale(terms["total"]).backward()
         state.scaler.unscale_(state.optimizer)
@@ -233,7 +245,7 @@ def train_step(
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
-        terms = losses(forward(batch["image"]), batch, config, teacher_weight=teacher_weight)
+        terms = losses(forward(network_input(batch)), batch, config, teacher_weight=teacher_weight)
         terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), 12.0)
         state.optimizer.step()
@@ -300,7 +312,7 @@ def agreement(state: DistillState, probe: dict[str, torch.Tensor]) -> float | No
     device = next(state.network.parameters()).device
     state.network.eval()
     with torch.no_grad():
-        student = torch.sigmoid(state.network(probe["image"][covered].to(device)).float()).cpu()
+        student = torch.sigmoid(state.network(network_input(probe)[covered].to(device)).float()).cpu()
     return float(((student >= 0.5) == (probe["target"][covered] >= 0.5)).float().mean())
 
 
@@ -314,6 +326,7 @@ __all__ = [
     "load_teacher",
     "losses",
     "lr_at",
+    "network_input",
     "normalised",
     "resolve",
     "soft_target",

@@ -38,6 +38,8 @@ log = logging.getLogger("nx46vx")
 
 #: How long a rank waits for the others at one collective: rank 0 validates and checkpoints between steps while the helpers wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
+#: How long :meth:`DataParallelTrainer.close` waits for a helper told to stop before ending it.
+HELPER_EXIT_WAIT_S = 20.0
 #: Loss terms that are per-rank values, averaged over the ranks for the journal (the rest are equal on every rank).
 _AVERAGED = ("total", "dice", "bce", "skeleton", "teacher", "label")
 
@@ -73,6 +75,8 @@ def batch_spec(config: DistillConfig) -> list[tuple[str, tuple[int, ...], torch.
     spec = [("image", volume, torch.float32), ("label", volume, torch.uint8), ("target", volume, torch.float32), ("covered", (config.batch,), torch.bool)]
     if config.skeleton_weight > 0:
         spec.append(("skeleton", volume, torch.float32))
+    if config.teacher_input:
+        spec.append(("prior", volume, torch.float32))
     return spec
 
 
@@ -290,7 +294,8 @@ class DataParallelTrainer:
             self.forward = None
             if dist.is_initialized():
                 dist.destroy_process_group()
-            helper_error = self._stop_helpers(wait_s=120 if stopped else 0)
+            # a stopped helper exits in about a second and holds nothing rank 0 lacks: one slow to exit is ended, not waited for
+            helper_error = self._stop_helpers(wait_s=HELPER_EXIT_WAIT_S if stopped else 0)
             if helper_error:
                 log.warning("a data-parallel helper failed: %s", helper_error)
 
@@ -306,6 +311,8 @@ class DataParallelTrainer:
         finally:
             for process in self.helpers.processes:
                 if process.is_alive():
+                    if wait_s > 0:
+                        log.warning("data-parallel helper %s still running %.0f s after the stop command; ending it", process.pid, wait_s)
                     process.terminate()
                     process.join(5)
             for path in [self.init_file, *(_ready_file(self.init_file, rank) for rank in range(1, self.world))]:

@@ -29,12 +29,14 @@ from .config import AUGMENTATIONS
 @dataclass(frozen=True)
 class TrainVolume:
     """One decoded training volume: ``image`` float32 (z, y, x) normalised, ``label`` uint8 (z, y, x),
-    ``foreground`` int32 (n, 3) sampled label-1 coordinates, ``target`` float32 (z, y, x) teachers' mean or None."""
+    ``foreground`` int32 (n, 3) sampled label-1 coordinates, ``target`` float32 (z, y, x) teachers' mean or None,
+    ``prior`` float32 (z, y, x) the probability fed as the network's second input channel, or None."""
 
     image: np.ndarray
     label: np.ndarray
     foreground: np.ndarray
     target: np.ndarray | None = None
+    prior: np.ndarray | None = None
 
 
 def foreground_sample(label: np.ndarray, *, cap: int, seed: int) -> np.ndarray:
@@ -67,25 +69,30 @@ def crop(array: np.ndarray, centre: Sequence[int], patch: int, fill: float | Non
     return box
 
 
-def augment(image: np.ndarray, label: np.ndarray, target: np.ndarray, rng: np.random.Generator, ops: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def augment(
+    image: np.ndarray, label: np.ndarray, target: np.ndarray, rng: np.random.Generator, ops: Sequence[str], *, maps: Sequence[np.ndarray] = ()
+) -> tuple[np.ndarray, ...]:
     """Apply the switched-on augmentations to one patch (image float32, label uint8, target float32), all (p, p, p).
 
+    ``maps`` (float32 (p, p, p) each, e.g. the prior) move with the image's geometry
+    like ``target`` and are returned after it; intensity ops touch the image alone.
     Every op draws from ``rng`` whether or not it applies, so switching one op off
     does not change the draws of the others.
     """
     draws = rng.random(len(AUGMENTATIONS))
     params = rng.random(8)
     on = {name: name in ops and draws[i] < p for i, (name, p) in enumerate(zip(AUGMENTATIONS, (1.0, 0.5, 0.2, 0.3, 0.1, 0.2, 0.25)))}
+    soft = [target, *maps]  # interpolated linearly; the label by nearest neighbour
     if on["flip"]:
         axes = tuple(a for a in range(3) if params[a] < 0.5)
         if axes:
-            image, label, target = (np.flip(x, axes) for x in (image, label, target))
+            image, label, *soft = (np.flip(x, axes) for x in (image, label, *soft))
     if on["rot90"]:
         plane = [(0, 1), (0, 2), (1, 2)][int(params[3] * 3) % 3]
         k = 1 + int(params[4] * 3) % 3
-        image, label, target = (np.rot90(x, k, plane) for x in (image, label, target))
+        image, label, *soft = (np.rot90(x, k, plane) for x in (image, label, *soft))
     if on["affine"]:
-        image, label, target = _affine(image, label, target, angle=np.deg2rad(30 * (params[5] - 0.5)), scale=0.85 + 0.4 * params[6], axis=int(params[7] * 3) % 3)
+        image, label, *soft = _affine(image, label, soft, angle=np.deg2rad(30 * (params[5] - 0.5)), scale=0.85 + 0.4 * params[6], axis=int(params[7] * 3) % 3)
     image = np.ascontiguousarray(image, dtype=np.float32)
     extra = rng.random(6)
     if on["intensity"]:
@@ -102,11 +109,11 @@ def augment(image: np.ndarray, label: np.ndarray, target: np.ndarray, rng: np.ra
         factor = 0.5 + 0.5 * extra[5]
         small = ndimage.zoom(image, factor, order=0)
         image = ndimage.zoom(small, [a / b for a, b in zip(image.shape, small.shape)], order=1)[: image.shape[0], : image.shape[1], : image.shape[2]]
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label), np.ascontiguousarray(target, dtype=np.float32)
+    return (np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label), *(np.ascontiguousarray(x, dtype=np.float32) for x in soft))
 
 
-def _affine(image: np.ndarray, label: np.ndarray, target: np.ndarray, *, angle: float, scale: float, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rotate by ``angle`` about ``axis`` and scale by ``scale`` around the patch centre (labels nearest, 2 outside)."""
+def _affine(image: np.ndarray, label: np.ndarray, soft: Sequence[np.ndarray], *, angle: float, scale: float, axis: int) -> tuple[np.ndarray, ...]:
+    """Rotate by ``angle`` about ``axis`` and scale by ``scale`` around the patch centre (labels nearest, 2 outside; ``soft`` maps linear)."""
     c, s = np.cos(angle), np.sin(angle)
     plane = [a for a in range(3) if a != axis]
     matrix = np.eye(3)
@@ -115,7 +122,7 @@ def _affine(image: np.ndarray, label: np.ndarray, target: np.ndarray, *, angle: 
     centre = (np.asarray(image.shape) - 1) / 2
     offset = centre - matrix @ centre
     warp = lambda x, order, cval: ndimage.affine_transform(x, matrix, offset=offset, order=order, mode="constant" if cval is not None else "nearest", cval=cval or 0.0)  # noqa: E731
-    return warp(image, 1, None), warp(label, 0, 2), warp(target, 1, None)
+    return (warp(image, 1, None), warp(label, 0, 2), *(warp(x, 1, None) for x in soft))
 
 
 def make_batch(
@@ -129,6 +136,7 @@ def make_batch(
     positive_fraction: float,
     augmentations: Sequence[str],
     skeleton: bool = False,
+    prior: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The patches of one step, drawn by the generator seeded with ``(seed, 6, step)``.
 
@@ -139,19 +147,25 @@ def make_batch(
         also past the volume's edges), ``target`` (B, 1, p, p, p) float32,
         ``covered`` (B,) bool (the volume has a teacher target) and, with
         ``skeleton``, ``skeleton`` (B, 1, p, p, p) float32: the 3-D skeleton of the
-        surface labels (``skimage.morphology.skeletonize``), for the skeleton-recall term.
+        surface labels (``skimage.morphology.skeletonize``), for the skeleton-recall term;
+        with ``prior``, ``prior`` (B, 1, p, p, p) float32 (every volume must have one).
     """
     rng = np.random.default_rng([seed, 6, step])
-    images, labels, targets, covered = [], [], [], []
+    images, labels, targets, priors, covered = [], [], [], [], []
     for _ in range(batch):
-        vol = volumes(int(rng.integers(n_volumes)))
+        index = int(rng.integers(n_volumes))
+        vol = volumes(index)
+        if prior and vol.prior is None:
+            raise ValueError(f"training volume {index} has no prior map, and the batch needs one")
         centre = _centre(vol, rng, bool(rng.random() < positive_fraction))
         image, label = crop(vol.image, centre, patch, None), crop(vol.label, centre, patch, 2)
         target = crop(vol.target, centre, patch, None) if vol.target is not None else np.zeros((patch,) * 3, np.float32)
-        image, label, target = augment(image, label, target, rng, augmentations)
+        maps = [crop(vol.prior, centre, patch, None)] if prior else []
+        image, label, target, *maps = augment(image, label, target, rng, augmentations, maps=maps)
         images.append(image)
         labels.append(label)
         targets.append(target)
+        priors.extend(maps)
         covered.append(vol.target is not None)
     out = {
         "image": torch.from_numpy(np.stack(images))[:, None],
@@ -159,6 +173,8 @@ def make_batch(
         "target": torch.from_numpy(np.stack(targets))[:, None],
         "covered": torch.tensor(covered),
     }
+    if prior:
+        out["prior"] = torch.from_numpy(np.stack(priors))[:, None]
     if skeleton:
         from skimage.morphology import skeletonize
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import DistillConfig, SegmentConfig
+from .config import DistillConfig, FeatureConfig, SegmentConfig
 from .errors import CheckpointError
 from .features import resolve_device
-from .segment import STUDENT, PostParams, postprocess, sliding_window
+from .segment import STUDENT, PostParams, postprocess, probability, sliding_window
 from .student import build_network
 from .volumes import read_volume
 
@@ -83,13 +83,19 @@ def predict(
     config: DistillConfig = _from_dict(DistillConfig, saved["network"])
     student = saved["student"]
     weights = student["best"]["weights"] if student.get("best") else student["student"]
-    network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks)
+    network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input)
     network.load_state_dict(weights)
     target = resolve_device(device)
     network = network.to(target).eval()
     image = read_volume(volume) if not isinstance(volume, np.ndarray) else volume
+    prior = None
+    if config.teacher_input:  # the search ensemble the student corrects, saved beside it
+        ensemble = saved.get("prior")
+        if not ensemble:
+            raise CheckpointError("checkpoint's student takes the ensemble's map as input but holds no ensemble", path=folder, expected="a distillation payload with 'prior'", found="none")
+        prior = probability(image, ensemble["thetas"], np.asarray(ensemble["mean"]), np.asarray(ensemble["std"]), _from_dict(FeatureConfig, ensemble["features"]), device=target)
     with torch.inference_mode():
-        prob = sliding_window(image, network, patch=config.patch, overlap=overlap, flip_tta=flip_tta, device=target)
+        prob = sliding_window(image, network, patch=config.patch, overlap=overlap, flip_tta=flip_tta, device=target, prior=prior)
     segmentation = ckpt.load_payload(folder, "segmentation") or {}
     choice = segmentation.get("choice") or {}
     params = PostParams(**choice["params"]) if choice.get("chosen") == STUDENT and choice.get("params") else PostParams()

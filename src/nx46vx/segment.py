@@ -163,11 +163,14 @@ def sliding_window(
     flip_tta: bool = False,
     device: torch.device | None = None,
     batch: int = 0,
+    prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
     ``network`` maps a (B, 1, p, p, p) float tensor (windows of the :func:`normalised`
-    volume) to logits of the same spatial shape. Windows are blended with
+    volume) to logits of the same spatial shape; with ``prior`` (float32, the volume's
+    shape) the input is (B, 2, p, p, p), the prior's window the second channel
+    (:class:`nx46vx.student.PriorResidual`). Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
     On a GPU the network runs in fp16 (autocast); logits are accumulated in float32.
@@ -183,6 +186,9 @@ def sliding_window(
     bounds = normalise(volume)
     pads = [max(0, patch - s) for s in volume.shape]
     source = np.pad(volume, [(0, p) for p in pads], mode="edge") if any(pads) else volume
+    if prior is not None and prior.shape != volume.shape:
+        raise ValueError(f"prior of shape {prior.shape} for a volume of shape {volume.shape}")
+    prior_source = np.pad(prior, [(0, p) for p in pads], mode="edge") if prior is not None and any(pads) else prior
     out = np.empty(source.shape, dtype=np.float32)
     blend = _Blend(out, patch, _window_weights(patch))
     stride = max(1, int(round(patch * (1 - overlap))))
@@ -195,9 +201,12 @@ def sliding_window(
     with torch.no_grad(), autocast:
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]
-            cut = [normalised(source[z : z + patch, y : y + patch, x : x + patch], bounds=bounds) for z, y, x in chunk]
-            windows = torch.from_numpy(np.stack(cut))[:, None].to(device)
-            logits = torch.zeros_like(windows)
+            boxes = [(slice(z, z + patch), slice(y, y + patch), slice(x, x + patch)) for z, y, x in chunk]
+            windows = torch.from_numpy(np.stack([normalised(source[box], bounds=bounds) for box in boxes]))[:, None]
+            if prior_source is not None:
+                windows = torch.cat((windows, torch.from_numpy(np.stack([prior_source[box] for box in boxes]).astype(np.float32, copy=False))[:, None]), dim=1)
+            windows = windows.to(device)
+            logits = torch.zeros_like(windows[:, :1])
             for axes in flips:
                 out_w = network(windows.flip(axes) if axes else windows).float()
                 logits += out_w.flip(axes) if axes else out_w

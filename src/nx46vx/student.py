@@ -60,13 +60,15 @@ class ResEncUNet(nn.Module):
         Residual blocks per encoder stage (``depth + 1`` entries; a shorter one repeats its last).
     deep_supervision : int
         Extra heads at the next-coarser decoder levels (0 = none).
+    in_channels : int
+        Input channels (2 with a prior, see :class:`PriorResidual`).
     """
 
-    def __init__(self, width: int = 16, depth: int = 3, blocks: Sequence[int] = (1, 2, 2, 2), *, deep_supervision: int = 2) -> None:
+    def __init__(self, width: int = 16, depth: int = 3, blocks: Sequence[int] = (1, 2, 2, 2), *, deep_supervision: int = 2, in_channels: int = 1) -> None:
         super().__init__()
         chans = [min(width * 2**i, 320) for i in range(depth + 1)]
         per_stage = [blocks[min(i, len(blocks) - 1)] for i in range(depth + 1)]
-        self.stem = nn.Sequential(nn.Conv3d(1, chans[0], 3, padding=1, bias=False), *_norm_act(chans[0]))
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, chans[0], 3, padding=1, bias=False), *_norm_act(chans[0]))
         self.encoder = nn.ModuleList()
         for i, n in enumerate(per_stage):
             first = ResidualBlock(chans[max(0, i - 1)], chans[i], stride=1 if i == 0 else 2)
@@ -97,10 +99,10 @@ class ResEncUNet(nn.Module):
 class PlainUNet(nn.Module):
     """Plain 3-D U-Net (two conv-IN-LeakyReLU per stage, max-pooling): cheaper where there is no GPU; (B, 1, p, p, p) → logits."""
 
-    def __init__(self, width: int = 16, depth: int = 3) -> None:
+    def __init__(self, width: int = 16, depth: int = 3, *, in_channels: int = 1) -> None:
         super().__init__()
         chans = [width * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([_conv_block(1, chans[0])] + [_conv_block(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
+        self.down = nn.ModuleList([_conv_block(in_channels, chans[0])] + [_conv_block(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
         self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
         self.merge = nn.ModuleList([_conv_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
         self.head = nn.Conv3d(chans[0], 1, 1)
@@ -119,11 +121,44 @@ class PlainUNet(nn.Module):
         return self.head(x)
 
 
-def build_network(arch: str, *, width: int, depth: int, blocks: Sequence[int]) -> nn.Module:
-    """``resenc`` → :class:`ResEncUNet`, ``plain`` → :class:`PlainUNet`."""
-    if arch == "plain":
-        return PlainUNet(width, depth)
-    return ResEncUNet(width, depth, blocks)
+def prior_logit(prior: torch.Tensor) -> torch.Tensor:
+    """``logit(p)`` of a probability map, clamped away from 0 and 1 (the base a :class:`PriorResidual` corrects)."""
+    p = prior.clamp(_EPS, 1 - _EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class PriorResidual(nn.Module):
+    """A U-Net fed (image, prior probability) that learns a correction to the prior's logit (nnU-Net cascade style).
+
+    ``forward_all(x)`` with ``x`` (B, 2, p, p, p) — channel 0 the normalised image,
+    channel 1 a probability map of the same voxels (the search ensemble's) — returns
+    ``net(x) + logit(prior)`` at every output resolution (the prior average-pooled to
+    the coarser deep-supervision heads). The heads start at zero, so an untrained
+    student predicts exactly the prior and training only ever has to improve on it.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+        heads = [network.head] if isinstance(network, PlainUNet) else list(network.heads)
+        for head in heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.net.forward_all(x)
+        prior = x[:, 1:2].float()
+        return [out + prior_logit(prior if out.shape[-1] == prior.shape[-1] else F.avg_pool3d(prior, prior.shape[-1] // out.shape[-1])) for out in outputs]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+
+def build_network(arch: str, *, width: int, depth: int, blocks: Sequence[int], prior: bool = False) -> nn.Module:
+    """``resenc`` → :class:`ResEncUNet`, ``plain`` → :class:`PlainUNet`; with ``prior`` wrapped in :class:`PriorResidual` (2 input channels)."""
+    channels = 2 if prior else 1
+    network = PlainUNet(width, depth, in_channels=channels) if arch == "plain" else ResEncUNet(width, depth, blocks, in_channels=channels)
+    return PriorResidual(network) if prior else network
 
 
 # ----------------------------------------------------------------------------- loss

@@ -81,6 +81,9 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
     if state.student is not None and state.student.step > 0:
         network = distill.student_network(state.student)
         seg = ctx.config.segment
-        patch = distill.resolve(ctx.config.distill, ctx.distill_device).patch
-        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device)
+        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
+        # the ensemble the student learnt to correct: the "ensemble" teacher's map (even before the search has results)
+        prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input and search is not None else None
+        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device,
+                                                  prior=prior(vol) if prior is not None else None)
     return out

@@ -7,20 +7,27 @@ preparing the next ones ahead changes nothing: a resumed run draws the same batc
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..atomic import load_arrays_checked, save_arrays_checked
 from ..discovery import TrainPair
+from ..distill import Teacher, soft_target
 from ..patches import TrainVolume, foreground_sample
 from ..segment import normalised
 from ..volumes import read_pair
+
+if TYPE_CHECKING:
+    from .context import RunContext
+
+log = logging.getLogger("nx46vx")
 
 
 class VolumeCache:
@@ -37,6 +44,8 @@ class VolumeCache:
         The seeded, capped sample of label-1 coordinates per volume.
     targets : dict id → ndarray, optional
         Teacher soft targets of the subset that has them.
+    priors : dict id → ndarray, optional
+        The prior input maps (``distill.teacher_input``; every volume then needs one).
     admit : callable
         ``admit(nbytes)`` → whether a cache file may be written (the output quota).
     on_read : callable
@@ -53,6 +62,7 @@ class VolumeCache:
         seed: int,
         capacity: int,
         targets: dict[str, np.ndarray] | None = None,
+        priors: dict[str, np.ndarray] | None = None,
         admit: Callable[[int], bool] = lambda _n: True,
         on_read: Callable[[tuple[int, ...]], None] = lambda _s: None,
     ) -> None:
@@ -63,6 +73,7 @@ class VolumeCache:
         self.seed = seed
         self.capacity = max(1, capacity)
         self.targets = targets or {}
+        self.priors = priors or {}
         self.admit = admit
         self.on_read = on_read
         self._cache: OrderedDict[int, TrainVolume] = OrderedDict()
@@ -98,7 +109,7 @@ class VolumeCache:
         pair = self.pairs[index]
         image, label = read_pair(pair.image, pair.label)
         self.on_read(image.shape)
-        volume = TrainVolume(normalised(image), label, self._foreground(pair, label), self.targets.get(pair.id))
+        volume = TrainVolume(normalised(image), label, self._foreground(pair, label), self.targets.get(pair.id), self.priors.get(pair.id))
         with self._lock:
             self.reads += 1
             self._cache[index] = volume
@@ -131,3 +142,43 @@ class Prefetcher:
             for future in self._pending.values():
                 future.cancel()
             self.pool.shutdown(wait=True)
+
+
+def teacher_maps(
+    ctx: "RunContext", volume_keys: dict[str, str], teachers: Sequence[Teacher], pairs: Sequence[TrainPair], *, phase: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """Teachers' mean map per volume of a bounded subset (cached per volume and teacher): never every training volume.
+
+    Returns the mean maps, the ensemble teacher's own maps (the student's prior
+    input with ``distill.teacher_input``) and each teacher's coverage in percent.
+    """
+    cache = ctx.output / "cache" / "teachers"
+    cache.mkdir(parents=True, exist_ok=True)
+    targets, priors, covered = {}, {}, {t.spec: 0 for t in teachers}
+    for pair in pairs if teachers else []:
+        image = None
+        probs = []
+        for teacher in teachers:
+            path = cache / f"{volume_keys[pair.id][:24]}-{teacher.sha256[:16]}.npz"
+            prob = None
+            try:
+                prob = load_arrays_checked(path, ("prob",))["prob"].astype(np.float32) if path.is_file() else None
+            except Exception as exc:  # a corrupt cache entry is recomputed, never used
+                log.warning("teacher cache %s is corrupt (%s); recomputing", path, exc)
+            if prob is None:
+                image = read_pair(pair.image, pair.label)[0] if image is None else image
+                prob = teacher.predict(pair.id, image)
+                if prob is not None:
+                    stored = prob.astype(np.float16)
+                    if ctx.admit_cache(path, stored.nbytes, phase):
+                        save_arrays_checked(path, {"prob": stored})
+                    prob = stored.astype(np.float32)  # what a later cache hit returns
+            covered[teacher.spec] += prob is not None
+            probs.append(prob)
+            if teacher.spec == "ensemble" and prob is not None:
+                priors[pair.id] = prob
+        target = soft_target(probs)
+        if target is not None:
+            targets[pair.id] = target
+    coverage = {spec: 100.0 * n / max(1, len(pairs)) for spec, n in covered.items()}
+    return targets, priors, coverage

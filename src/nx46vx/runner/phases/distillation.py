@@ -12,22 +12,19 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import torch
 
 from ... import distill
-from ...atomic import load_arrays_checked, save_arrays_checked
 from ...config import RunConfig
-from ...discovery import TrainPair
 from ...metric import score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
 from ...segment import normalised, plain_params, postprocess, sliding_window
-from ...volumes import read_pair
 from ..sources import search_probability, validation_probabilities, validation_volumes
-from ..training_data import Prefetcher, VolumeCache
+from ..training_data import Prefetcher, VolumeCache, teacher_maps
 from .base import digest, plain
 
 if TYPE_CHECKING:
@@ -38,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nx46vx")
 #: The most of the student's training time its in-training validations may take (they are spaced to fit).
 VALIDATION_SHARE = 0.15
+#: A validation volume for the student: image (z, y, x) uint8, label (z, y, x) uint8, prior float32 or None.
+Validation = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 class DistillationPhase:
@@ -50,7 +49,9 @@ class DistillationPhase:
         self.student: distill.DistillState | None = None
         self.teacher_key = ""
         self.network: dict[str, Any] = {}
+        self.prior: dict[str, Any] | None = None  # the ensemble that makes the student's prior input (predict rebuilds it)
         self._test_voxels = 0  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
+        self._prior_seconds_per_voxel = 0.0
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
@@ -65,7 +66,7 @@ class DistillationPhase:
     def state_dict(self) -> dict[str, Any] | None:
         if self.student is None:
             return self._saved
-        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done, "network": self.network}
+        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done, "network": self.network, "prior": self.prior}
 
     def load_state_dict(self, saved: dict[str, Any] | None) -> None:
         self._saved = saved
@@ -84,7 +85,7 @@ class DistillationPhase:
                 student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
                 distill.load_state_dict(student, self._saved["student"])
                 self.student, state.student, self.teacher_key = student, student, str(self._saved["teacher_key"])
-                self.network = dict(self._saved["network"])
+                self.network, self.prior = dict(self._saved["network"]), self._saved.get("prior")
                 ctx.progress.set(self.name, 1.0)
                 end.update(kept=True, steps=student.step)
                 return
@@ -114,36 +115,11 @@ class DistillationPhase:
             ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": True, "sha256": teacher.sha256, "seconds": round(ctx.governor.clock() - t0, 4)})
         return teachers
 
-    def _teacher_targets(self, ctx: "RunContext", state: "RunState", teachers: list[distill.Teacher], pairs: Sequence[TrainPair]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Teachers' mean map per volume of a bounded subset (cached per volume and teacher): never every training volume."""
-        cache = ctx.output / "cache" / "teachers"
-        cache.mkdir(parents=True, exist_ok=True)
-        targets, covered = {}, {t.spec: 0 for t in teachers}
-        for pair in pairs if teachers else []:
-            image = None
-            probs = []
-            for teacher in teachers:
-                path = cache / f"{state.volume_keys[pair.id][:24]}-{teacher.sha256[:16]}.npz"
-                prob = None
-                try:
-                    prob = load_arrays_checked(path, ("prob",))["prob"].astype(np.float32) if path.is_file() else None
-                except Exception as exc:  # a corrupt cache entry is recomputed, never used
-                    log.warning("teacher cache %s is corrupt (%s); recomputing", path, exc)
-                if prob is None:
-                    image = read_pair(pair.image, pair.label)[0] if image is None else image
-                    prob = teacher.predict(pair.id, image)
-                    if prob is not None:
-                        stored = prob.astype(np.float16)
-                        if ctx.admit_cache(path, stored.nbytes, self.name):
-                            save_arrays_checked(path, {"prob": stored})
-                        prob = stored.astype(np.float32)  # what a later cache hit returns
-                covered[teacher.spec] += prob is not None
-                probs.append(prob)
-            target = distill.soft_target(probs)
-            if target is not None:
-                targets[pair.id] = target
-        coverage = {spec: 100.0 * n / max(1, len(pairs)) for spec, n in covered.items()}
-        return targets, coverage
+    def _prior(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
+        """The search ensemble the student's prior input comes from, with the feature settings: what :func:`nx46vx.predict` needs to rebuild it."""
+        top = state.search.top_models(ctx.config.distill.ensemble_k)
+        return {"thetas": top["thetas"].clone(), "mean": torch.as_tensor(np.asarray(top["mean"], np.float32)), "std": torch.as_tensor(np.asarray(top["std"], np.float32)),
+                "features": plain(dataclasses.asdict(ctx.config.features))}
 
     def _student(self, ctx: "RunContext", teachers: list[distill.Teacher]) -> distill.DistillState:
         """A fresh student, or the saved one when it learnt from these same teachers."""
@@ -166,38 +142,52 @@ class DistillationPhase:
         teachers = self._teachers(ctx, state)
         order = np.random.default_rng([ctx.config.seed, 12]).permutation(len(state.train_pairs))
         subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
-        targets, coverage = self._teacher_targets(ctx, state, teachers, subset)
-        volumes = VolumeCache(state.train_pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
-                              capacity=cfg.cache_volumes, targets=targets, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
+        targets, priors, coverage = teacher_maps(ctx, state.volume_keys, teachers, subset, phase=self.name)
+        # with the prior as an input, a patch needs the ensemble's map: the student trains on the volumes that have it
+        pairs = [p for p in subset if p.id in priors] if cfg.teacher_input else state.train_pairs
+        if not pairs:
+            raise distill.DistillationNotExecuted("distill.teacher_input needs the ensemble's map of a training volume", expected="at least one",
+                                                  found="none", hint="set distill.teacher_volumes >= 1, or distill.teacher_input = false")
+        volumes = VolumeCache(pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
+                              capacity=cfg.cache_volumes, targets=targets, priors=priors if cfg.teacher_input else None, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
         val = validation_volumes(ctx, state)
         state.teacher_val_probs = {}
         for teacher in teachers:
-            probs, _ = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True)
+            probs, seconds_per_voxel = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True)
             state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
+            if teacher.spec == "ensemble" and cfg.teacher_input:
+                self._prior_seconds_per_voxel = seconds_per_voxel  # segmenting with the student computes the prior too
+        val_priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
         student = state.student = self._student(ctx, teachers)
+        self.prior = self._prior(ctx, state) if cfg.teacher_input else None
         probe = self._probe(ctx, state, val, teachers, cfg)
         before = distill.agreement(student, probe) if probe is not None else None
         self._test_voxels = state.test_voxels
-        stopped = self._steps(ctx, state, student, volumes, val[: cfg.val_volumes], cfg)
+        # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
+        validation = [] if cfg.teacher_input and not val_priors else [(image, label, val_priors[i] if val_priors else None) for i, (image, label) in enumerate(val[: cfg.val_volumes])]
+        stopped = self._steps(ctx, state, student, volumes, validation, cfg)
         if student.step == 0 and stopped is None:
             raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
         after = distill.agreement(student, probe) if probe is not None else None
         best = student.best or {}
-        ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage,
+        ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage, "train_volumes": len(pairs),
                                                  "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads})
         return {"steps": student.step}
 
     def _probe(self, ctx: "RunContext", state: "RunState", val: list[tuple[np.ndarray, np.ndarray]], teachers: list[distill.Teacher], cfg: Any) -> dict[str, torch.Tensor] | None:
         """Seeded validation patches with the teachers' targets, to measure student–teacher agreement."""
         probes = []
+        priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
         for i, (image, label) in enumerate(val):
             target = distill.soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
-            probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target))
-        if not probes:
+            prior = priors[i] if priors else None
+            probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
+        if not probes or (cfg.teacher_input and not priors):
             return None
-        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + 1, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction, augmentations=())
+        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + 1, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
+                          augmentations=(), prior=cfg.teacher_input)
 
-    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[tuple[np.ndarray, np.ndarray]], *, started: float, steps_here: int) -> None:
+    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[Validation], *, started: float, steps_here: int) -> None:
         """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
 
         After the warm-up, the measured seconds per step and per validation (one is run
@@ -221,19 +211,22 @@ class DistillationPhase:
         student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * max(step_s, 1e-9))))
         per_step = step_s + validation_s / student.val_every
         left = governor.phase_time_left(self.name)
-        student.schedule_steps = student.step + max(1, int(0.9 * left / max(per_step, 1e-9)))
+        # the validation after the last step runs whatever the spacing: its time is set aside, not spread over the steps
+        student.schedule_steps = student.step + max(1, int((0.9 * left - validation_s) / max(per_step, 1e-9)))
         ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6),
                                                       "seconds_per_validation": round(validation_s, 6), "val_every": student.val_every, "time_left_s": round(left, 3)})
 
-    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[tuple[np.ndarray, np.ndarray]], cfg: Any) -> str | None:
+    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any) -> str | None:
         """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
         governor = ctx.governor
         make = lambda step: make_batch(volumes, len(volumes), step, seed=ctx.config.seed, batch=cfg.batch, patch=cfg.patch,  # noqa: E731
-                                       positive_fraction=cfg.positive_fraction, augmentations=cfg.augment, skeleton=cfg.skeleton_weight > 0)
+                                       positive_fraction=cfg.positive_fraction, augmentations=cfg.augment, skeleton=cfg.skeleton_weight > 0, prior=cfg.teacher_input)
         batches = Prefetcher(make, workers=cfg.workers)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
+        if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
+            self._validate(ctx, student, val, cfg, as_prior=True)
         stopped, started, steps_here = None, governor.clock(), 0
         trainer = self._data_parallel(ctx, student, cfg)
         try:
@@ -293,21 +286,27 @@ class DistillationPhase:
         ctx.event("DISTILLATION_BATCH_END", self.name, {"step": student.step})
         ctx.progress.set(self.name, student.step / max(1, student.schedule_steps or cfg.max_steps))
 
-    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[tuple[np.ndarray, np.ndarray]], cfg: Any) -> None:
+    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False) -> None:
         """Score the current weights by the competition metric on the validation volumes; keep them when best.
 
         The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter).
+        ``as_prior``: the untrained student of ``distill.teacher_input`` (zero heads) predicts its prior, so the
+        prior maps are scored instead of running the network (equal up to float rounding in the blend): the
+        first best is the ensemble itself, and later weights are kept only when they beat it.
         """
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
         params = plain_params(seg)
         scores = []
         t0 = governor.clock()
-        for image, label in val:
-            prob = sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device)
+        for image, label, prior in val:
+            prob = prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, prior=prior)
             scores.append(score_volume(postprocess(prob, params, seg)[0], label).score)
         governor.account("distill_validation")
-        governor.measured_volume_cost((governor.clock() - t0) / max(1, sum(image.size for image, _ in val)), self._test_voxels)
+        if not as_prior:
+            per_voxel = (governor.clock() - t0) / max(1, sum(image.size for image, _, _ in val)) + self._prior_seconds_per_voxel
+            governor.measured_volume_cost(per_voxel, self._test_voxels)
         score = float(np.mean(scores))
         improved = distill.keep_if_best(student, score)
-        ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"]})
+        ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
+                                                        "scored": "prior" if as_prior else "network"})
