@@ -77,6 +77,9 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
     assert "PROGRESS_INTEGRITY_ALERT" not in names
     with zipfile.ZipFile(out / "results.zip") as zf:
         assert "journal.jsonl" in zf.namelist() and any(n.startswith("checkpoints/ckpt-") for n in zf.namelist())
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+        assert kinds["journal.jsonl"] == zipfile.ZIP_DEFLATED  # text deflates; tensors are stored (deflating GBs of them took minutes)
+        assert {k for n, k in kinds.items() if n.endswith(".safetensors")} == {zipfile.ZIP_STORED}
 
 
 def test_score_cli_prints_json(reference: dict, demo_data: Path) -> None:

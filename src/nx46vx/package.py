@@ -95,8 +95,16 @@ def validate_submission(path: str | os.PathLike[str], expected_shapes: Mapping[s
     return summary
 
 
+#: Members stored as they are in ``results.zip``: float tensors and already-compressed files barely deflate, and
+#: deflating a GPU student's checkpoints (~1 GB each) took minutes past the run's deadline.
+STORED_SUFFIXES = frozenset({".safetensors", ".npz", ".zip", ".png", ".tif", ".tiff"})
+
+
 def write_results_zip(path: str | os.PathLike[str], root: str | os.PathLike[str], members: list[str]) -> Path:
-    """Bundle ``members`` (paths relative to ``root``; folders recursively) into ``path`` atomically."""
+    """Bundle ``members`` (paths relative to ``root``; folders recursively) into ``path`` atomically.
+
+    Text (journal, JSON) is deflated; :data:`STORED_SUFFIXES` are stored.
+    """
     root = Path(root)
 
     def fill(handle: io.BufferedIOBase) -> None:
@@ -106,6 +114,7 @@ def write_results_zip(path: str | os.PathLike[str], root: str | os.PathLike[str]
                 files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
                 for file in files:
                     if file.is_file() and not file.name.startswith("."):
-                        archive.write(file, file.relative_to(root).as_posix())
+                        stored = file.suffix.lower() in STORED_SUFFIXES
+                        archive.write(file, file.relative_to(root).as_posix(), compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
 
     return write_atomic(path, fill)

@@ -39,6 +39,26 @@ VALIDATION_SHARE = 0.15
 Validation = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
+@dataclasses.dataclass
+class _StepCosts:
+    """Measured seconds of a session's steps and of what follows them, for the schedule and the deadline check.
+
+    A validation or a checkpoint costs far more than a step (a GPU student's
+    checkpoint is ~1 GB): the check before a step adds the next checkpoint (the
+    pre-timeout flush writes one in any case) and, when the step is followed by one,
+    the next validation to the step itself, instead of their average.
+    """
+
+    started: float
+    steps: int = 0
+    extra: float = 0.0  # validation and checkpoint seconds since ``started``
+    validation: float = 0.0
+    checkpoint: float = 0.0
+
+    def step_s(self, now: float) -> float:
+        return (now - self.started - self.extra) / self.steps if self.steps else 0.0
+
+
 class DistillationPhase:
     """Teachers → student. State: the student, its optimiser and schedule, its step, and the teachers it learnt from."""
 
@@ -187,11 +207,12 @@ class DistillationPhase:
         return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + 1, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
                           augmentations=(), prior=cfg.teacher_input)
 
-    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[Validation], *, started: float, steps_here: int) -> None:
+    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[Validation], costs: _StepCosts) -> None:
         """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
 
-        After the warm-up, the measured seconds per step and per validation (one is run
-        now to measure it) give the steps that fit the phase's time left, with 10 % spare.
+        After the warm-up, the measured seconds per step, per validation and per
+        checkpoint (one of each is made now to measure it) give the steps that fit the
+        phase's time left, with 10 % spare.
         Validations are spaced so that they take at most :data:`VALIDATION_SHARE` of the
         training time (never closer than ``distill.val_every``): on a CPU one validation
         can cost as much as dozens of steps.
@@ -201,20 +222,21 @@ class DistillationPhase:
             student.schedule_steps = cfg.steps or cfg.max_steps
             ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "distill.steps" if cfg.steps else "distill.max_steps (no budget)"})
             return
-        if student.step < cfg.warmup_steps or steps_here < 2:
+        if student.step < cfg.warmup_steps or costs.steps < 2:
             return
-        step_s = (governor.clock() - started) / steps_here
-        t0 = governor.clock()
+        step_s = costs.step_s(governor.clock())
         if val:
-            self._validate(ctx, student, val, cfg)
-        validation_s = governor.clock() - t0
+            self._validate(ctx, student, val, cfg, costs=costs)
+        self._checkpoint(ctx, student, costs)
+        validation_s, checkpoint_s = costs.validation, costs.checkpoint
         student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * max(step_s, 1e-9))))
-        per_step = step_s + validation_s / student.val_every
+        per_step = step_s + validation_s / student.val_every + checkpoint_s / cfg.checkpoint_every
         left = governor.phase_time_left(self.name)
-        # the validation after the last step runs whatever the spacing: its time is set aside, not spread over the steps
-        student.schedule_steps = student.step + max(1, int((0.9 * left - validation_s) / max(per_step, 1e-9)))
+        # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
+        student.schedule_steps = student.step + max(1, int((0.9 * left - validation_s - checkpoint_s) / max(per_step, 1e-9)))
         ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6),
-                                                      "seconds_per_validation": round(validation_s, 6), "val_every": student.val_every, "time_left_s": round(left, 3)})
+                                                      "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
+                                                      "val_every": student.val_every, "time_left_s": round(left, 3)})
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any) -> str | None:
         """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
@@ -227,32 +249,32 @@ class DistillationPhase:
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
         if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
             self._validate(ctx, student, val, cfg, as_prior=True)
-        stopped, started, steps_here = None, governor.clock(), 0
+        stopped, costs = None, _StepCosts(governor.clock())
         trainer = self._data_parallel(ctx, student, cfg)
+        validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or step >= (student.schedule_steps or cfg.max_steps))  # noqa: E731
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
-                    self._schedule(ctx, student, cfg, val, started=started, steps_here=steps_here)
+                    self._schedule(ctx, student, cfg, val, costs)
                     bar.total = student.schedule_steps
                     if student.schedule_steps is not None and student.step >= student.schedule_steps:
                         break
-                per_step = (governor.clock() - started) / steps_here if steps_here else 0.0
-                if governor.phase_should_stop(self.name) or governor.elapsed() + per_step > governor.phase_deadline(self.name):
+                need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if validates(student.step + 1) else 0.0)
+                if governor.phase_should_stop(self.name) or governor.elapsed() + need > governor.phase_deadline(self.name):
                     stopped = governor.stop_reason or "phase_share"
                     ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
                     state.unfinished.append(self.name)
                     ctx.checkpointer.write("pretimeout_flush")
                     break
                 self._one_step(ctx, state, student, batches.get(student.step), cfg, trainer)
-                steps_here += 1
+                costs.steps += 1
                 bar.update(1)
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if val and (student.step % (student.val_every or cfg.val_every) == 0 or finished):
-                    self._validate(ctx, student, val, cfg)
+                    self._validate(ctx, student, val, cfg, costs=costs)
                 self.done = finished
                 if student.step % cfg.checkpoint_every == 0 or finished:
-                    ctx.checkpointer.write("distillation_milestone")
-                    ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
+                    self._checkpoint(ctx, student, costs)
                 ctx.reporter.report()
         finally:
             if trainer is not None:
@@ -260,6 +282,14 @@ class DistillationPhase:
             batches.close()
             bar.close()
         return stopped
+
+    def _checkpoint(self, ctx: "RunContext", student: distill.DistillState, costs: _StepCosts) -> None:
+        """Write a checkpoint (``DISTILLATION_CHECKPOINT_WRITTEN``) and remember what it cost."""
+        t0 = ctx.governor.clock()
+        ctx.checkpointer.write("distillation_milestone")
+        ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
+        costs.checkpoint = ctx.governor.clock() - t0
+        costs.extra += costs.checkpoint
 
     def _data_parallel(self, ctx: "RunContext", student: distill.DistillState, cfg: Any) -> "DataParallelTrainer | None":
         """Helper processes for data-parallel training when more than one process is set or GPU visible (``DISTILLATION_PARALLEL``)."""
@@ -286,7 +316,7 @@ class DistillationPhase:
         ctx.event("DISTILLATION_BATCH_END", self.name, {"step": student.step})
         ctx.progress.set(self.name, student.step / max(1, student.schedule_steps or cfg.max_steps))
 
-    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False) -> None:
+    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False, costs: _StepCosts | None = None) -> None:
         """Score the current weights by the competition metric on the validation volumes; keep them when best.
 
         The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter).
@@ -306,6 +336,9 @@ class DistillationPhase:
         if not as_prior:
             per_voxel = (governor.clock() - t0) / max(1, sum(image.size for image, _, _ in val)) + self._prior_seconds_per_voxel
             governor.measured_volume_cost(per_voxel, self._test_voxels)
+        if costs is not None:
+            costs.validation = governor.clock() - t0
+            costs.extra += costs.validation
         score = float(np.mean(scores))
         improved = distill.keep_if_best(student, score)
         ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
