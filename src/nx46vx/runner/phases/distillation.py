@@ -180,7 +180,7 @@ class DistillationPhase:
         val_priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
         student = state.student = self._student(ctx, teachers)
         self.prior = self._prior(ctx, state) if cfg.teacher_input else None
-        probe = self._probe(ctx, state, val, teachers, cfg)
+        probe = self._probe(ctx, state, val, teachers, cfg, val_priors)
         before = distill.agreement(student, probe) if probe is not None else None
         self._test_voxels = state.test_voxels
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
@@ -194,10 +194,11 @@ class DistillationPhase:
                                                  "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads})
         return {"steps": student.step}
 
-    def _probe(self, ctx: "RunContext", state: "RunState", val: list[tuple[np.ndarray, np.ndarray]], teachers: list[distill.Teacher], cfg: Any) -> dict[str, torch.Tensor] | None:
-        """Seeded validation patches with the teachers' targets, to measure student–teacher agreement."""
+    def _probe(
+        self, ctx: "RunContext", state: "RunState", val: list[tuple[np.ndarray, np.ndarray]], teachers: list[distill.Teacher], cfg: Any, priors: list[np.ndarray] | None
+    ) -> dict[str, torch.Tensor] | None:
+        """Seeded validation patches with the teachers' targets (and ``priors``, the student's prior input per volume), to measure student–teacher agreement."""
         probes = []
-        priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
         for i, (image, label) in enumerate(val):
             target = distill.soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
             prior = priors[i] if priors else None
@@ -251,7 +252,8 @@ class DistillationPhase:
             self._validate(ctx, student, val, cfg, as_prior=True)
         stopped, costs = None, _StepCosts(governor.clock())
         trainer = self._data_parallel(ctx, student, cfg)
-        validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or step >= (student.schedule_steps or cfg.max_steps))  # noqa: E731
+        # whether the step numbered ``step`` is followed by a validation: every val_every steps, and after the last one
+        validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or (student.schedule_steps is not None and step >= student.schedule_steps))  # noqa: E731
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
@@ -270,7 +272,7 @@ class DistillationPhase:
                 costs.steps += 1
                 bar.update(1)
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
-                if val and (student.step % (student.val_every or cfg.val_every) == 0 or finished):
+                if validates(student.step):
                     self._validate(ctx, student, val, cfg, costs=costs)
                 self.done = finished
                 if student.step % cfg.checkpoint_every == 0 or finished:
