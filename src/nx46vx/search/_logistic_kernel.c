@@ -29,7 +29,7 @@ typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
-#define NV (2 * RB) /* vectors of logits per block of RB rows */
+#define NV 4 /* vectors of logits (two rows) whose transcendental chains are interleaved: their temporaries fit the 16 registers */
 
 /* Keep theta's two vectors of one column in registers for the RB rows (GCC otherwise folds them into
  * every FMA as a memory operand: two loads per row, which saturates the load ports). */
@@ -39,25 +39,31 @@ static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 #define IN_REGISTERS(a, b) ((void)0)
 #endif
 
-/* exp(x) for x <= 0 on NV vectors: Cody-Waite reduction by ln 2 and the Cephes expf polynomial (~1 ulp).
+/* exp(x) for x <= 0 on NV vectors, as 2^t with t = x log2(e) = k + f, k an integer and |f| <= 1/2: 2^f by
+ * the degree-6 Chebyshev least-squares fit on [-1/2, 1/2] (numpy, monomial form; relative error ~1e-7 in
+ * float32 Horner), 2^k added to its exponent bits.  The rounding of t costs |x| * 2^-24 relative, which the
+ * logistic sums never see: e = exp(-|z|) only enters them absolutely.  k and t - k come from adding and
+ * subtracting 1.5 * 2^23 (round to nearest): two additions, which leave the FMA ports to the polynomial.
  * Stage by stage over the NV vectors, so their dependent polynomial chains overlap. */
 static inline void vexp_nonpos_n(v8f *restrict x)
 {
+    const v8f magic = bcast(12582912.0f);
+    v8f f[NV], p[NV];
     v8i k[NV];
-    v8f r[NV], p[NV];
     for (int v = 0; v < NV; ++v) {
-        x[v] = sel(x[v] < -87.0f, bcast(-87.0f), x[v]);
-        k[v] = __builtin_convertvector(x[v] * 1.44269504088896341f - 0.5f, v8i);
-        const v8f kf = __builtin_convertvector(k[v], v8f);
-        r[v] = x[v] - kf * 0.693359375f - kf * -2.12194440e-4f;
-        p[v] = bcast(1.9875691500e-4f);
+        const v8f t = sel(x[v] < -87.0f, bcast(-87.0f), x[v]) * 1.44269504088896341f;
+        const v8f shifted = t + magic;
+        k[v] = (v8i)shifted - (v8i)magic; /* round(t), exact for |t| < 2^22 */
+        f[v] = t - (shifted - magic);
+        p[v] = bcast(1.5469732e-04f);
     }
-    for (int v = 0; v < NV; ++v) p[v] = p[v] * r[v] + 1.3981999507e-3f;
-    for (int v = 0; v < NV; ++v) p[v] = p[v] * r[v] + 8.3334519073e-3f;
-    for (int v = 0; v < NV; ++v) p[v] = p[v] * r[v] + 4.1665795894e-2f;
-    for (int v = 0; v < NV; ++v) p[v] = p[v] * r[v] + 1.6666665459e-1f;
-    for (int v = 0; v < NV; ++v) p[v] = p[v] * r[v] + 5.0000001201e-1f;
-    for (int v = 0; v < NV; ++v) x[v] = (p[v] * r[v] * r[v] + r[v] + 1.0f) * (v8f)((k[v] + 127) << 23);
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 1.3400433e-03f;
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 9.6180253e-03f;
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 5.5503272e-02f;
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 2.4022651e-01f;
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 6.9314718e-01f;
+    for (int v = 0; v < NV; ++v) p[v] = p[v] * f[v] + 1.0f;
+    for (int v = 0; v < NV; ++v) x[v] = (v8f)((v8i)p[v] + (k[v] << 23));
 }
 
 /* log(1 + e) for 0 <= e <= 1 on NV vectors: e * g(e), with g the degree-8 Chebyshev least-squares fit of
@@ -113,22 +119,23 @@ scan_group(const float *restrict phi, const float *restrict y, int P, const int3
                     z[q][1] += xj * b;
                 }
             }
-            v8f zz[NV], e[NV], inv[NV], lg[NV];
-            v8i pos[NV];
-            for (int v = 0; v < NV; ++v) {
-                zz[v] = z[v / 2][v % 2];
-                pos[v] = zz[v] >= 0.0f;
-                e[v] = sel(pos[v], -zz[v], zz[v]);
-            }
-            vexp_nonpos_n(e);                                               /* exp(-|z|) */
-            for (int v = 0; v < NV; ++v) inv[v] = 1.0f / (1.0f + e[v]);     /* sigmoid(|z|), in [0.5, 1] */
-            if (with_loss) vlog1p_unit_n(e, lg);
-            for (int v = 0; v < NV; ++v) {
-                const int q = v / 2, h = v % 2;
-                const v8f s = sel(pos[v], inv[v], e[v] * inv[v]);          /* sigmoid(z) */
-                /* softplus(z) = max(z, 0) + log(1 + exp(-|z|)) */
-                if (with_loss) lacc[h] += wi[q] * (sel(pos[v], zz[v], bcast(0.0f)) + lg[v] - yi[q] * zz[v]);
-                rs[t0 + q][h] = wi[q] * (s - yi[q]);
+            for (int q0 = 0; q0 < RB; q0 += NV / 2) {
+                v8f zz[NV], e[NV], inv[NV], lg[NV];
+                v8i pos[NV];
+                for (int v = 0; v < NV; ++v) {
+                    zz[v] = z[q0 + v / 2][v % 2];
+                    pos[v] = zz[v] >= 0.0f;
+                    e[v] = (v8f)((v8i)zz[v] | (v8i)bcast(-0.0f)); /* -|z| */
+                }
+                vexp_nonpos_n(e);                                               /* exp(-|z|) */
+                for (int v = 0; v < NV; ++v) inv[v] = 1.0f / (1.0f + e[v]);     /* sigmoid(|z|), in [0.5, 1] */
+                if (with_loss) vlog1p_unit_n(e, lg);
+                for (int v = 0; v < NV; ++v) {
+                    const int q = q0 + v / 2, h = v % 2;
+                    const v8f s = sel(pos[v], inv[v], e[v] * inv[v]);          /* sigmoid(z) */
+                    if (with_loss) lacc[h] += wi[q] * (sel(pos[v], zz[v], bcast(0.0f)) + lg[v] - yi[q] * zz[v]);
+                    rs[t0 + q][h] = wi[q] * (s - yi[q]);
+                }
             }
         }
         if (!with_grad) continue;
@@ -170,7 +177,7 @@ scan_group(const float *restrict phi, const float *restrict y, int P, const int3
 #define NX_GRADIENT 1
 #define NX_LOSS 2
 
-int nx_kernel_version(void) { return 2; }
+int nx_kernel_version(void) { return 3; }
 int nx_group_width(void) { return KB; }
 int nx_max_width(void) { return MAXP; }
 

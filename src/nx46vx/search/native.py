@@ -41,7 +41,7 @@ log = logging.getLogger("nx46vx")
 
 SOURCE = Path(__file__).with_name("_logistic_kernel.c")
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 _GRADIENT, _LOSS = 1, 2  # what the kernel computes (NX_GRADIENT, NX_LOSS)
 PIECES_PER_THREAD = 8  # work pieces per kernel thread (dynamic load balance)
 CHUNK_ROWS = 4096  # rows of the design per chunk: the unit of the summation order (threads take pieces of whole chunks)
