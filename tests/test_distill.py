@@ -140,6 +140,12 @@ def test_a_student_fed_the_ensembles_map_starts_as_that_map_and_learns_a_correct
     with pytest.raises(ValueError, match="prior of shape"):
         sliding_window(image, fresh, patch=16, prior=maps[0][:-1])
     assert not distill.resolve(replace(cfg, teachers=("tiff:x",)), CPU).teacher_input  # the prior is the ensemble's: no ensemble, no prior
+    # and only where the ensemble's maps cover every training volume: the student never trains on a subset of them
+    assert distill.resolve(cfg, CPU, train_volumes=cfg.teacher_volumes).teacher_input
+    assert not distill.resolve(cfg, CPU, train_volumes=cfg.teacher_volumes + 1).teacher_input
+    reason = distill.prior_off_reason(cfg, cfg.teacher_volumes + 1)
+    assert reason == f"the ensemble's maps cover distill.teacher_volumes = {cfg.teacher_volumes} of {cfg.teacher_volumes + 1} training volumes"
+    assert distill.prior_off_reason(cfg, cfg.teacher_volumes) is None
 
 
 def test_lr_schedule_warms_up_then_follows_the_granted_steps() -> None:

@@ -460,6 +460,9 @@ def test_many_volumes_under_a_tiny_budget_get_a_feature_subset(tmp_path: Path) -
     shapes = {p.stem: tifffile.imread(p).shape for p in (data / "test_images").glob("*.tif")}
     validate_submission(result.submission, shapes)
     assert any(e["event"] == "OUTPUT_QUOTA" for e in journal)  # the tiny quota refused the cache writes, and the run went on
+    # the demo's prior-fed student needs the ensemble's map of every training volume: 4 maps for more volumes, so image only, on all of them
+    start = next(e["data"] for e in journal if e["event"] == "DISTILLATION_START")
+    assert start["teacher_input"] is False and start["teacher_input_off"].startswith("the ensemble's maps cover distill.teacher_volumes = 4 of ")
 
 
 def test_full_output_disk_fails_before_training(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

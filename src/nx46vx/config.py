@@ -119,9 +119,10 @@ class DistillConfig:
     global batch and must divide evenly over them). ``teacher_input``: the search
     ensemble's probability is the student's second input channel and its logit the
     base the student corrects (:class:`nx46vx.student.PriorResidual`, nnU-Net
-    cascade style); it needs the ``ensemble`` teacher (without it the setting is
-    off), and the student then trains on the ``teacher_volumes`` that have the
-    ensemble's map.
+    cascade style); it needs the ``ensemble`` teacher and the ensemble's map of
+    every training volume (at most ``teacher_volumes`` of them): otherwise the
+    setting is off (``DISTILLATION_START`` says why) and the student learns from
+    the image alone, on all training volumes.
     """
 
     enabled: bool = True

@@ -154,16 +154,29 @@ class DistillState:
     val_every: int | None = None
 
 
-def resolve(config: DistillConfig, device: torch.device) -> DistillConfig:
+def resolve(config: DistillConfig, device: torch.device, *, train_volumes: int | None = None) -> DistillConfig:
     """Concrete student settings for ``device``: ``arch="auto"`` is the ResEnc U-Net on a GPU and the cheaper plain U-Net on a CPU;
-    ``teacher_input`` holds only with the ``ensemble`` teacher (the prior it feeds)."""
-    if config.teacher_input and "ensemble" not in config.teachers:
+    ``teacher_input`` holds only with the ``ensemble`` teacher (the prior it feeds) and, given the number of
+    ``train_volumes``, only when the ensemble's maps (``teacher_volumes`` of them) cover every one of them:
+    the student trains on all training volumes, never on the subset that has a map."""
+    if config.teacher_input and prior_off_reason(config, train_volumes):
         config = replace(config, teacher_input=False)
     if config.arch != "auto":
         return config
     if device.type == "cuda":
         return replace(config, arch="resenc")
     return replace(config, arch="plain", width=min(config.width, 16), depth=min(config.depth, 3), patch=min(config.patch, 48))
+
+
+def prior_off_reason(config: DistillConfig, train_volumes: int | None) -> str | None:
+    """Why ``teacher_input`` does not hold for these settings and ``train_volumes`` training volumes (None: it holds)."""
+    if not config.teacher_input:
+        return "distill.teacher_input is false"
+    if "ensemble" not in config.teachers:
+        return "the prior is the ensemble teacher's map, and distill.teachers has no ensemble"
+    if train_volumes is not None and train_volumes > config.teacher_volumes:
+        return f"the ensemble's maps cover distill.teacher_volumes = {config.teacher_volumes} of {train_volumes} training volumes"
+    return None
 
 
 def network_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from the checkpoint, and a stop *signalled* (``should_stop()`` turns True) rathe
 than raised, so training ends at an iteration boundary with a checkpoint.
 
 The session budget ``total_s`` (0 = unlimited) covers this notebook session. The
-training deadline is ``total_s − margin_s − reserve``, where the reserve for
+training deadline is ``total_s − margin − reserve`` (the margin is ``margin_s``, at most a tenth of ``total_s``), where the reserve for
 segmentation + packaging is the measured (or configured) cost per test volume ×
 number of test volumes × ``reserve_safety``. Inside that window each training phase
 has a share (``budget.features_share``, ``budget.search_share``; distillation gets the
@@ -30,6 +30,7 @@ log = logging.getLogger("nx46vx")
 
 
 TRAINING_PHASES = ("features", "search", "distillation")
+MARGIN_SHARE_CAP = 0.1  # the margin is at most this share of budget.total_s
 
 
 class VirtualClock:
@@ -151,8 +152,9 @@ class Governor:
         return self.budget.total_s - self.margin() - self.reserve()
 
     def margin(self) -> float:
-        """Pre-timeout margin: ``margin_s``, but at most a quarter of a small budget."""
-        return min(self.budget.margin_s, 0.25 * self.budget.total_s)
+        """Pre-timeout margin: ``margin_s``, but at most a tenth of a small budget (the segmentation reserve is
+        measured and kept apart; a quarter left a 600 s run idle for its last three minutes)."""
+        return min(self.budget.margin_s, MARGIN_SHARE_CAP * self.budget.total_s)
 
     def should_stop(self) -> bool:
         """True once a signal arrived or the training deadline passed (sets :attr:`stop_reason`)."""

@@ -71,6 +71,11 @@ def search_probability(ctx: "RunContext", search: "CandidateSearch", k: int) -> 
     return lambda vol: probability(vol, top["thetas"], top["mean"], top["std"], ctx.config.features, device=ctx.device)
 
 
+def student_config(ctx: "RunContext", state: "RunState") -> distill.DistillConfig:
+    """The student's concrete settings in this run: :func:`nx46vx.distill.resolve` on its device, given the training volumes."""
+    return distill.resolve(ctx.config.distill, ctx.distill_device, train_volumes=len(state.train_pairs))
+
+
 def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Source]:
     """Learned probability maps available to segment with: search model, ensemble, student."""
     out: dict[str, Source] = {}
@@ -81,7 +86,7 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
     if state.student is not None and state.student.step > 0:
         network = distill.student_network(state.student)
         seg = ctx.config.segment
-        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
+        cfg = student_config(ctx, state)
         # the ensemble the student learnt to correct: the "ensemble" teacher's map (even before the search has results)
         prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input and search is not None else None
         out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device,

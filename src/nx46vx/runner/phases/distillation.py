@@ -23,7 +23,7 @@ from ...config import RunConfig
 from ...metric import score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
 from ...segment import normalised, plain_params, postprocess, sliding_window
-from ..sources import search_probability, validation_probabilities, validation_volumes
+from ..sources import search_probability, student_config, validation_probabilities, validation_volumes
 from ..training_data import Prefetcher, VolumeCache, teacher_maps
 from .base import digest, plain
 
@@ -102,7 +102,7 @@ class DistillationPhase:
                 self.done = True
                 return
             if self.done and self._saved is not None and "search" not in state.advanced:
-                student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
+                student = distill.init_state(student_config(ctx, state), seed=ctx.config.seed, device=ctx.distill_device)
                 distill.load_state_dict(student, self._saved["student"])
                 self.student, state.student, self.teacher_key = student, student, str(self._saved["teacher_key"])
                 self.network, self.prior = dict(self._saved["network"]), self._saved.get("prior")
@@ -141,9 +141,9 @@ class DistillationPhase:
         return {"thetas": top["thetas"].clone(), "mean": torch.as_tensor(np.asarray(top["mean"], np.float32)), "std": torch.as_tensor(np.asarray(top["std"], np.float32)),
                 "features": plain(dataclasses.asdict(ctx.config.features))}
 
-    def _student(self, ctx: "RunContext", teachers: list[distill.Teacher]) -> distill.DistillState:
-        """A fresh student, or the saved one when it learnt from these same teachers."""
-        student = distill.init_state(ctx.config.distill, seed=ctx.config.seed, device=ctx.distill_device)
+    def _student(self, ctx: "RunContext", cfg: distill.DistillConfig, teachers: list[distill.Teacher]) -> distill.DistillState:
+        """A fresh student with the resolved settings ``cfg``, or the saved one when it learnt from these same teachers."""
+        student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
         key = digest([t.sha256 for t in teachers])
         if self._saved is not None:
             if self._saved["teacher_key"] == key:
@@ -152,13 +152,14 @@ class DistillationPhase:
                 self.done = False
                 ctx.event("DISTILLATION_RESET", self.name, {"reason": "the teachers changed since the saved student", "saved_step": int(self._saved["student"]["step"])})
         self.teacher_key, self.student = key, student
-        self.network = plain(dataclasses.asdict(distill.resolve(ctx.config.distill, ctx.distill_device)))
+        self.network = plain(dataclasses.asdict(cfg))
         return student
 
     def _train(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
-        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
+        cfg = student_config(ctx, state)
         ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
-                                                   "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device)})
+                                                   "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device),
+                                                   "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs))})
         teachers = self._teachers(ctx, state)
         order = np.random.default_rng([ctx.config.seed, 12]).permutation(len(state.train_pairs))
         subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
@@ -178,7 +179,7 @@ class DistillationPhase:
             if teacher.spec == "ensemble" and cfg.teacher_input:
                 self._prior_seconds_per_voxel = seconds_per_voxel  # segmenting with the student computes the prior too
         val_priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
-        student = state.student = self._student(ctx, teachers)
+        student = state.student = self._student(ctx, cfg, teachers)
         self.prior = self._prior(ctx, state) if cfg.teacher_input else None
         probe = self._probe(ctx, state, val, teachers, cfg, val_priors)
         before = distill.agreement(student, probe) if probe is not None else None
