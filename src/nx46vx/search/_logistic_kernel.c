@@ -19,7 +19,7 @@
 #define KB 16   /* candidates per group: two vectors of 8 floats */
 #define TR 60   /* rows per tile (their residuals stay in L1); a multiple of RB */
 #define RB 6    /* rows advanced together in the forward product: 12 independent FMA chains */
-#define JB 6    /* gradient rows accumulated together in the backward product: 12 chains */
+#define JB 5    /* gradient rows accumulated together in the backward product: 10 chains (P = 20 has no remainder) */
 #define MAXP 64 /* largest supported design width */
 
 typedef float v8f __attribute__((vector_size(32)));
