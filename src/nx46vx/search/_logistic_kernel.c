@@ -30,6 +30,7 @@ static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b
 static inline v8f bcast(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
 #define NV 4 /* vectors of logits (two rows) whose transcendental chains are interleaved: their temporaries fit the 16 registers */
+_Static_assert(RB % (NV / 2) == 0, "the forward block's rows split into pairs");
 
 /* Keep theta's two vectors of one column in registers for the RB rows (GCC otherwise folds them into
  * every FMA as a memory operand: two loads per row, which saturates the load ports). */
@@ -133,6 +134,7 @@ scan_group(const float *restrict phi, const float *restrict y, int P, const int3
                 for (int v = 0; v < NV; ++v) {
                     const int q = q0 + v / 2, h = v % 2;
                     const v8f s = sel(pos[v], inv[v], e[v] * inv[v]);          /* sigmoid(z) */
+                    /* softplus(z) = max(z, 0) + log(1 + exp(-|z|)) */
                     if (with_loss) lacc[h] += wi[q] * (sel(pos[v], zz[v], bcast(0.0f)) + lg[v] - yi[q] * zz[v]);
                     rs[t0 + q][h] = wi[q] * (s - yi[q]);
                 }
