@@ -15,7 +15,8 @@ from nx46vx import distill
 from nx46vx.config import AUGMENTATIONS, DistillConfig, SegmentConfig
 from nx46vx.errors import DistillationNotExecuted
 from nx46vx.patches import TrainVolume, foreground_sample, make_batch
-from nx46vx.segment import PostParams, normalised, postprocess, sliding_window
+from nx46vx.metric import betti_numbers, score_volume
+from nx46vx.segment import PostParams, normalised, plug_holes, postprocess, postprocess_grid, sliding_window, tune_postprocess
 from nx46vx.synthetic import make_volume, write_tiff
 from nx46vx.volumes import file_sha256
 
@@ -218,6 +219,44 @@ def test_postprocess_hysteresis_and_fallback() -> None:
     weak = prob * 0.5  # nothing above high: hysteresis keeps nothing, the percentile fallback keeps the top 5 %
     mask, info = postprocess(weak, PostParams(high=0.9, low=0.5, min_component=1, fill_holes=False), cfg)
     assert info["fallback"] and info["hysteresis_ratio"] == 0.0 and mask.sum() > 0
+
+
+def _pierced_sheets() -> tuple[np.ndarray, np.ndarray]:
+    """A probability map of two sheets (2 voxels thick, across the volume) pierced by a 2×2 and a 3×1 hole, and their truth; (z, y, x) 32³."""
+    truth = np.zeros((32, 32, 32), np.uint8)
+    truth[8:10] = truth[20:22] = 1
+    prob = truth.astype(np.float32) * 0.9
+    prob[:, 10:12, 10:12] *= 0.2  # straight through both sheets: a tunnel in each, enclosed in a z plane
+    prob[:, 24:27, 5] *= 0.2
+    return prob, truth
+
+
+def test_plug_holes_fills_small_in_plane_holes_only() -> None:
+    mask = np.zeros((9, 30, 30), bool)
+    mask[4] = True
+    mask[4, 5:7, 5:7] = False  # 4 voxels: plugged
+    mask[4, 12:22, 12:22] = False  # 100 voxels: kept
+    mask[4, 0:2, 20:22] = False  # a notch at the plane's edge is not enclosed: kept
+    plugged = plug_holes(mask, 16)
+    np.testing.assert_array_equal(plugged & ~mask, np.pad(np.ones((1, 2, 2), bool), ((4, 4), (5, 23), (5, 23))))
+    assert plug_holes(mask, 100)[4, 12:22, 12:22].all() and not plug_holes(mask, 0)[4, 5:7, 5:7].any()
+    np.testing.assert_array_equal(plug_holes(np.moveaxis(mask, 0, 2), 16), np.moveaxis(plugged, 0, 2))  # every axis alike
+    between = np.zeros((12, 12, 12), bool)
+    between[2] = between[9] = True  # the slab between two sheets is enclosed in none of the planes
+    np.testing.assert_array_equal(plug_holes(between, 10**6), between)
+
+
+def test_hole_plugging_removes_tunnels_and_the_tuning_keeps_it() -> None:
+    prob, truth = _pierced_sheets()
+    cfg = SegmentConfig(min_component_voxels=8)
+    pierced = postprocess(prob, PostParams(high=0.5, low=0.5, min_component=8, fill_holes=True), cfg)[0]
+    plugged = postprocess(prob, PostParams(high=0.5, low=0.5, min_component=8, fill_holes=True, plug_holes=32), cfg)[0]
+    assert betti_numbers(pierced.astype(bool))[1] == 4 and betti_numbers(plugged.astype(bool))[1] == 0
+    np.testing.assert_array_equal(plugged, truth)
+    assert score_volume(plugged, truth).score > score_volume(pierced, truth).score + 0.1
+    params, score, tried = tune_postprocess([(prob, truth)], cfg)
+    assert params.plug_holes == cfg.plug_holes_voxels and score == score_volume(plugged, truth).score and tried == len(list(postprocess_grid(cfg)))
+    assert all(p.plug_holes == 0 for p in postprocess_grid(SegmentConfig(plug_holes_voxels=0)))
 
 
 

@@ -168,6 +168,8 @@ class SegmentConfig:
     ``ensemble``, ``student``. Probability maps are cut by 3-D hysteresis with
     thresholds chosen on validation; when hysteresis keeps less than
     ``min_ratio`` of the voxels, the top ``fallback_percent`` % are kept instead.
+    ``plug_holes_voxels``: the largest hole enclosed in an axial plane that the
+    post-processing grid tries plugging (0 = never; :func:`nx46vx.segment.plug_holes`).
     ``export_probabilities`` also writes ``probabilities/<id>.tif`` (uint8, p·255)
     beside the submission, for blending with other notebooks.
     """
@@ -180,6 +182,7 @@ class SegmentConfig:
     min_ratio: float = 0.005
     fallback_percent: float = 5.0
     validation_volumes: int = 4
+    plug_holes_voxels: int = 32
     export_probabilities: bool = False
 
 
@@ -507,6 +510,7 @@ RANGES: dict[str, Range] = {
     "segment.min_ratio": FRACTION,
     "segment.fallback_percent": _r(0, 100, low_open=True),
     "segment.validation_volumes": NON_NEGATIVE,
+    "segment.plug_holes_voxels": NON_NEGATIVE,
     "budget.total_s": NON_NEGATIVE,
     "budget.margin_s": NON_NEGATIVE,
     "budget.reserve_per_volume_s": NON_NEGATIVE,
