@@ -164,13 +164,15 @@ class DistillationPhase:
         order = np.random.default_rng([ctx.config.seed, 12]).permutation(len(state.train_pairs))
         subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
         targets, priors, coverage = teacher_maps(ctx, state.volume_keys, teachers, subset, phase=self.name)
-        # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
-        # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
-        pairs = subset if cfg.teacher_input else state.train_pairs
-        missing = [p.id for p in pairs if p.id not in priors] if cfg.teacher_input else []
-        if missing or len(pairs) != len(state.train_pairs):
-            raise distill.DistillationNotExecuted("distill.teacher_input needs the ensemble's map of every training volume", expected=f"{len(state.train_pairs)} maps",
-                                                  found=f"{len(pairs) - len(missing)}", hint="set distill.teacher_input = false")
+        pairs = state.train_pairs
+        if cfg.teacher_input:
+            # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
+            # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
+            pairs = subset
+            covered = sum(p.id in priors for p in subset)
+            if covered != len(state.train_pairs):
+                raise distill.DistillationNotExecuted("distill.teacher_input needs the ensemble's map of every training volume", expected=f"{len(state.train_pairs)} maps",
+                                                      found=f"{covered}", hint="set distill.teacher_input = false")
         volumes = VolumeCache(pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
                               capacity=cfg.cache_volumes, targets=targets, priors=priors if cfg.teacher_input else None, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
         val = validation_volumes(ctx, state)
