@@ -441,6 +441,32 @@ def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: 
     assert (later.cursor["epoch"], later.cursor["candidate"], later.cursor["iter"]) > (c["epoch"], c["candidate"], c["iter"])
 
 
+def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(demo_data: Path, tmp_path: Path) -> None:
+    """Steps get 4x dearer after the schedule is laid out: the loop stops early, and the weights it trained last are scored."""
+    from nx46vx.governor import VirtualClock
+
+    class SlowingClock(VirtualClock):
+        def charge(self, point: str) -> None:
+            super().charge(point)
+            self.steps = getattr(self, "steps", 0) + (point == "distill_step")
+            if self.steps == 8:  # after the 5 warm-up steps and the schedule
+                self.costs["distill_step"] = 4.0
+
+    clock = SlowingClock(tick=0.001, costs={"distill_step": 1.0})
+    overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
+    result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    assert clock.now < 300 and _masks(result.submission)
+    events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
+    names = [e["event"] for e in events]
+    schedule = next(e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE")
+    flush = names.index("PRETIMEOUT_FLUSH")
+    stopped_at = events[flush]["data"]["distill_step"]
+    assert 8 < stopped_at < schedule["schedule_steps"]  # the schedule was not finished
+    assert names[flush - 1] == "DISTILLATION_VALIDATION" and events[flush - 1]["data"]["step"] == stopped_at
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert end["steps"] == stopped_at and end["stopped"] == "phase_share"
+
+
 def test_many_volumes_under_a_tiny_budget_get_a_feature_subset(tmp_path: Path) -> None:
     """Features cost far more than the budget grants: a seeded subset is used and the run still ends inside its budget."""
     from nx46vx.governor import VirtualClock

@@ -36,17 +36,31 @@ def test_rng_restore_brings_every_generator_back() -> None:
 def test_phase_shares_and_deadlines_follow_the_budget() -> None:
     clock = VirtualClock(tick=0.0, costs={"features_volume": 10.0})
     governor = Governor(BudgetConfig(total_s=1000, margin_s=100, reserve_per_volume_s=50, reserve_safety=2.0), n_test=1, clock=clock)
-    window = 1000 - 100 - 100
+    window = 1000 - 50 - 100  # the margin is at most a twentieth of the budget
     assert governor.training_deadline() == window
     assert governor.phase_deadline("features") == pytest.approx(0.25 * window)
     assert governor.phase_deadline("search") == pytest.approx(0.70 * window)
     assert governor.phase_deadline("distillation") == pytest.approx(window)
-    for _ in range(20):
+    for _ in range(22):
         governor.account("features_volume")
-    assert clock.now == 200.0 and governor.phase_should_stop("features") and not governor.phase_should_stop("search")
+    assert clock.now == 220.0 and governor.phase_should_stop("features") and not governor.phase_should_stop("search")
     assert governor.stop_reason is None  # a phase's share is not a stop of the run
     unlimited = Governor(BudgetConfig(), n_test=1, clock=clock)
     assert unlimited.phase_deadline("features") == float("inf") and not unlimited.phase_should_stop("search")
+
+
+def test_time_the_features_leave_goes_to_the_student_not_the_search() -> None:
+    clock = VirtualClock(tick=0.0, costs={"features_volume": 10.0})
+    governor = Governor(BudgetConfig(total_s=1000, margin_s=50, reserve_per_volume_s=50, reserve_safety=2.0), n_test=1, clock=clock)
+    window = 850
+    governor.enter("features")
+    for _ in range(5):
+        governor.account("features_volume")
+    governor.enter("search")  # at 50 s, 150 s before the features' deadline
+    assert governor.phase_deadline("search") == pytest.approx(50 + 0.45 * window)  # its own share, not 0.70 of the window
+    assert governor.phase_deadline("distillation") == pytest.approx(window)
+    governor.enter("features")  # entered again: its share still counts from the first entry
+    assert governor.phase_deadline("features") == pytest.approx(0.25 * window)
 
 
 def test_segmenter_choice_is_pure_and_respects_time() -> None:

@@ -191,8 +191,8 @@ class BudgetConfig:
     """Time budget in seconds (0 = unlimited) and its split.
 
     The training window (``total_s − margin − reserve``) is shared: features get
-    ``features_share``, the search ``search_share``, distillation the rest; unused
-    time passes on. ``feature_s_per_mvoxel`` predicts the feature cost of a volume
+    ``features_share``, the search ``search_share`` (each counted from its start),
+    distillation the rest and every second they leave unused. ``feature_s_per_mvoxel`` predicts the feature cost of a volume
     until one has been measured.
     """
 

@@ -5,12 +5,13 @@ from the checkpoint, and a stop *signalled* (``should_stop()`` turns True) rathe
 than raised, so training ends at an iteration boundary with a checkpoint.
 
 The session budget ``total_s`` (0 = unlimited) covers this notebook session. The
-training deadline is ``total_s − margin − reserve`` (the margin is ``margin_s``, at most a tenth of ``total_s``), where the reserve for
+training deadline is ``total_s − margin − reserve`` (the margin is ``margin_s``, at most a twentieth of ``total_s``), where the reserve for
 segmentation + packaging is the measured (or configured) cost per test volume ×
 number of test volumes × ``reserve_safety``. Inside that window each training phase
 has a share (``budget.features_share``, ``budget.search_share``; distillation gets the
-rest): a phase's deadline is the cumulative share of the window, so time a phase
-leaves unused passes to the next one.
+rest): a phase's deadline is the cumulative share of the window, and a phase before
+distillation also stops once it has used its own share since it was entered, so the
+time it leaves unused goes to the student, not to the search (a bounded teacher).
 
 Tests (and dry runs) drive the governor with a :class:`VirtualClock`: time advances
 by a fixed tick per reading plus injected costs at named points
@@ -30,7 +31,7 @@ log = logging.getLogger("nx46vx")
 
 
 TRAINING_PHASES = ("features", "search", "distillation")
-MARGIN_SHARE_CAP = 0.1  # the margin is at most this share of budget.total_s
+MARGIN_SHARE_CAP = 0.05  # the margin is at most this share of budget.total_s
 
 
 class VirtualClock:
@@ -42,7 +43,8 @@ class VirtualClock:
         Seconds each call advances.
     costs : mapping point → seconds, optional
         Seconds charged when the runner accounts for a unit of work at ``point``
-        (``features_volume``, ``tune_params``, ``segment_volume``, ``baseline_volume``).
+        (``features_volume``, ``distill_step``, ``distill_validation``, ``tune_params``,
+        ``segment_volume``, ``baseline_volume``).
     """
 
     def __init__(self, tick: float = 0.0, costs: dict[str, float] | None = None) -> None:
@@ -82,6 +84,7 @@ class Governor:
         self.previous_elapsed: dict[str, float] = {}
         self._phase: str | None = None
         self._phase_start = 0.0
+        self._entered: dict[str, float] = {}  # session seconds at which each phase was first entered
         self.stop_reason: str | None = None
         self._old_handlers: dict[int, Any] = {}
 
@@ -120,12 +123,21 @@ class Governor:
         return shares.get(phase, 0.0)
 
     def phase_deadline(self, phase: str) -> float:
-        """Session seconds at which a training phase must stop: the cumulative share of the training window."""
+        """Session seconds at which a training phase must stop.
+
+        The cumulative share of the training window; for a phase before the last, once
+        entered, also its own share counted from its entry (what it leaves passes to
+        distillation, whatever the phases before it left).
+        """
         window = self.training_deadline()
         if window == float("inf") or phase not in TRAINING_PHASES:
             return window
+        window = max(0.0, window)
         upto = TRAINING_PHASES[: TRAINING_PHASES.index(phase) + 1]
-        return max(0.0, window) * sum(self.share(p) for p in upto)
+        cumulative = window * sum(self.share(p) for p in upto)
+        if phase == TRAINING_PHASES[-1] or phase not in self._entered:
+            return cumulative
+        return min(cumulative, self._entered[phase] + window * self.share(phase))
 
     def phase_time_left(self, phase: str) -> float:
         """Seconds left before ``phase``'s deadline (infinite when unlimited)."""
@@ -152,8 +164,8 @@ class Governor:
         return self.budget.total_s - self.margin() - self.reserve()
 
     def margin(self) -> float:
-        """Pre-timeout margin: ``margin_s``, but at most a tenth of a small budget (the segmentation reserve is
-        measured and kept apart; a quarter left a 600 s run idle for its last three minutes)."""
+        """Pre-timeout margin: ``margin_s``, but at most a twentieth of a small budget (the segmentation reserve is
+        measured and kept apart; a quarter left a 600 s run idle for its last three minutes, a tenth for its last one)."""
         return min(self.budget.margin_s, MARGIN_SHARE_CAP * self.budget.total_s)
 
     def should_stop(self) -> bool:
@@ -181,6 +193,7 @@ class Governor:
         """Start timing ``phase`` (closing the previous one)."""
         self.leave()
         self._phase, self._phase_start = phase, self.clock()
+        self._entered.setdefault(phase, self._phase_start - self.started)
 
     def leave(self) -> None:
         if self._phase is not None:

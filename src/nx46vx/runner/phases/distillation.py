@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nx46vx")
 #: The most of the student's training time its in-training validations may take (they are spaced to fit).
 VALIDATION_SHARE = 0.15
+#: The share of the distillation time left after the warm-up that the schedule leaves unplanned (step-time noise).
+SCHEDULE_SPARE = 0.03
 #: A validation volume for the student: image (z, y, x) uint8, label (z, y, x) uint8, prior float32 or None.
 Validation = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
@@ -44,9 +46,9 @@ class _StepCosts:
     """Measured seconds of a session's steps and of what follows them, for the schedule and the deadline check.
 
     A validation or a checkpoint costs far more than a step (a GPU student's
-    checkpoint is ~1 GB): the check before a step adds the next checkpoint (the
-    pre-timeout flush writes one in any case) and, when the step is followed by one,
-    the next validation to the step itself, instead of their average.
+    checkpoint is ~1 GB): the check before a step adds a checkpoint (the pre-timeout
+    flush writes one in any case) and a validation (the weights trained last are
+    scored before any stop) to the step itself, instead of their average.
     """
 
     started: float
@@ -54,9 +56,29 @@ class _StepCosts:
     extra: float = 0.0  # validation and checkpoint seconds since ``started``
     validation: float = 0.0
     checkpoint: float = 0.0
+    durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
 
     def step_s(self, now: float) -> float:
         return (now - self.started - self.extra) / self.steps if self.steps else 0.0
+
+    def typical_step_s(self, now: float) -> float:
+        """The median step (the first steps are slower while the prefetch queue fills): what the schedule plans with."""
+        return float(np.median(self.durations)) if self.durations else self.step_s(now)
+
+
+def _steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[tuple[int, float]]) -> int:
+    """The most steps after step ``done`` that fit in ``seconds``, with the work every ``n`` steps, ``(n, its seconds)``, that they pass.
+
+    The work after the last step is the caller's (it runs however the steps fall).
+    """
+
+    def cost(n: int) -> float:
+        return n * step_s + sum(work * ((done + n - 1) // k - done // k) for k, work in every if k > 0)
+
+    n = max(0, int(seconds / step_s))  # an upper bound: the periodic work only adds
+    while n > 0 and cost(n) > seconds:
+        n -= 1
+    return n
 
 
 class DistillationPhase:
@@ -72,6 +94,7 @@ class DistillationPhase:
         self.prior: dict[str, Any] | None = None  # the ensemble that makes the student's prior input (predict rebuilds it)
         self._test_voxels = 0  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
         self._prior_seconds_per_voxel = 0.0
+        self._validated_step: int | None = None  # the step whose weights this session validated last
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
@@ -218,7 +241,8 @@ class DistillationPhase:
 
         After the warm-up, the measured seconds per step, per validation and per
         checkpoint (one of each is made now to measure it) give the steps that fit the
-        phase's time left, with 10 % spare.
+        phase's time left, with :data:`SCHEDULE_SPARE` spare (a schedule that overruns
+        stops early, its last weights validated, so the spare only absorbs noise).
         Validations are spaced so that they take at most :data:`VALIDATION_SHARE` of the
         training time (never closer than ``distill.val_every``): on a CPU one validation
         can cost as much as dozens of steps.
@@ -230,17 +254,18 @@ class DistillationPhase:
             return
         if student.step < cfg.warmup_steps or costs.steps < 2:
             return
-        step_s = costs.step_s(governor.clock())
+        step_s = max(costs.typical_step_s(governor.clock()), 1e-9)
         if val:
             self._validate(ctx, student, val, cfg, costs=costs)
         self._checkpoint(ctx, student, costs)
         validation_s, checkpoint_s = costs.validation, costs.checkpoint
-        student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * max(step_s, 1e-9))))
-        per_step = step_s + validation_s / student.val_every + checkpoint_s / cfg.checkpoint_every
+        student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
         left = governor.phase_time_left(self.name)
         # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
-        student.schedule_steps = student.step + max(1, int((0.9 * left - validation_s - checkpoint_s) / max(per_step, 1e-9)))
-        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(per_step, 6),
+        steps = _steps_that_fit((1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s, done=student.step, step_s=step_s,
+                                every=((student.val_every, validation_s), (cfg.checkpoint_every, checkpoint_s)))
+        student.schedule_steps = student.step + max(1, steps)
+        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
                                                       "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
                                                       "val_every": student.val_every, "time_left_s": round(left, 3)})
 
@@ -256,6 +281,7 @@ class DistillationPhase:
         if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
             self._validate(ctx, student, val, cfg, as_prior=True)
         stopped, costs = None, _StepCosts(governor.clock())
+        self._validated_step = None
         trainer = self._data_parallel(ctx, student, cfg)
         # whether the step numbered ``step`` is followed by a validation: every val_every steps, and after the last one
         validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or (student.schedule_steps is not None and step >= student.schedule_steps))  # noqa: E731
@@ -266,15 +292,21 @@ class DistillationPhase:
                     bar.total = student.schedule_steps
                     if student.schedule_steps is not None and student.step >= student.schedule_steps:
                         break
-                need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if validates(student.step + 1) else 0.0)
+                # a step is taken only when a validation still fits after it: whenever the loop stops, the weights it
+                # trained last are scored (segmentation uses the best validated ones)
+                need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if val else 0.0)
                 if governor.phase_should_stop(self.name) or governor.elapsed() + need > governor.phase_deadline(self.name):
                     stopped = governor.stop_reason or "phase_share"
+                    if val and student.step > 0 and self._validated_step != student.step and governor.elapsed() + costs.validation <= governor.phase_deadline(self.name):
+                        self._validate(ctx, student, val, cfg, costs=costs)
                     ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
                     state.unfinished.append(self.name)
                     ctx.checkpointer.write("pretimeout_flush")
                     break
+                started = governor.clock()
                 self._one_step(ctx, state, student, batches.get(student.step), cfg, trainer)
                 costs.steps += 1
+                costs.durations.append(governor.clock() - started)
                 bar.update(1)
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if validates(student.step):
@@ -316,6 +348,7 @@ class DistillationPhase:
     ) -> None:
         ctx.event("DISTILLATION_BATCH_BEGIN", self.name, {"step": student.step + 1, "patches": int(batch["image"].shape[0]), "covered": int(batch["covered"].sum())})
         terms = trainer.step(student, batch) if trainer is not None else distill.train_step(student, batch, cfg)
+        ctx.governor.account("distill_step")
         state.advanced.add(self.name)
         losses = {k: terms[k] for k in ("total", "label", "dice", "bce", "teacher", "skeleton") if k in terms}
         ctx.event("DISTILLATION_LOSS_STEP", self.name, {"step": student.step, **losses, "teacher_weight": terms["teacher_weight"]})
@@ -348,5 +381,7 @@ class DistillationPhase:
             costs.extra += costs.validation
         score = float(np.mean(scores))
         improved = distill.keep_if_best(student, score)
+        if not as_prior:
+            self._validated_step = student.step
         ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
                                                         "scored": "prior" if as_prior else "network"})
