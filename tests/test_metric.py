@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nx46vx.metric import betti_numbers, score_volume, surface_dice, topo_score, variation_of_information, voi_score
+from nx46vx.metric import Truth, betti_numbers, score_volume, surface_dice, topo_score, variation_of_information, voi_score
 
 
 def _sheet(shape=(24, 24, 24), z=12, thickness=2) -> np.ndarray:
@@ -65,13 +65,27 @@ def test_cavity_is_b2() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_surface_dice_matches_deepmind(seed: int) -> None:
+@pytest.mark.parametrize("margin", [0, 3])
+def test_surface_dice_matches_deepmind(seed: int, margin: int) -> None:
     sd = pytest.importorskip("surface_distance")
     rng = np.random.default_rng(seed)
     a = ndimage.gaussian_filter(rng.random((26, 30, 22)), 2) > 0.5
     b = ndimage.gaussian_filter(rng.random((26, 30, 22)), 2) > 0.5
+    a, b = (np.pad(m, [(margin, margin + 1), (margin + 2, margin), (0, margin)]) for m in (a, b))  # masks inside a larger volume
     ref = sd.compute_surface_dice_at_tolerance(sd.compute_surface_distances(a, b, (1, 1, 1)), 2.0)
     assert surface_dice(b, a) == pytest.approx(ref, abs=1e-6)
+    assert surface_dice(b, Truth(a)) == surface_dice(b, a)  # the prepared truth gives the same bits
+
+
+def test_a_prepared_truth_scores_every_prediction_like_its_labels() -> None:
+    rng = np.random.default_rng(5)
+    labels = (ndimage.gaussian_filter(rng.random((24, 20, 28)), 2) > 0.5).astype(np.uint8)
+    labels[:, :, :6] = 2  # an unlabeled slab
+    truth = Truth(labels)
+    for level in (0.45, 0.5, 0.55, 2.0):  # the last one predicts nothing
+        pred = ndimage.gaussian_filter(rng.random(labels.shape), 2) > level
+        assert score_volume(pred, truth) == score_volume(pred, labels)
+    assert score_volume(labels == 1, truth).score == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

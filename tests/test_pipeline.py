@@ -467,6 +467,22 @@ def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(d
     assert end["steps"] == stopped_at and end["stopped"] == "phase_share"
 
 
+def test_the_segmenter_choice_reuses_the_students_validation_maps(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The best weights' maps from the last validation are what the choice tunes on: the student runs only on the test volumes."""
+    import nx46vx.runner.sources as sources
+
+    calls: list[tuple[int, ...]] = []
+    original = sources.sliding_window
+    monkeypatch.setattr(sources, "sliding_window", lambda vol, *a, **k: calls.append(vol.shape) or original(vol, *a, **k))
+    result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["search.max_epochs=1", "segment.method=student", "distill.teacher_input=false"])
+    events = _events(tmp_path / "out" / "journal.jsonl")
+    best = [e["data"] for e in events if e["event"] == "DISTILLATION_VALIDATION" and e["data"]["improved"]][-1]
+    report = next(e["data"] for e in events if e["event"] == "VALIDATION_REPORT")
+    assert best["scored"] == "network" and report["params"]["student"] and result.segmenter == "student"
+    assert len(calls) == len(list((demo_data / "test_images").glob("*.tif")))  # none on the validation volumes
+    assert report["tuned_points"]["student"] == 20 and report["scores"]["student"] >= best["score"]  # the plain point is on the grid
+
+
 def test_many_volumes_under_a_tiny_budget_get_a_feature_subset(tmp_path: Path) -> None:
     """Features cost far more than the budget grants: a seeded subset is used and the run still ends inside its budget."""
     from nx46vx.governor import VirtualClock

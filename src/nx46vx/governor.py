@@ -103,10 +103,11 @@ class Governor:
     def reserve(self) -> float:
         """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share).
 
-        Per volume cost × (test volumes + twice the validation volumes: every source runs
-        on them, then the post-processing is tuned on them) × ``reserve_safety``.
+        Per volume cost × (test volumes + validation volumes: the post-processing is tuned
+        on them, on the student's maps from its last validation and the cheaper sources'
+        maps) × ``reserve_safety``.
         """
-        reserve = self.per_volume_s * (max(1, self.n_test) + 2 * self.n_val) * self.budget.reserve_safety
+        reserve = self.per_volume_s * (max(1, self.n_test) + self.n_val) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
 
     def account(self, point: str) -> None:

@@ -21,6 +21,11 @@ prediction and truth, so predictions there never change the score.
   F1_k = 2·m_k/(p_k + g_k); if g_k = 0 < p_k, F1_k = 0.5/(p_k + 0.5); dimensions
   with p_k = g_k = 0 are inactive; weights 0.34/0.33/0.33 are renormalised over the
   active ones; none active → 1.
+
+Tuning scores many predictions against one truth: :class:`Truth` holds the terms that
+depend on the truth alone (its surface elements and the distances to them, its
+components, its Betti numbers), computed once; every function takes it in place of
+the truth array, with the same result.
 """
 
 from __future__ import annotations
@@ -70,14 +75,6 @@ class VolumeScore:
         return asdict(self)
 
 
-def _prepare(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean (pred, truth) with every truth==2 voxel set to 0 in both."""
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
-    ignore = truth == UNLABELED
-    return (pred > 0) & ~ignore, (truth == 1)
-
-
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     if not mask.any():
         return None
@@ -88,31 +85,35 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def _surfels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(border mask at voxel corners, surfel area map) of a cropped, zero-padded mask."""
-    code = ndimage.correlate(mask.astype(np.uint8), _NEIGHBOUR_KERNEL, mode="constant", cval=0)
-    borders = (code != 0) & (code != _FULL_CODE)
-    return borders, SURFEL_AREA[code]
+def _padded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with one zero voxel after each axis, so the surfels on its far faces are found."""
+    return np.pad(mask, [(0, 1)] * mask.ndim)
 
 
-def surface_dice(pred: np.ndarray, truth: np.ndarray, *, tolerance: float = TOLERANCE) -> float:
-    """Surface Dice at ``tolerance`` voxels of two boolean masks of shape (z, y, x)."""
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    if not pred.any() and not truth.any():
+def _corner_codes(mask: np.ndarray) -> np.ndarray:
+    """The 2×2×2 neighbour code (uint8) at each voxel corner of a zero-padded mask."""
+    return ndimage.correlate(mask.astype(np.uint8), _NEIGHBOUR_KERNEL, mode="constant", cval=0)
+
+
+def _is_border(code: np.ndarray) -> np.ndarray:
+    return (code != 0) & (code != _FULL_CODE)
+
+
+def surface_dice(pred: np.ndarray, truth: "np.ndarray | Truth", *, tolerance: float = TOLERANCE) -> float:
+    """Surface Dice at ``tolerance`` voxels of two boolean masks of shape (z, y, x) (the truth may be a :class:`Truth`)."""
+    pred, truth = pred.astype(bool), _truth(truth)
+    if not pred.any() and truth.distance is None:
         return 1.0
-    if not pred.any() or not truth.any():
+    if not pred.any() or truth.distance is None:
         return 0.0
-    box = _bounding_box(pred | truth)
-    shape = tuple(s.stop - s.start + 1 for s in box)  # one zero voxel after each axis
-    crops = []
-    for mask in (truth, pred):
-        crop = np.zeros(shape, dtype=bool)
-        crop[tuple(slice(0, s.stop - s.start) for s in box)] = mask[box]
-        crops.append(crop)
-    (border_t, area_t), (border_p, area_p) = (_surfels(c) for c in crops)
-    dist_to_t = ndimage.distance_transform_edt(~border_t)
+    # the surfels of a mask and the distances to them, on the bounding box of both masks (plus the zero voxel after it)
+    box = _bounding_box(pred | truth.mask)
+    box = tuple(slice(s.start, s.stop + 1) for s in box)
+    border_t, dist_to_t = truth.border[box], truth.distance[box]
+    code_p = _corner_codes(_padded(pred)[box])
+    border_p = _is_border(code_p)
     dist_to_p = ndimage.distance_transform_edt(~border_p)
-    areas_t, areas_p = area_t[border_t], area_p[border_p]
+    areas_t, areas_p = SURFEL_AREA[truth.code[box][border_t]], SURFEL_AREA[code_p[border_p]]
     overlap = areas_t[dist_to_p[border_t] <= tolerance].sum() + areas_p[dist_to_t[border_p] <= tolerance].sum()
     return float(overlap / (areas_t.sum() + areas_p.sum()))
 
@@ -121,17 +122,18 @@ _CONN26 = np.ones((3, 3, 3), dtype=bool)
 _CONN6 = ndimage.generate_binary_structure(3, 1)
 
 
-def variation_of_information(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def variation_of_information(pred: np.ndarray, truth: "np.ndarray | Truth") -> tuple[float, float]:
     """(split, merge) conditional entropies (bits, as scikit-image) of 26-connected components over the union of foregrounds.
 
     ``split`` = H(pred components | truth components), ``merge`` = H(truth | pred).
     """
-    union = pred | truth
+    truth = _truth(truth)
+    union = pred | truth.mask
     n = int(union.sum())
     if n == 0:
         return 0.0, 0.0
     lab_p = ndimage.label(pred, structure=_CONN26)[0][union]
-    lab_t = ndimage.label(truth, structure=_CONN26)[0][union]
+    lab_t = truth.components[union]
     pairs = lab_t.astype(np.int64) * (int(lab_p.max()) + 1) + lab_p
     _, joint = np.unique(pairs, return_counts=True)
     _, count_t = np.unique(lab_t, return_counts=True)
@@ -145,7 +147,7 @@ def variation_of_information(pred: np.ndarray, truth: np.ndarray) -> tuple[float
     return h_joint - entropy(count_t), h_joint - entropy(count_p)
 
 
-def voi_score(pred: np.ndarray, truth: np.ndarray, *, alpha: float = VOI_ALPHA) -> float:
+def voi_score(pred: np.ndarray, truth: "np.ndarray | Truth", *, alpha: float = VOI_ALPHA) -> float:
     """1 / (1 + alpha·(split + merge))."""
     split, merge = variation_of_information(pred, truth)
     return 1.0 / (1.0 + alpha * (split + merge))
@@ -167,12 +169,11 @@ def _octants(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
     return [(a, b, c) for a in halves[0] for b in halves[1] for c in halves[2]]
 
 
-def topo_score(pred: np.ndarray, truth: np.ndarray) -> float:
+def topo_score(pred: np.ndarray, truth: "np.ndarray | Truth") -> float:
     """Betti-number F1 over 2×2×2 octants (count approximation of Betti matching; see module doc)."""
-    p, g = np.zeros(3), np.zeros(3)
+    p, g = np.zeros(3), _truth(truth).betti
     for octant in _octants(pred.shape):
         p += betti_numbers(pred[octant])
-        g += betti_numbers(truth[octant])
     total = weight_sum = 0.0
     for k in range(3):
         if p[k] == 0 and g[k] == 0:
@@ -186,15 +187,49 @@ def topo_score(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if weight_sum == 0 else total / weight_sum
 
 
-def score_volume(pred: np.ndarray, truth: np.ndarray) -> VolumeScore:
+class Truth:
+    """A truth volume, shape (z, y, x), with its prediction-independent terms computed once.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (z, y, x)
+        Labels 0/1/2 (2 is ignored), or a boolean mask (nothing ignored).
+    """
+
+    def __init__(self, labels: np.ndarray) -> None:
+        labels = np.asarray(labels)
+        self.shape = labels.shape
+        self.mask = labels == 1 if labels.dtype != bool else labels
+        self.ignore = labels == UNLABELED if labels.dtype != bool else None
+        self.components = ndimage.label(self.mask, structure=_CONN26)[0]
+        self.betti = sum((np.array(betti_numbers(self.mask[o])) for o in _octants(self.shape)), np.zeros(3))
+        self.code = _corner_codes(_padded(self.mask))  # uint8: the areas are looked up where needed (a 320³ truth holds ~330 MB)
+        self.border = _is_border(self.code)
+        # float32 is exact here: every distance is the root of an integer, and the tolerance compares with 2
+        self.distance = ndimage.distance_transform_edt(~self.border).astype(np.float32) if self.border.any() else None
+
+
+def _truth(truth: "np.ndarray | Truth") -> Truth:
+    return truth if isinstance(truth, Truth) else Truth(np.asarray(truth, dtype=bool))
+
+
+def _prepare(pred: np.ndarray, truth: "np.ndarray | Truth") -> tuple[np.ndarray, Truth]:
+    """Boolean pred with every truth==2 voxel set to 0, and the truth."""
+    truth = truth if isinstance(truth, Truth) else Truth(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
+    return ((pred > 0) & ~truth.ignore if truth.ignore is not None else pred > 0), truth
+
+
+def score_volume(pred: np.ndarray, truth: "np.ndarray | Truth") -> VolumeScore:
     """Competition score of one volume.
 
     Parameters
     ----------
     pred : ndarray, shape (z, y, x)
         Prediction; nonzero = surface.
-    truth : ndarray, shape (z, y, x)
-        Labels 0/1/2; 2 is ignored in both.
+    truth : ndarray, shape (z, y, x), or Truth
+        Labels 0/1/2; 2 is ignored in both (a :class:`Truth` of them when one truth scores many predictions).
     """
     p, t = _prepare(pred, truth)
     parts = {

@@ -39,7 +39,7 @@ from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
 from .config import FeatureConfig, SegmentConfig
 from .features import iter_feature_chunks, normalise
-from .metric import score_volume
+from .metric import Truth, score_volume
 from .search.engine import design_rows
 from .telemetry import free_memory
 
@@ -340,10 +340,11 @@ def tune_postprocess(
     to the time it grants (the first point is always scored).
     """
     best, best_score, tried = PostParams(), -math.inf, 0
+    truths = [Truth(label) for _, label in pairs]  # every grid point is scored against the same labels
     for i, params in enumerate(postprocess_grid(config)):
         if i > 0 and not keep_going(i):
             break
-        score = float(np.mean([score_volume(postprocess(prob, params, config)[0], label).score for prob, label in pairs]))
+        score = float(np.mean([score_volume(postprocess(prob, params, config)[0], truth).score for (prob, _), truth in zip(pairs, truths)]))
         tried += 1
         if score > best_score + 1e-12:
             best, best_score = params, score

@@ -20,9 +20,9 @@ import torch
 
 from ... import distill
 from ...config import RunConfig
-from ...metric import score_volume
+from ...metric import Truth, score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
-from ...segment import normalised, plain_params, postprocess, sliding_window
+from ...segment import STUDENT, normalised, plain_params, postprocess, sliding_window
 from ..sources import search_probability, student_config, validation_probabilities, validation_volumes
 from ..training_data import Prefetcher, VolumeCache, teacher_maps
 from .base import digest, plain
@@ -37,8 +37,8 @@ log = logging.getLogger("nx46vx")
 VALIDATION_SHARE = 0.15
 #: The share of the distillation time left after the warm-up that the schedule leaves unplanned (step-time noise).
 SCHEDULE_SPARE = 0.03
-#: A validation volume for the student: image (z, y, x) uint8, label (z, y, x) uint8, prior float32 or None.
-Validation = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+#: A validation volume for the student: image (z, y, x) uint8, its labels (scored at every validation), prior float32 or None.
+Validation = tuple[np.ndarray, Truth, "np.ndarray | None"]
 
 
 @dataclasses.dataclass
@@ -95,6 +95,7 @@ class DistillationPhase:
         self._test_voxels = 0  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
         self._prior_seconds_per_voxel = 0.0
         self._validated_step: int | None = None  # the step whose weights this session validated last
+        self._best_maps: tuple[list[np.ndarray], float] | None = None  # the best weights' validation maps and seconds per voxel
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
@@ -212,8 +213,12 @@ class DistillationPhase:
         before = distill.agreement(student, probe) if probe is not None else None
         self._test_voxels = state.test_voxels
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
-        validation = [] if cfg.teacher_input and not val_priors else [(image, label, val_priors[i] if val_priors else None) for i, (image, label) in enumerate(val[: cfg.val_volumes])]
+        validation = [] if cfg.teacher_input and not val_priors else [(image, Truth(label), val_priors[i] if val_priors else None) for i, (image, label) in enumerate(val[: cfg.val_volumes])]
+        self._best_maps = None
         stopped = self._steps(ctx, state, student, volumes, validation, cfg)
+        if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:
+            state.validation_probs[STUDENT] = self._best_maps  # the segmenter choice scores the same maps: not computed twice
+        self._best_maps = None
         if student.step == 0 and stopped is None:
             raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
         after = distill.agreement(student, probe) if probe is not None else None
@@ -359,7 +364,8 @@ class DistillationPhase:
     def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False, costs: _StepCosts | None = None) -> None:
         """Score the current weights by the competition metric on the validation volumes; keep them when best.
 
-        The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter).
+        The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter);
+        the best weights' maps are kept for the segmenter choice.
         ``as_prior``: the untrained student of ``distill.teacher_input`` (zero heads) predicts its prior, so the
         prior maps are scored instead of running the network (equal up to float rounding in the blend): the
         first best is the ensemble itself, and later weights are kept only when they beat it.
@@ -367,14 +373,16 @@ class DistillationPhase:
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
         params = plain_params(seg)
-        scores = []
+        scores, probs, inference_s = [], [], 0.0
         t0 = governor.clock()
         for image, label, prior in val:
-            prob = prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, prior=prior)
-            scores.append(score_volume(postprocess(prob, params, seg)[0], label).score)
+            started = governor.clock()
+            probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, prior=prior))
+            inference_s += governor.clock() - started
+            scores.append(score_volume(postprocess(probs[-1], params, seg)[0], label).score)
         governor.account("distill_validation")
+        per_voxel = inference_s / max(1, sum(image.size for image, _, _ in val)) + self._prior_seconds_per_voxel
         if not as_prior:
-            per_voxel = (governor.clock() - t0) / max(1, sum(image.size for image, _, _ in val)) + self._prior_seconds_per_voxel
             governor.measured_volume_cost(per_voxel, self._test_voxels)
         if costs is not None:
             costs.validation = governor.clock() - t0
@@ -383,5 +391,7 @@ class DistillationPhase:
         improved = distill.keep_if_best(student, score)
         if not as_prior:
             self._validated_step = student.step
+        if improved:
+            self._best_maps = None if as_prior else (probs, per_voxel)
         ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
                                                         "scored": "prior" if as_prior else "network"})
