@@ -302,7 +302,9 @@ class DistillationPhase:
                 need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if val else 0.0)
                 if governor.phase_should_stop(self.name) or governor.elapsed() + need > governor.phase_deadline(self.name):
                     stopped = governor.stop_reason or "phase_share"
-                    if val and student.step > 0 and self._validated_step != student.step and governor.elapsed() + costs.validation <= governor.phase_deadline(self.name):
+                    # not after a signal: that stop is immediate
+                    if val and student.step > 0 and self._validated_step != student.step and governor.stop_reason is None \
+                            and governor.elapsed() + costs.validation <= governor.phase_deadline(self.name):
                         self._validate(ctx, student, val, cfg, costs=costs)
                     ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
                     state.unfinished.append(self.name)
