@@ -332,15 +332,17 @@ def plain_params(config: SegmentConfig) -> PostParams:
 
 
 def tune_postprocess(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True
+    pairs: Sequence[tuple[np.ndarray, "np.ndarray | Truth"]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True
 ) -> tuple[PostParams, float, int]:
-    """Best :class:`PostParams` over (probability, label) validation pairs, its mean competition score, and the grid points tried.
+    """Best :class:`PostParams` over (probability, labels) validation pairs, its mean competition score, and the grid points tried.
+
+    The labels may come as a :class:`nx46vx.metric.Truth` (prepared once for several tunings).
 
     ``keep_going(i)`` is asked before grid point ``i > 0``: the caller cuts the grid
     to the time it grants (the first point is always scored).
     """
     best, best_score, tried = PostParams(), -math.inf, 0
-    truths = [Truth(label) for _, label in pairs]  # every grid point is scored against the same labels
+    truths = [label if isinstance(label, Truth) else Truth(label) for _, label in pairs]  # every grid point is scored against the same labels
     for i, params in enumerate(postprocess_grid(config)):
         if i > 0 and not keep_going(i):
             break

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .. import distill
+from ..metric import Truth
 from ..segment import ENSEMBLE, SEARCH_MODEL, STUDENT, probability, sliding_window
 from ..volumes import SURFACE, read_pair
 
@@ -49,6 +50,17 @@ def validation_volumes(ctx: "RunContext", state: "RunState") -> list[tuple[np.nd
             state.validation.append((image, label))
             state.validation_pairs.append(pair)
     return state.validation
+
+
+def validation_truths(ctx: "RunContext", state: "RunState") -> list[Truth]:
+    """The validation volumes' labels prepared for scoring (:class:`nx46vx.metric.Truth`), built once per session.
+
+    Every validation of the student and every point of the post-processing grid is
+    scored against them.
+    """
+    if state.validation_truths is None:
+        state.validation_truths = [Truth(label) for _, label in validation_volumes(ctx, state)]
+    return state.validation_truths
 
 
 def validation_probabilities(ctx: "RunContext", state: "RunState", name: str, predict: Callable[[str, np.ndarray], np.ndarray | None], *, keep: bool) -> tuple[list[np.ndarray | None], float]:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..discovery import Discovery, TrainPair
     from ..distill import DistillState
     from ..features import Pool
+    from ..metric import Truth
     from ..search import CandidateSearch
 
 #: A segmenter maps a uint8 volume (z, y, x) to (mask uint8 (z, y, x), probability or None, info).
@@ -68,6 +69,7 @@ class RunState:
     teacher_val_probs: dict[str, "list[np.ndarray] | None"] = field(default_factory=dict)
     validation: "list[tuple[np.ndarray, np.ndarray]] | None" = None
     validation_pairs: "list[TrainPair]" = field(default_factory=list)
+    validation_truths: "list[Truth] | None" = None
     validation_probs: dict[str, "tuple[list[np.ndarray | None], float]"] = field(default_factory=dict)
     baseline_masks: dict[str, Path] = field(default_factory=dict)
     masks: dict[str, Path] = field(default_factory=dict)

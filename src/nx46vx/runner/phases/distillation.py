@@ -23,7 +23,7 @@ from ...config import RunConfig
 from ...metric import Truth, score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
 from ...segment import STUDENT, normalised, plain_params, postprocess, sliding_window
-from ..sources import search_probability, student_config, validation_probabilities, validation_volumes
+from ..sources import search_probability, student_config, validation_probabilities, validation_truths, validation_volumes
 from ..training_data import Prefetcher, VolumeCache, teacher_maps
 from .base import digest, plain
 
@@ -213,7 +213,7 @@ class DistillationPhase:
         before = distill.agreement(student, probe) if probe is not None else None
         self._test_voxels = state.test_voxels
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
-        validation = [] if cfg.teacher_input and not val_priors else [(image, Truth(label), val_priors[i] if val_priors else None) for i, (image, label) in enumerate(val[: cfg.val_volumes])]
+        validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
         self._best_maps = None
         stopped = self._steps(ctx, state, student, volumes, validation, cfg)
         if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:

@@ -24,7 +24,7 @@ from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, Po
 from ...telemetry import ensure_memory, mask_stats
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume, sampled_sha256
 from ..masks import mask_intact, write_mask, write_probability
-from ..sources import Source, probability_sources, validation_probabilities, validation_volumes
+from ..sources import Source, probability_sources, validation_probabilities, validation_truths, validation_volumes
 from .base import digest, plain
 
 if TYPE_CHECKING:
@@ -92,11 +92,11 @@ class SegmentationPhase:
         params: dict[str, PostParams] = {}
         tuned: dict[str, int] = {}
         if volumes:
-            labels = [lab for _, lab in volumes]
+            labels = validation_truths(ctx, state)
             if BASELINE in names:
                 t0 = governor.clock()
                 masks = [intensity_baseline(img, seg) for img, _ in volumes]
-                seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(lab.size for lab in labels)
+                seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(img.size for img, _ in volumes)
                 scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
             for name in (n for n in names if n in sources):
                 probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False)
@@ -116,7 +116,7 @@ class SegmentationPhase:
             order = [n for n in PREFERENCE if n in names]
             log.warning("%s: the segmenter is chosen by the fixed preference order %s, not by a score", reason, order)
             ctx.event("VALIDATION_UNAVAILABLE", self.name, {"reason": reason, "order": order})
-        state.validation, state.validation_probs = None, {}  # test segmentation needs neither
+        state.validation, state.validation_truths, state.validation_probs = None, None, {}  # test segmentation needs none of them
         time_left = governor.remaining() - governor.margin()
         choice = choose_segmenter(names, scores, seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
         record = {
