@@ -176,6 +176,40 @@ def test_kill_parity_at_seeded_points(k: int, reference: dict, demo_data: Path, 
         assert "RESUME_OK" in names and "PHASE_WEIGHT_CALIBRATION" in names
 
 
+def _distillation_kill_point(reference: dict, where: str) -> tuple[str, int]:
+    """``(NX46VX_KILL_AT, student steps finished at the kill)`` for a kill inside the student's training, around its step 20.
+
+    ``step``: after the loss of step 17, before its update is journaled (the last checkpoint is step 10's);
+    ``validation``: after step 20's validation scored, before its checkpoint holds the best weights;
+    ``checkpoint``: step 20's checkpoint payload fsynced, before the rename that commits it.
+    """
+    names = [e["event"] for e in _events(reference["out"] / "journal.jsonl")]
+    if where == "step":
+        return "DISTILLATION_LOSS_STEP:17", 17
+    validations = [e["data"]["step"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "DISTILLATION_VALIDATION"]
+    if where == "validation":
+        return f"DISTILLATION_VALIDATION:{validations.index(20) + 1}", 20
+    second = [i for i, name in enumerate(names) if name == "DISTILLATION_CHECKPOINT_WRITTEN"][1]
+    return f"checkpoint_payload_written:{names[:second].count('CHECKPOINT_WRITTEN')}", 20
+
+
+@pytest.mark.parametrize("where", ["step", "validation", "checkpoint"])
+def test_kill_parity_inside_the_students_training(where: str, reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kill_at, steps_done = _distillation_kill_point(reference, where)
+    killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-2000:])
+    killed_names = [e["event"] for e in _events(out / "journal.jsonl")]
+    assert killed_names.count("DISTILLATION_LOSS_STEP") == steps_done and "DISTILLATION_END" not in killed_names
+    resumed = run_cli(*run_args(demo_data, out))
+    _assert_parity(out, resumed, reference)
+    journal = _events(out / "journal.jsonl")
+    assert verify(out / "journal.jsonl", previous=sorted((out / "journals").glob("journal-*.jsonl"))[-1]).ok
+    # resumed from step 10's committed checkpoint: no search iteration again, the student's steps from 11 on
+    assert "RESUME_OK" in [e["event"] for e in journal] and "FIT_ITER" not in [e["event"] for e in journal]
+    assert next(e["data"]["step"] for e in journal if e["event"] == "DISTILLATION_BATCH_BEGIN") == 11
+
+
 def test_kill_parity_mid_training_keeps_partial_reports(reference: dict, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     killed = run_cli(*run_args(demo_data, out), env={"NX46VX_KILL_AT": "FIT_ITER:57"})
