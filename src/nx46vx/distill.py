@@ -40,7 +40,7 @@ from torch import nn
 from .config import DistillConfig
 from .errors import DistillationNotExecuted
 from .segment import normalised, sliding_window
-from .student import build_network, deep_supervision_weights, downsample_label, label_losses, place, teacher_loss
+from .student import build_network, deep_supervision_weights, downsample_label, label_losses, teacher_loss
 from .volumes import file_sha256
 
 # ----------------------------------------------------------------------------- teachers
@@ -189,8 +189,7 @@ def init_state(config: DistillConfig, *, seed: int, device: torch.device) -> Dis
     config = resolve(config, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + 5)
-        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input)
-        network = place(network, device)
+        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     return DistillState(network, optimizer, scaler)

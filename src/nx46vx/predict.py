@@ -20,7 +20,7 @@ from .config import DistillConfig, FeatureConfig, SegmentConfig
 from .errors import CheckpointError
 from .features import resolve_device
 from .segment import STUDENT, PostParams, postprocess, probability, sliding_window
-from .student import build_network, place
+from .student import build_network
 from .volumes import read_volume
 
 
@@ -86,7 +86,7 @@ def predict(
     network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input)
     network.load_state_dict(weights)
     target = resolve_device(device)
-    network = place(network, target).eval()
+    network = network.to(target).eval()
     image = read_volume(volume) if not isinstance(volume, np.ndarray) else volume
     prior = None
     if config.teacher_input:  # the search ensemble the student corrects, saved beside it

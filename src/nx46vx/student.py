@@ -161,23 +161,6 @@ def build_network(arch: str, *, width: int, depth: int, blocks: Sequence[int], p
     return PriorResidual(network) if prior else network
 
 
-def place(network: nn.Module, device: torch.device) -> nn.Module:
-    """``network`` on ``device``, with channels-last 3-D convolution weights on a CPU.
-
-    oneDNN's 3-D convolutions on a CPU run in channels-last layout; with the weights
-    already in it they skip a reorder per call (the ``kaggle-train`` CPU student's step:
-    0.92x the time, measured interleaved on the same batches). Values are unchanged.
-    """
-    network = network.to(device)
-    if device.type != "cpu":
-        return network
-    network = network.to(memory_format=torch.channels_last_3d)
-    for weight in network.parameters():
-        if weight.dim() == 5 and weight.is_contiguous():  # size-1 dims make it both layouts: keep the strides its gradient gets (DDP's buckets compare them)
-            weight.data = weight.data.clone(memory_format=torch.contiguous_format)
-    return network
-
-
 # ----------------------------------------------------------------------------- loss
 
 
