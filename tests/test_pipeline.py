@@ -183,11 +183,12 @@ def _distillation_kill_point(reference: dict, where: str) -> tuple[str, int]:
     ``validation``: after step 20's validation scored, before its checkpoint holds the best weights;
     ``checkpoint``: step 20's checkpoint payload fsynced, before the rename that commits it.
     """
-    names = [e["event"] for e in _events(reference["out"] / "journal.jsonl")]
     if where == "step":
         return "DISTILLATION_LOSS_STEP:17", 17
-    validations = [e["data"]["step"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "DISTILLATION_VALIDATION"]
+    journal = _events(reference["out"] / "journal.jsonl")
+    names = [e["event"] for e in journal]
     if where == "validation":
+        validations = [e["data"]["step"] for e in journal if e["event"] == "DISTILLATION_VALIDATION"]
         return f"DISTILLATION_VALIDATION:{validations.index(20) + 1}", 20
     second = [i for i, name in enumerate(names) if name == "DISTILLATION_CHECKPOINT_WRITTEN"][1]
     return f"checkpoint_payload_written:{names[:second].count('CHECKPOINT_WRITTEN')}", 20
@@ -204,9 +205,10 @@ def test_kill_parity_inside_the_students_training(where: str, reference: dict, d
     resumed = run_cli(*run_args(demo_data, out))
     _assert_parity(out, resumed, reference)
     journal = _events(out / "journal.jsonl")
+    names = [e["event"] for e in journal]
     assert verify(out / "journal.jsonl", previous=sorted((out / "journals").glob("journal-*.jsonl"))[-1]).ok
     # resumed from step 10's committed checkpoint: no search iteration again, the student's steps from 11 on
-    assert "RESUME_OK" in [e["event"] for e in journal] and "FIT_ITER" not in [e["event"] for e in journal]
+    assert "RESUME_OK" in names and "FIT_ITER" not in names
     assert next(e["data"]["step"] for e in journal if e["event"] == "DISTILLATION_BATCH_BEGIN") == 11
 
 
