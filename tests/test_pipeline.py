@@ -89,8 +89,17 @@ def test_score_cli_prints_json(reference: dict, demo_data: Path) -> None:
     assert set(scores) == {n[:-4] for n in reference["masks"]} | {"mean"}
     for vol_id, parts in scores.items():
         if vol_id != "mean":
-            assert set(parts) == {"surface_dice", "voi_score", "topo_score", "score"}
+            assert set(parts) == {"surface_dice", "voi_score", "topo_score", "score", "topo_counts"}
     assert 0.5 < scores["mean"] <= 1.0
+    # the official metric's numbers, rebuilt from the reference parts (tests/test_metric_reference.py)
+    from .test_metric_reference import _reference_module, _reference_score
+
+    reference_module = _reference_module()
+    for name, mask in reference["masks"].items():
+        expected, counts = _reference_score(mask, tifffile.imread(demo_data / "test_labels" / name), reference_module)
+        got = scores[name[:-4]]
+        assert [[c["matched"], c["pred"], c["truth"]] for c in got["topo_counts"].values()] == counts.tolist()
+        assert all(got[k] == pytest.approx(v, abs=1e-9, rel=0) for k, v in expected.items())
 
 
 def test_foreign_layout_with_kaggle_nesting(tmp_path: Path) -> None:

@@ -81,8 +81,11 @@ def test_valid_submission_scores(truth: Path, tmp_path: Path) -> None:
     scores = score_submission(truth, pred)
     assert set(scores) == {*IDS, "mean"}
     for vol_id in IDS:
-        assert set(scores[vol_id]) == {"surface_dice", "voi_score", "topo_score", "score"}
+        assert set(scores[vol_id]) == {"surface_dice", "voi_score", "topo_score", "score", "topo_counts"}
         assert scores[vol_id]["score"] == pytest.approx(1.0)
+        counts = scores[vol_id]["topo_counts"]  # a perfect mask: every finite pair of the truth is matched
+        assert set(counts) == {"dim0", "dim1", "dim2"}
+        assert all(c["matched"] == c["pred"] == c["truth"] for c in counts.values())
     assert scores["mean"] == pytest.approx(1.0)
 
 
