@@ -44,6 +44,7 @@ import numba as nb
 import numpy as np
 
 _OUTSIDE = 2  # the dual graph's outside node: older than every cube (the reference's +inf)
+_ABSENT = 255  # a square id the box has no square for
 _JIT = {"cache": True, "nogil": True}
 
 
@@ -147,7 +148,7 @@ def _dim0_matched(f: np.ndarray, g: np.ndarray, c: np.ndarray, nx: int, ny: int,
     return matched
 
 
-# ---------------------------------------------------------------- dimension 2
+# ---------------------------------------------------------------- cells
 
 
 @nb.njit(**_JIT)
@@ -159,33 +160,55 @@ def _cube_values(vals3: np.ndarray) -> np.ndarray:
     for x in range(nx - 1):
         for y in range(ny - 1):
             for z in range(nz - 1):
-                out[k] = vals3[x:x + 2, y:y + 2, z:z + 2].max()
+                low = max(max(vals3[x, y, z], vals3[x, y, z + 1]), max(vals3[x, y + 1, z], vals3[x, y + 1, z + 1]))
+                high = max(max(vals3[x + 1, y, z], vals3[x + 1, y, z + 1]), max(vals3[x + 1, y + 1, z], vals3[x + 1, y + 1, z + 1]))
+                out[k] = max(low, high)
                 k += 1
     out[k] = _OUTSIDE
     return out
 
 
-@nb.njit(inline="always", **_JIT)
-def _square_value(vals: np.ndarray, v: int, t: int, nyz: int, nz: int) -> int:
-    if t == 0:  # spans y, z
-        return max(max(vals[v], vals[v + 1]), max(vals[v + nz], vals[v + nz + 1]))
-    if t == 1:  # spans x, z
-        return max(max(vals[v], vals[v + 1]), max(vals[v + nyz], vals[v + nyz + 1]))
-    return max(max(vals[v], vals[v + nz]), max(vals[v + nyz], vals[v + nyz + nz]))  # spans x, y
+@nb.njit(**_JIT)
+def _square_values(vals3: np.ndarray) -> tuple:
+    """Value of every square by id ``3·v + type`` (:data:`_ABSENT` where the box has none), and the value-0 ids ascending."""
+    nx, ny, nz = vals3.shape
+    out = np.full(3 * vals3.size, _ABSENT, np.uint8)
+    zeros = 0
+    for x in range(nx):
+        for y in range(ny):
+            for z in range(nz):
+                s = 3 * ((x * ny + y) * nz + z)
+                a = vals3[x, y, z]
+                if y + 1 < ny and z + 1 < nz:  # type 0 spans y, z
+                    out[s] = max(max(a, vals3[x, y, z + 1]), max(vals3[x, y + 1, z], vals3[x, y + 1, z + 1]))
+                    zeros += out[s] == 0
+                if x + 1 < nx and z + 1 < nz:  # type 1 spans x, z
+                    out[s + 1] = max(max(a, vals3[x, y, z + 1]), max(vals3[x + 1, y, z], vals3[x + 1, y, z + 1]))
+                    zeros += out[s + 1] == 0
+                if x + 1 < nx and y + 1 < ny:  # type 2 spans x, y
+                    out[s + 2] = max(max(a, vals3[x, y + 1, z]), max(vals3[x + 1, y, z], vals3[x + 1, y + 1, z]))
+                    zeros += out[s + 2] == 0
+    ids = np.empty(zeros, np.int64)
+    k = 0
+    for s in range(out.size):
+        if out[s] == 0:
+            ids[k] = s
+            k += 1
+    return out, ids
+
+
+# ---------------------------------------------------------------- dimension 2
 
 
 @nb.njit(inline="always", **_JIT)
-def _square_exists(x: int, y: int, z: int, t: int, nx: int, ny: int, nz: int) -> bool:
-    if t == 0:
-        return y + 1 < ny and z + 1 < nz
-    if t == 1:
-        return x + 1 < nx and z + 1 < nz
-    return x + 1 < nx and y + 1 < ny
-
-
-@nb.njit(inline="always", **_JIT)
-def _cofaces(x: int, y: int, z: int, t: int, nx: int, ny: int, nz: int) -> tuple:
-    """The two cubes a square bounds (the outside node where it lies on the box's face)."""
+def _cofaces(s: int, nx: int, ny: int, nz: int) -> tuple:
+    """The two cubes square ``s`` bounds (the outside node where it lies on the box's face)."""
+    nyz = ny * nz
+    v = s // 3
+    t = s - 3 * v
+    x = v // nyz
+    y = (v - x * nyz) // nz
+    z = v - x * nyz - y * nz
     my, mz = ny - 1, nz - 1
     outside = (nx - 1) * my * mz
     here = (x * my + y) * mz + z
@@ -197,43 +220,43 @@ def _cofaces(x: int, y: int, z: int, t: int, nx: int, ny: int, nz: int) -> tuple
 
 
 @nb.njit(**_JIT)
-def _dim2_pass(vals: np.ndarray, cubes: np.ndarray, cubes_c: np.ndarray, keyed_f: np.ndarray, keyed_g: np.ndarray,
-               nx: int, ny: int, nz: int, comparison: bool) -> tuple:
+def _dim2_pass(squares: np.ndarray, zeros: np.ndarray, cubes: np.ndarray, cubes_c: np.ndarray, keyed_f: np.ndarray,
+               keyed_g: np.ndarray, nx: int, ny: int, nz: int, comparison: bool) -> tuple:
     """One image's dual union-find through its squares in decreasing ``(value, index)`` order.
 
-    For an input (``comparison`` false) the comparison's union-find is linked along the
-    same merges, and each finite pair marks the comparison's younger root in ``keyed``
-    (returned). For the comparison, a finite pair whose dying cube both inputs marked
-    counts as matched. Returns ``(keyed, finite pairs or matched pairs, cleared squares)``.
+    ``squares`` holds the image's square values and ``zeros`` its value-0 square ids
+    (ascending). For an input (``comparison`` false) the comparison's union-find is
+    linked along the same merges, and each finite pair marks the comparison's younger
+    root in ``keyed`` (returned). For the comparison, a finite pair whose dying cube both
+    inputs marked counts as matched. Returns ``(keyed, finite or matched pairs, cleared squares)``.
     """
-    nyz = ny * nz
     parent = np.arange(cubes.size, dtype=np.int32)
     parent_c = np.arange(cubes.size if not comparison else 1, dtype=np.int32)
     keyed = np.zeros(cubes.size if not comparison else 0, np.bool_)
-    cleared = np.zeros(3 * vals.size, np.bool_)
+    cleared = np.zeros(squares.size, np.bool_)
     count = 0
-    for level in range(1, -1, -1):
-        for x in range(nx - 1, -1, -1):
-            for y in range(ny - 1, -1, -1):
-                for z in range(nz - 1, -1, -1):
-                    v = (x * ny + y) * nz + z
-                    for t in range(2, -1, -1):
-                        if not _square_exists(x, y, z, t, nx, ny, nz) or _square_value(vals, v, t, nyz, nz) != level:
-                            continue
-                        lo, hi = _cofaces(x, y, z, t, nx, ny, nz)
-                        a, b = _find(parent, lo), _find(parent, hi)
-                        if a == b:
-                            continue
-                        loser = _link_dual(parent, cubes, a, b)
-                        cleared[3 * v + t] = True
-                        if comparison:
-                            if cubes[loser] != level and keyed_f[loser] and keyed_g[loser]:
-                                count += 1
-                            continue
-                        loser_c = _link_dual(parent_c, cubes_c, _find(parent_c, lo), _find(parent_c, hi))
-                        if cubes[loser] != level:
-                            keyed[loser_c] = True
-                            count += 1
+    for k in range(squares.size + zeros.size - 1, -1, -1):  # every value-1 square by decreasing id, then the value-0 ones
+        if k >= zeros.size:
+            s = k - zeros.size
+            if squares[s] != 1:
+                continue
+        else:
+            s = zeros[k]
+        lo, hi = _cofaces(s, nx, ny, nz)
+        a, b = _find(parent, lo), _find(parent, hi)
+        if a == b:
+            continue
+        loser = _link_dual(parent, cubes, a, b)
+        cleared[s] = True
+        value = squares[s]
+        if comparison:
+            if cubes[loser] != value and keyed_f[loser] and keyed_g[loser]:
+                count += 1
+            continue
+        loser_c = _link_dual(parent_c, cubes_c, _find(parent_c, lo), _find(parent_c, hi))
+        if cubes[loser] != value:
+            keyed[loser_c] = True
+            count += 1
     return keyed, count, cleared
 
 
@@ -241,25 +264,30 @@ def _dim2_pass(vals: np.ndarray, cubes: np.ndarray, cubes_c: np.ndarray, keyed_f
 
 
 @nb.njit(inline="always", **_JIT)
-def _faces(v: int, t: int, nyz: int, nz: int) -> tuple:
-    if t == 0:
-        return 3 * v + 1, 3 * (v + 1) + 1, 3 * v + 2, 3 * (v + nz) + 2
-    if t == 1:
-        return 3 * v, 3 * (v + 1), 3 * v + 2, 3 * (v + nyz) + 2
-    return 3 * v, 3 * (v + nz), 3 * v + 1, 3 * (v + nyz) + 1
+def _face_keys(vals: np.ndarray, s: int, n_ids: int, nyz: int, nz: int) -> tuple:
+    """Row keys ``value·n_ids + edge id`` of the four edges bounding square ``s``."""
+    v = s // 3
+    t = s - 3 * v
+    if t == 0:  # spans y, z
+        e0, e1, e2, e3 = 3 * v + 1, 3 * (v + 1) + 1, 3 * v + 2, 3 * (v + nz) + 2
+        a0, a1 = max(vals[v], vals[v + nz]), max(vals[v + 1], vals[v + 1 + nz])
+        a2, a3 = max(vals[v], vals[v + 1]), max(vals[v + nz], vals[v + nz + 1])
+    elif t == 1:  # spans x, z
+        e0, e1, e2, e3 = 3 * v, 3 * (v + 1), 3 * v + 2, 3 * (v + nyz) + 2
+        a0, a1 = max(vals[v], vals[v + nyz]), max(vals[v + 1], vals[v + 1 + nyz])
+        a2, a3 = max(vals[v], vals[v + 1]), max(vals[v + nyz], vals[v + nyz + 1])
+    else:  # spans x, y
+        e0, e1, e2, e3 = 3 * v, 3 * (v + nz), 3 * v + 1, 3 * (v + nyz) + 1
+        a0, a1 = max(vals[v], vals[v + nyz]), max(vals[v + nz], vals[v + nz + nyz])
+        a2, a3 = max(vals[v], vals[v + nz]), max(vals[v + nyz], vals[v + nyz + nz])
+    return a0 * n_ids + e0, a1 * n_ids + e1, a2 * n_ids + e2, a3 * n_ids + e3
 
 
 @nb.njit(inline="always", **_JIT)
 def _edge_value(vals: np.ndarray, e: int, nyz: int, nz: int) -> int:
-    v, t = e // 3, e - 3 * (e // 3)
-    w = v + (nyz if t == 0 else (nz if t == 1 else 1))
-    return max(vals[v], vals[w])
-
-
-@nb.njit(inline="always", **_JIT)
-def _row_key(vals: np.ndarray, e: int, n_ids: int, nyz: int, nz: int) -> int:
-    """``value·n_ids + e``: an edge's place in the ``(value, index)`` order of ``vals``."""
-    return _edge_value(vals, e, nyz, nz) * n_ids + e
+    v = e // 3
+    t = e - 3 * v
+    return max(vals[v], vals[v + (nyz if t == 0 else (nz if t == 1 else 1))])
 
 
 @nb.njit(inline="always", **_JIT)
@@ -315,15 +343,16 @@ def _pop_pivot(heap: np.ndarray, size: int) -> tuple:
 
 
 @nb.njit(**_JIT)
-def _reduce(col_vals: np.ndarray, row_vals: np.ndarray, skip: np.ndarray, max_level: int, nx: int, ny: int, nz: int) -> np.ndarray:
+def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: np.ndarray, value_1: bool,
+            ny: int, nz: int) -> np.ndarray:
     """Column reduction of the squares' boundaries; the pivot edge of every reduced column (-1: zero or not reduced).
 
-    Columns are the squares not in ``skip`` whose value in ``col_vals`` is at most
-    ``max_level``, in ``(value, index)`` order; rows are edges in ``(value, index)``
-    order of ``row_vals`` (keys ``value·n_ids + id``, values being 0 or 1).
+    Columns are the squares not in ``skip`` in ``(value, index)`` order of ``squares``:
+    the value-0 ones (``zeros``), then, if ``value_1``, those of value 1. Rows are edges in
+    ``(value, index)`` order of ``row_vals`` (keys ``value·n_ids + id``, values 0 or 1).
     """
     nyz = ny * nz
-    n_ids = 3 * col_vals.size
+    n_ids = squares.size
     low = np.full(n_ids, -1, np.int32)
     owner = np.full(n_ids, -1, np.int32)  # edge -> the square whose reduced column has it as pivot
     start = np.full(n_ids, -1, np.int32)  # square -> its stored reduced column (-1: the raw boundary)
@@ -331,95 +360,90 @@ def _reduce(col_vals: np.ndarray, row_vals: np.ndarray, skip: np.ndarray, max_le
     store = np.empty(1024, np.int64)
     used = 0
     heap = np.empty(64, np.int64)
-    for level in range(max_level + 1):
-        for x in range(nx):
-            for y in range(ny):
-                for z in range(nz):
-                    v = (x * ny + y) * nz + z
-                    for t in range(3):
-                        s = 3 * v + t
-                        if skip[s] or not _square_exists(x, y, z, t, nx, ny, nz) or _square_value(col_vals, v, t, nyz, nz) != level:
-                            continue
-                        e0, e1, e2, e3 = _faces(v, t, nyz, nz)
-                        k0 = _row_key(row_vals, e0, n_ids, nyz, nz)
-                        k1 = _row_key(row_vals, e1, n_ids, nyz, nz)
-                        k2 = _row_key(row_vals, e2, n_ids, nyz, nz)
-                        k3 = _row_key(row_vals, e3, n_ids, nyz, nz)
-                        top = max(max(k0, k1), max(k2, k3))
-                        edge = top - n_ids if top >= n_ids else top
-                        if owner[edge] < 0:  # emergent: the raw boundary is already reduced
-                            owner[edge] = s
-                            low[s] = edge
-                            continue
-                        heap = _heap_push(heap, 0, k0)
-                        heap = _heap_push(heap, 1, k1)
-                        heap = _heap_push(heap, 2, k2)
-                        heap = _heap_push(heap, 3, k3)
-                        size = 4
-                        pivot, size = _pop_pivot(heap, size)
-                        while pivot >= 0:
-                            j = owner[pivot - n_ids if pivot >= n_ids else pivot]
-                            if j < 0:
-                                break
-                            # add column j: its pivot cancels ours, the rest joins the working column
-                            if start[j] < 0:
-                                f0, f1, f2, f3 = _faces(j // 3, j - 3 * (j // 3), nyz, nz)
-                                for e in (f0, f1, f2, f3):
-                                    key = _row_key(row_vals, e, n_ids, nyz, nz)
-                                    if key != pivot:
-                                        heap = _heap_push(heap, size, key)
-                                        size += 1
-                            else:
-                                for i in range(start[j], start[j] + length[j]):
-                                    if store[i] != pivot:
-                                        heap = _heap_push(heap, size, store[i])
-                                        size += 1
-                            pivot, size = _pop_pivot(heap, size)
-                        if pivot < 0:
-                            continue
-                        # store the reduced column: its pivot, then what is left in the heap (equal pairs cancelled)
-                        if used + 1 + size > store.size:
-                            grown = np.empty(max(2 * store.size, used + 1 + size), np.int64)
-                            grown[:used] = store[:used]
-                            store = grown
-                        start[s] = used
-                        store[used] = pivot
-                        used += 1
-                        while size > 0:
-                            key, size = _pop_pivot(heap, size)
-                            if key < 0:
-                                break
-                            store[used] = key
-                            used += 1
-                        length[s] = used - start[s]
-                        edge = pivot - n_ids if pivot >= n_ids else pivot
-                        owner[edge] = s
-                        low[s] = edge
+    for k in range(zeros.size + (n_ids if value_1 else 0)):
+        if k < zeros.size:
+            s = zeros[k]
+        else:
+            s = k - zeros.size
+            if squares[s] != 1:
+                continue
+        if skip[s]:
+            continue
+        k0, k1, k2, k3 = _face_keys(row_vals, s, n_ids, nyz, nz)
+        top = max(max(k0, k1), max(k2, k3))
+        edge = top - n_ids if top >= n_ids else top
+        if owner[edge] < 0:  # emergent: the raw boundary is already reduced
+            owner[edge] = s
+            low[s] = edge
+            continue
+        heap = _heap_push(heap, 0, k0)
+        heap = _heap_push(heap, 1, k1)
+        heap = _heap_push(heap, 2, k2)
+        heap = _heap_push(heap, 3, k3)
+        size = 4
+        pivot, size = _pop_pivot(heap, size)
+        while pivot >= 0:
+            j = owner[pivot - n_ids if pivot >= n_ids else pivot]
+            if j < 0:
+                break
+            # add column j: its pivot cancels ours, the rest joins the working column
+            if start[j] < 0:
+                for key in _face_keys(row_vals, j, n_ids, nyz, nz):
+                    if key != pivot:
+                        heap = _heap_push(heap, size, key)
+                        size += 1
+            else:
+                for i in range(start[j], start[j] + length[j]):
+                    if store[i] != pivot:
+                        heap = _heap_push(heap, size, store[i])
+                        size += 1
+            pivot, size = _pop_pivot(heap, size)
+        if pivot < 0:
+            continue
+        # store the reduced column: its pivot, then what is left in the heap (equal pairs cancelled)
+        if used + 1 + size > store.size:
+            grown = np.empty(max(2 * store.size, used + 1 + size), np.int64)
+            grown[:used] = store[:used]
+            store = grown
+        start[s] = used
+        store[used] = pivot
+        used += 1
+        while size > 0:
+            key, size = _pop_pivot(heap, size)
+            if key < 0:
+                break
+            store[used] = key
+            used += 1
+        length[s] = used - start[s]
+        edge = pivot - n_ids if pivot >= n_ids else pivot
+        owner[edge] = s
+        low[s] = edge
     return low
 
 
 @nb.njit(**_JIT)
-def _births1(vals: np.ndarray, cleared: np.ndarray, nx: int, ny: int, nz: int) -> np.ndarray:
-    """Birth edges of an input's finite dimension-1 pairs: value-0 loop-closing edges no value-0 square kills."""
-    births, _ = _loops0(vals, nx, ny, nz)
-    low = _reduce(vals, vals, cleared, 0, nx, ny, nz)
-    for s in range(low.size):
-        if low[s] >= 0:
-            births[low[s]] = False
+def _births1(closes: np.ndarray, vals: np.ndarray, squares: np.ndarray, zeros: np.ndarray, cleared: np.ndarray, ny: int, nz: int) -> np.ndarray:
+    """Birth edges of an input's finite dimension-1 pairs: the value-0 loop-closing edges (``closes``) no value-0 square kills."""
+    births = closes.copy()
+    low = _reduce(squares, zeros, vals, cleared, False, ny, nz)
+    for k in range(zeros.size):
+        e = low[zeros[k]]
+        if e >= 0:
+            births[e] = False
     return births
 
 
 @nb.njit(**_JIT)
-def _dim1_matched(c: np.ndarray, f: np.ndarray, g: np.ndarray, birth_f: np.ndarray, birth_g: np.ndarray,
-                  cleared_c: np.ndarray, nx: int, ny: int, nz: int) -> int:
+def _dim1_matched(c: np.ndarray, f: np.ndarray, g: np.ndarray, squares_c: np.ndarray, zeros_c: np.ndarray,
+                  birth_f: np.ndarray, birth_g: np.ndarray, cleared_c: np.ndarray, ny: int, nz: int) -> int:
     nyz = ny * nz
-    low_c = _reduce(c, c, cleared_c, 1, nx, ny, nz)
-    im_f = _reduce(c, f, cleared_c, 1, nx, ny, nz)
-    im_g = _reduce(c, g, cleared_c, 1, nx, ny, nz)
+    low_c = _reduce(squares_c, zeros_c, c, cleared_c, True, ny, nz)
+    im_f = _reduce(squares_c, zeros_c, f, cleared_c, True, ny, nz)
+    im_g = _reduce(squares_c, zeros_c, g, cleared_c, True, ny, nz)
     matched = 0
     for s in range(low_c.size):
         e = low_c[s]
-        if e < 0 or _edge_value(c, e, nyz, nz) == _square_value(c, s // 3, s - 3 * (s // 3), nyz, nz):
+        if e < 0 or _edge_value(c, e, nyz, nz) == squares_c[s]:
             continue  # a zero column, or a pair of zero persistence
         if im_f[s] >= 0 and im_g[s] >= 0 and birth_f[im_f[s]] and birth_g[im_g[s]]:
             matched += 1
@@ -434,20 +458,25 @@ def _tile_counts(f3: np.ndarray, g3: np.ndarray) -> np.ndarray:
     counts = np.zeros((3, 3), np.int64)
     # dimension 0: a box's components all die but the oldest
     counts[0, 0] = _dim0_matched(f, g, c, nx, ny, nz)
-    counts[0, 1] = max(_loops0(f, nx, ny, nz)[1] - 1, 0)
-    counts[0, 2] = max(_loops0(g, nx, ny, nz)[1] - 1, 0)
+    closes_f, components_f = _loops0(f, nx, ny, nz)
+    closes_g, components_g = _loops0(g, nx, ny, nz)
+    counts[0, 1], counts[0, 2] = max(components_f - 1, 0), max(components_g - 1, 0)
+    squares_f, zeros_f = _square_values(f3)
+    squares_g, zeros_g = _square_values(g3)
+    squares_c, zeros_c = _square_values(c3)
     # dimension 2, and the squares it pairs (cleared from dimension 1)
     if min(nx, min(ny, nz)) >= 2:
         cubes_c = _cube_values(c3)
-        keyed_f, counts[2, 1], cleared_f = _dim2_pass(f, _cube_values(f3), cubes_c, cubes_c[:0] > 0, cubes_c[:0] > 0, nx, ny, nz, False)
-        keyed_g, counts[2, 2], cleared_g = _dim2_pass(g, _cube_values(g3), cubes_c, cubes_c[:0] > 0, cubes_c[:0] > 0, nx, ny, nz, False)
-        _, counts[2, 0], cleared_c = _dim2_pass(c, cubes_c, cubes_c, keyed_f, keyed_g, nx, ny, nz, True)
+        none = np.zeros(0, np.bool_)
+        keyed_f, counts[2, 1], cleared_f = _dim2_pass(squares_f, zeros_f, _cube_values(f3), cubes_c, none, none, nx, ny, nz, False)
+        keyed_g, counts[2, 2], cleared_g = _dim2_pass(squares_g, zeros_g, _cube_values(g3), cubes_c, none, none, nx, ny, nz, False)
+        _, counts[2, 0], cleared_c = _dim2_pass(squares_c, zeros_c, cubes_c, cubes_c, keyed_f, keyed_g, nx, ny, nz, True)
     else:
-        cleared_f = cleared_g = cleared_c = np.zeros(3 * c.size, np.bool_)
-    birth_f = _births1(f, cleared_f, nx, ny, nz)
-    birth_g = _births1(g, cleared_g, nx, ny, nz)
+        cleared_f = cleared_g = cleared_c = np.zeros(squares_c.size, np.bool_)
+    birth_f = _births1(closes_f, f, squares_f, zeros_f, cleared_f, ny, nz)
+    birth_g = _births1(closes_g, g, squares_g, zeros_g, cleared_g, ny, nz)
     counts[1, 1], counts[1, 2] = birth_f.sum(), birth_g.sum()
-    counts[1, 0] = _dim1_matched(c, f, g, birth_f, birth_g, cleared_c, nx, ny, nz)
+    counts[1, 0] = _dim1_matched(c, f, g, squares_c, zeros_c, birth_f, birth_g, cleared_c, ny, nz)
     return counts
 
 
