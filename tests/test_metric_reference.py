@@ -1,19 +1,6 @@
-"""``nx46vx.metric`` against the competition's metric rebuilt from reference parts, on 220 volumes.
-
-The reference is the official recipe (``topometrics.compute_leaderboard_score``): label 2
-set to 0 in both masks; TopoScore from Betti-Matching-3D's ``compute_matching`` on the
-inverted masks, tile by tile; SurfaceDice from DeepMind's ``surface_distance``; VOI from
-cc3d's 26-connected components and scikit-image. The compiled Betti-Matching-3D module
-is the one PyPI's ``topolosses`` 0.2.0 bundles (``pip install --no-deps topolosses==0.2.0``);
-it is loaded from its file, since the package's ``__init__`` needs libraries it does not
-declare as optional. Under CI its absence is a failure, elsewhere a skip.
-"""
+"""``nx46vx.metric`` against the competition's metric rebuilt from reference parts (:mod:`tests.reference_metric`), on 220 volumes."""
 
 from __future__ import annotations
-
-import importlib.util
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,78 +9,15 @@ from scipy import ndimage
 from nx46vx.metric import Truth, score_volume
 from nx46vx.synthetic import make_volume
 
+from .reference_metric import reference_score, require_reference_module
+
 N_CASES = 220
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # surface_distance imports from scipy's old namespaces
 
 
-def _reference_module():
-    spec = importlib.util.find_spec("topolosses")
-    found = []
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(list(spec.submodule_search_locations)[0]) / "losses" / "betti_matching" / "src"
-        found = sorted(folder.glob("betti_matching*.so"))
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("the reference Betti-Matching-3D module is missing: pip install --no-deps topolosses==0.2.0")
-        pytest.skip("topolosses (the reference Betti-Matching-3D module) is not installed")
-    module_spec = importlib.util.spec_from_file_location("betti_matching", found[0])
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def betti_matching():
-    return _reference_module()
-
-
-def _reference_topo(pred: np.ndarray, truth: np.ndarray, bm) -> tuple[float, np.ndarray]:
-    counts = np.zeros((3, 3), np.int64)
-    cuts = [(0, n - n // 2, n) for n in pred.shape]
-    for i in range(2):
-        for j in range(2):
-            for k in range(2):
-                tile = tuple(slice(c[a], c[a + 1]) for c, a in zip(cuts, (i, j, k)))
-                p, t = pred[tile], truth[tile]
-                if p.size == 0:
-                    continue
-                res = bm.compute_matching((~p).astype(np.float64), (~t).astype(np.float64))
-                m = np.asarray(res.num_matched)
-                counts += np.stack([m, m + np.asarray(res.num_unmatched_input1), m + np.asarray(res.num_unmatched_input2)], 1)
-    total = weights = 0.0
-    for w, (m, p, g) in zip((0.34, 0.33, 0.33), counts.tolist()):
-        if p + g == 0:
-            continue
-        total += w * (2 * m / (p + g) if g > 0 else 0.5 / (p + g + 0.5))
-        weights += w
-    return (1.0 if weights == 0 else total / weights), counts
-
-
-def _reference_score(pred: np.ndarray, labels: np.ndarray, bm) -> tuple[dict[str, float], np.ndarray]:
-    import cc3d
-    import surface_distance as sd
-    from skimage.metrics import variation_of_information
-
-    keep = labels != 2
-    p, t = (pred != 0) & keep, (labels == 1) & keep
-    topo, counts = _reference_topo(p, t, bm)
-    if not p.any() and not t.any():
-        dice = 1.0
-    elif not p.any() or not t.any():
-        dice = 0.0
-    else:
-        dice = sd.compute_surface_dice_at_tolerance(sd.compute_surface_distances(t, p, (1.0, 1.0, 1.0)), 2.0)
-    union = p | t
-    if union.any():
-        lp = cc3d.connected_components(p.astype(np.uint8), connectivity=26)
-        lt = cc3d.connected_components(t.astype(np.uint8), connectivity=26)
-        split, merge = variation_of_information(lt[union], lp[union])
-        voi = 1.0 / (1.0 + 0.3 * (split + merge))
-    else:
-        voi = 1.0
-    parts = {"topo_score": float(np.clip(topo, 0, 1)), "surface_dice": float(np.clip(dice, 0, 1)), "voi_score": float(np.clip(voi, 0, 1))}
-    parts["score"] = 0.30 * parts["topo_score"] + 0.35 * parts["surface_dice"] + 0.35 * parts["voi_score"]
-    return parts, counts
+    return require_reference_module()
 
 
 def _blobs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -169,7 +93,7 @@ def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("seed", range(N_CASES))
 def test_the_score_equals_the_reference(seed: int, betti_matching) -> None:
     pred, labels = _case(seed)
-    expected, counts = _reference_score(pred, labels, betti_matching)
+    expected, counts = reference_score(pred, labels, betti_matching)
     got = score_volume(pred, labels)
     assert [list(row) for row in got.topo_counts] == counts.tolist()
     for key, value in expected.items():

@@ -148,3 +148,18 @@ def test_validation_threshold_is_in_the_signatures_of_the_phases_that_validate()
     changed = replace(config, data=replace(config.data, min_val_surface_voxels=config.data.min_val_surface_voxels + 1))
     differ = [p.name for p in phases() if p.signature(config) != p.signature(changed)]
     assert differ == ["distillation", "segmentation"]  # not discovery, features or search
+
+
+def test_the_reserve_counts_the_metrics_cost_over_the_tuning_grid() -> None:
+    """The post-processing tuning scores every grid point on every validation volume: the reserve keeps time for it."""
+    budget = BudgetConfig(total_s=100_000, reserve_per_volume_s=50, reserve_safety=2.0, score_s_per_mvoxel=0.5)
+    governor = Governor(budget, n_test=3, clock=VirtualClock(tick=0.0))
+    governor.n_val = 2
+    assert governor.reserve() == pytest.approx(50 * 5 * 2.0)
+    governor.tuning_voxels = 2 * 320**3 * 20  # two 320³ validation volumes, 20 grid points
+    assert governor.reserve() == pytest.approx((50 * 5 + 0.5 * 2 * 320**3 * 20 / 1e6) * 2.0)
+    governor.measured_score_cost(0.1 / 1e6)  # the first measurement replaces the prior
+    assert governor.score_s_per_voxel == pytest.approx(0.1 / 1e6)
+    governor.measured_score_cost(0.05 / 1e6)  # later ones only raise it
+    assert governor.score_s_per_voxel == pytest.approx(0.1 / 1e6)
+    assert governor.state()["score_s_per_mvoxel"] == pytest.approx(0.1)

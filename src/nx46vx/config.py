@@ -193,7 +193,8 @@ class BudgetConfig:
     The training window (``total_s − margin − reserve``) is shared: features get
     ``features_share``, the search ``search_share`` (each counted from its start),
     distillation the rest and every second they leave unused. ``feature_s_per_mvoxel`` predicts the feature cost of a volume
-    until one has been measured.
+    until one has been measured, ``score_s_per_mvoxel`` the competition metric's (the post-processing tuning scores
+    every grid point on every validation volume) until the student's first validation measures it.
     """
 
     total_s: float = 0.0
@@ -203,6 +204,7 @@ class BudgetConfig:
     features_share: float = 0.25
     search_share: float = 0.45
     feature_s_per_mvoxel: float = 2.0
+    score_s_per_mvoxel: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -518,6 +520,7 @@ RANGES: dict[str, Range] = {
     "budget.features_share": FRACTION,
     "budget.search_share": FRACTION,
     "budget.feature_s_per_mvoxel": POSITIVE,
+    "budget.score_s_per_mvoxel": NON_NEGATIVE,
     "checkpoint.every_iters": AT_LEAST_ONE,
     "checkpoint.keep_last": AT_LEAST_ONE,
     "output.quota_gb": POSITIVE,

@@ -79,6 +79,9 @@ class Governor:
         self.started = clock()
         self.per_volume_s = budget.reserve_per_volume_s
         self.n_val = 0  # validation volumes the segmenter choice runs every source on
+        self.tuning_voxels = 0  # voxels the post-processing tuning scores: validation voxels × grid points
+        self.score_s_per_voxel = budget.score_s_per_mvoxel / 1e6
+        self._score_measured = False
         self._measured = False
         self.phase_elapsed: dict[str, float] = {}
         self.previous_elapsed: dict[str, float] = {}
@@ -103,11 +106,13 @@ class Governor:
     def reserve(self) -> float:
         """Seconds kept for segmentation + packaging (at most half the budget, so training gets a share).
 
-        Per volume cost × (test volumes + validation volumes: the post-processing is tuned
+        (Per volume cost × (test volumes + validation volumes: the post-processing is tuned
         on them, on the student's maps from its last validation and the cheaper sources'
-        maps) × ``reserve_safety``.
+        maps) + the metric's cost per voxel × the voxels one source's tuning scores)
+        × ``reserve_safety``.
         """
-        reserve = self.per_volume_s * (max(1, self.n_test) + self.n_val) * self.budget.reserve_safety
+        volumes = self.per_volume_s * (max(1, self.n_test) + self.n_val)
+        reserve = (volumes + self.score_s_per_voxel * self.tuning_voxels) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
 
     def account(self, point: str) -> None:
@@ -158,6 +163,12 @@ class Governor:
             self.per_volume_s = max(self.per_volume_s, cost) if self._measured else cost
             self._measured = True
 
+    def measured_score_cost(self, seconds_per_voxel: float) -> None:
+        """Size the tuning part of the reserve from the competition metric's measured cost (as :meth:`measured_volume_cost`)."""
+        if seconds_per_voxel > 0:
+            self.score_s_per_voxel = max(self.score_s_per_voxel, seconds_per_voxel) if self._score_measured else seconds_per_voxel
+            self._score_measured = True
+
     def training_deadline(self) -> float:
         """Session seconds after which training must stop (infinite when unlimited)."""
         if self.budget.total_s <= 0:
@@ -184,6 +195,7 @@ class Governor:
             "remaining_s": None if self.remaining() == inf else round(self.remaining(), 3),
             "training_deadline_s": None if self.training_deadline() == inf else round(self.training_deadline(), 3),
             "reserve_s": round(self.reserve(), 3),
+            "score_s_per_mvoxel": round(self.score_s_per_voxel * 1e6, 4),
             "phase": self._phase,
             "stop_reason": self.stop_reason,
         }

@@ -18,7 +18,7 @@ import numpy as np
 from ...config import RunConfig
 from ...discovery import TestVolume, TrainPair, discover
 from ...errors import MemoryLimitError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
-from ...segment import intensity_baseline
+from ...segment import intensity_baseline, postprocess_grid
 from ...telemetry import ensure_memory
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, sampled_sha256, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
@@ -135,6 +135,8 @@ class DiscoveryPhase:
         state.volume_keys = {p.id: sampled_sha256(p.image)[:32] + sampled_sha256(p.label)[:16] for p in pairs}
         ctx.governor.n_test = len(found.test)
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
+        scored = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in state.val_pairs[: ctx.governor.n_val])  # checked above
+        ctx.governor.tuning_voxels = scored * len(list(postprocess_grid(config.segment)))
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
         self.data_key = digest(sorted(manifest))
         ctx.event("DATASET_DISCOVERY", self.name, {

@@ -375,15 +375,20 @@ class DistillationPhase:
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
         params = plain_params(seg)
-        scores, probs, inference_s = [], [], 0.0
+        scores, probs, inference_s, scoring_s = [], [], 0.0, 0.0
         t0 = governor.clock()
         for image, label, prior in val:
             started = governor.clock()
             probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, prior=prior))
             inference_s += governor.clock() - started
-            scores.append(score_volume(postprocess(probs[-1], params, seg)[0], label).score)
+            mask = postprocess(probs[-1], params, seg)[0]
+            started = governor.clock()
+            scores.append(score_volume(mask, label).score)
+            scoring_s += governor.clock() - started
         governor.account("distill_validation")
-        per_voxel = inference_s / max(1, sum(image.size for image, _, _ in val)) + self._prior_seconds_per_voxel
+        voxels = max(1, sum(image.size for image, _, _ in val))
+        governor.measured_score_cost(scoring_s / voxels)
+        per_voxel = inference_s / voxels + self._prior_seconds_per_voxel
         if not as_prior:
             governor.measured_volume_cost(per_voxel, self._test_voxels)
         if costs is not None:
