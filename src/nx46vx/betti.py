@@ -69,10 +69,19 @@ def _link_dual(parent: np.ndarray, birth: np.ndarray, a: int, b: int) -> int:
 # ---------------------------------------------------------------- dimension 0
 
 
+@nb.njit(inline="always", **_JIT)
+def _edge_end(v: int, x: int, y: int, z: int, t: int, nx: int, ny: int, nz: int) -> int:
+    """The vertex edge ``3·v + t`` leads to from vertex v at (x, y, z); -1 where the box has no such edge."""
+    if t == 0:
+        return v + ny * nz if x + 1 < nx else -1
+    if t == 1:
+        return v + nz if y + 1 < ny else -1
+    return v + 1 if z + 1 < nz else -1
+
+
 @nb.njit(**_JIT)
 def _loops0(vals: np.ndarray, nx: int, ny: int, nz: int) -> tuple:
     """Value-0 edges that close a loop (in index order), and the number of value-0 components."""
-    nyz = ny * nz
     parent = np.arange(vals.size, dtype=np.int32)
     closes = np.zeros(3 * vals.size, np.bool_)
     components = 0
@@ -84,19 +93,8 @@ def _loops0(vals: np.ndarray, nx: int, ny: int, nz: int) -> tuple:
                     continue
                 components += 1
                 for t in range(3):
-                    if t == 0:
-                        if x + 1 == nx:
-                            continue
-                        w = v + nyz
-                    elif t == 1:
-                        if y + 1 == ny:
-                            continue
-                        w = v + nz
-                    else:
-                        if z + 1 == nz:
-                            continue
-                        w = v + 1
-                    if vals[w] != 0:
+                    w = _edge_end(v, x, y, z, t, nx, ny, nz)
+                    if w < 0 or vals[w] != 0:
                         continue
                     a, b = _find(parent, v), _find(parent, w)
                     if a == b:
@@ -110,7 +108,6 @@ def _loops0(vals: np.ndarray, nx: int, ny: int, nz: int) -> tuple:
 @nb.njit(**_JIT)
 def _dim0_matched(f: np.ndarray, g: np.ndarray, c: np.ndarray, nx: int, ny: int, nz: int) -> int:
     """Matched dimension-0 pairs: the comparison's merges at value 1 of two sets that both hold foreground of both inputs."""
-    nyz = ny * nz
     parent = np.arange(c.size, dtype=np.int32)
     holds = np.empty(c.size, np.uint8)  # bit 0: foreground of f, bit 1: of g
     for v in range(c.size):
@@ -124,19 +121,8 @@ def _dim0_matched(f: np.ndarray, g: np.ndarray, c: np.ndarray, nx: int, ny: int,
                     if level == 0 and c[v] != 0:
                         continue
                     for t in range(3):
-                        if t == 0:
-                            if x + 1 == nx:
-                                continue
-                            w = v + nyz
-                        elif t == 1:
-                            if y + 1 == ny:
-                                continue
-                            w = v + nz
-                        else:
-                            if z + 1 == nz:
-                                continue
-                            w = v + 1
-                        if max(c[v], c[w]) != level:
+                        w = _edge_end(v, x, y, z, t, nx, ny, nz)
+                        if w < 0 or max(c[v], c[w]) != level:
                             continue
                         a, b = _find(parent, v), _find(parent, w)
                         if a == b:
