@@ -105,6 +105,24 @@ def test_score_cli_prints_json(reference: dict, demo_data: Path) -> None:
         assert all(got[k] == pytest.approx(v, abs=1e-9, rel=0) for k, v in expected.items())
 
 
+def test_the_validation_report_is_the_official_metric(reference: dict, demo_data: Path) -> None:
+    """The baseline's score in ``VALIDATION_REPORT`` equals the reference metric's on the same validation masks."""
+    from nx46vx.config import load_config
+    from nx46vx.segment import intensity_baseline
+
+    from .reference_metric import reference_score, require_reference_module
+
+    module = require_reference_module()
+    report = next(e["data"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "VALIDATION_REPORT")
+    seg = load_config("demo", overrides=FAST).segment
+    expected = []
+    for vol_id in report["volumes"]:
+        image = tifffile.imread(demo_data / "train_images" / f"{vol_id}.tif")
+        labels = tifffile.imread(demo_data / "train_labels" / f"{vol_id}.tif")
+        expected.append(reference_score(intensity_baseline(image, seg), labels, module)[0]["score"])
+    assert report["scores"]["intensity_baseline"] == pytest.approx(float(np.mean(expected)), abs=1e-9, rel=0)
+
+
 def test_foreign_layout_with_kaggle_nesting(tmp_path: Path) -> None:
     """A hand-made folder (not from nx46vx.synthetic) under the competitions/ mount works."""
     root = tmp_path / "input" / "competitions" / "vesuvius-challenge-surface-detection"
