@@ -30,9 +30,9 @@ inclusions of their sublevel sets into those of the comparison image
   finite pair merged.
 
 Only finite bars count (birth value ≠ death value). Dimension 2 is not computed when an
-axis has length 1 (no cubes). Squares paired in dimension 2 bound earlier squares'
-boundaries, reduce to zero in dimension 1 and are skipped there (the reference's
-clearing), which changes no pair.
+axis has length 1 (no cubes). A square paired in dimension 2 closes a 2-cycle: its
+boundary is a sum of earlier squares' boundaries, so it reduces to zero in dimension 1
+and is skipped there (the reference's clearing), which changes no pair.
 
 The kernels are compiled by numba at first use and cached on disk (no system
 compiler is needed); they release the GIL, so tiles can be counted on threads.
