@@ -279,6 +279,9 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     assert "student" in result.validation_scores
     with pytest.raises(DistillationNotExecuted, match="failed to load"):
         nx46vx.run([demo_data], output=tmp_path / "missing", profile="demo", overrides=FAST + ['distill.teachers=["tiff:/nonexistent/preds"]'])
+    # the failing phase still ends in the journal, with the error (the context is exception-safe)
+    failed = [e["data"] for e in events(tmp_path / "missing" / "journal.jsonl") if e["event"] == "PHASE_END" and e["phase"] == "distillation"]
+    assert len(failed) == 1 and failed[0]["error"].startswith("DistillationNotExecuted") and failed[0]["seconds"] >= 0
     # labels only, trained data-parallel by two processes started from inside run()
     labels_only = nx46vx.run([demo_data], output=tmp_path / "labels", profile="demo", overrides=FAST + ["distill.teachers=[]", "distill.steps=5", "distill.processes=2"])
     journal = events(tmp_path / "labels" / "journal.jsonl")
@@ -309,3 +312,32 @@ def test_the_student_learns_thin_surfaces_on_scroll_data() -> None:
         prob = torch.sigmoid(distill.student_network(state)(probe["image"]))
     label = probe["label"]
     assert prob[label == 1].mean() > prob[label == 0].mean() + 0.2
+
+
+def test_window_batch_is_a_setting_not_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The windows per pass come from ``segment.window_batch`` (default 4), whatever memory is free at the moment."""
+    from nx46vx import telemetry
+    from nx46vx.config import load_config
+    from nx46vx.errors import ConfigError
+
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return x - 0.5
+
+    vol = np.random.default_rng(2).integers(0, 255, (40, 40, 24), dtype=np.uint8)
+    maps = []
+    for free in (1 << 20, 1 << 40):
+        monkeypatch.setattr(telemetry, "free_memory", lambda _device, free=free: free)
+        monkeypatch.setattr("nx46vx.segment.free_memory", lambda _device, free=free: free, raising=False)
+        seen.clear()
+        maps.append(sliding_window(vol, Counting(), patch=16, overlap=0.5))
+        assert max(seen) == 4 and sum(seen) == 4 * 4 * 2, free  # 4 × 4 × 2 windows of 16 at stride 8, four per pass
+    assert np.array_equal(*maps)
+    assert load_config("demo", overrides=["segment.window_batch=2"]).segment.window_batch == 2
+    with pytest.raises(ConfigError, match="segment.window_batch"):
+        load_config("demo", overrides=["segment.window_batch=0"])
+    with pytest.raises(ValueError, match="at least 1"):
+        sliding_window(vol, Counting(), patch=16, batch=0)

@@ -241,3 +241,38 @@ def test_attached_cache_is_used_after_its_checksum_and_copied_within_quota(tmp_p
 def test_spec_id_changes_with_parameters() -> None:
     assert spec_id(CFG) != spec_id(replace(CFG, hessian_sigma=2.0))
     assert spec_id(CFG) == spec_id(replace(CFG, chunk_z=16))
+
+
+def test_a_corrected_label_under_the_same_image_misses_every_cache(tmp_path: Path) -> None:
+    """The pool and foreground caches are keyed by image and label: a rewritten label is resampled, never reused."""
+    import tifffile
+
+    from nx46vx.discovery import TrainPair
+    from nx46vx.runner.training_data import VolumeCache
+    from nx46vx.volumes import volume_key
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (24, 24, 24), dtype=np.uint8)
+    label = np.zeros(image.shape, np.uint8)
+    label[:, :12] = 1
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    tifffile.imwrite(tmp_path / "a_label.tif", label)
+    pair = TrainPair("a", tmp_path / "a.tif", tmp_path / "a_label.tif")
+    cfg = replace(CFG, pool_per_class=100)
+    pools = FeatureCache(tmp_path / "pools")
+
+    def caches() -> tuple:
+        key = volume_key(pair.image, pair.label)
+        pool, source = pools.get_or_compute(key, cfg, 5, lambda: (image, tifffile.imread(pair.label)))
+        volume = VolumeCache([pair], {"a": key}, tmp_path / "foreground", foreground_cap=500, seed=5, capacity=1)(0)
+        return pool, source, volume.foreground
+
+    pool, source, foreground = caches()
+    assert source == "computed" and (foreground[:, 1] < 12).all()
+    assert caches()[1] == "cache"
+    label[:] = 0
+    label[:, 12:] = 1  # the corrected label: the image is unchanged
+    tifffile.imwrite(tmp_path / "a_label.tif", label)
+    pool, source, foreground = caches()
+    assert source == "computed" and (foreground[:, 1] >= 12).all()
+    assert (pool.coords[pool.labels == 1][:, 1] >= 12).all()

@@ -621,6 +621,9 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
     assert saved["network"]["teacher_input"] is True and saved["prior"]["thetas"].shape[0] == saved["network"]["ensemble_k"]
     outside = nx46vx.predict(demo_data / "test_images" / exported[0].name, model=out)
     assert np.abs(np.round(outside.probability * 255).astype(int) - prob.astype(int)).max() <= 1
+    # the run's post-processing (its tuned parameters, its segment settings): the submitted mask, bit for bit
+    submitted = _masks(out / "submission.zip")[exported[0].name]
+    assert outside.mask.any() and np.array_equal(outside.mask, submitted)
     first = next(e["data"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "DISTILLATION_VALIDATION")
     assert (first["step"], first["scored"], first["improved"]) == (0, "prior", True)  # the untrained student is the ensemble: the score to beat
 
@@ -722,3 +725,32 @@ def test_raising_max_epochs_after_the_search_ended_continues_it(demo_data: Path,
     assert [e["data"]["epoch"] for e in journal if e["event"] == "EPOCH_DONE"] == [1]  # only the new epoch ran
     direct = run_cli(*run_args(demo_data, tmp_path / "direct", *quick, "--set", "search.max_epochs=2"))
     assert json.loads(more.stdout)["model_digest"] == json.loads(direct.stdout)["model_digest"]  # as if it had never stopped
+
+
+def test_baseline_masks_follow_a_changed_test_image_and_their_settings(demo_data: Path, tmp_path: Path) -> None:
+    """A test volume rewritten under the same id, or a changed ``min_component_voxels``, gets a fresh baseline mask."""
+    from nx46vx.config import load_config
+    from nx46vx.segment import intensity_baseline
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(demo_data, data)
+    first = run_cli(*run_args(data, out), env={"NX46VX_KILL_AT": "CHECKPOINT_WRITTEN:1"})
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    test = sorted((data / "test_images").glob("*.tif"))[0]
+    image = tifffile.imread(test)
+    changed = np.ascontiguousarray(image[:, ::-1])  # the same shape, other content
+    tifffile.imwrite(test, changed)
+    from scipy import ndimage
+
+    from nx46vx.metric import CONN26
+
+    sizes = np.bincount(ndimage.label(intensity_baseline(changed, load_config("demo", overrides=FAST).segment), CONN26)[0].ravel())[1:]
+    assert sizes.size >= 2
+    submitted = []
+    for extra in ([], ["--set", f"segment.min_component_voxels={sizes.max()}"]):  # keeps only the largest component
+        again = run_cli(*run_args(data, out, *extra), env={"NX46VX_KILL_AT": "SUBMISSION_WRITTEN:1"})
+        assert again.returncode == -signal.SIGKILL, again.stderr[-2000:]
+        seg = load_config("demo", overrides=FAST + [x for x in extra if x != "--set"]).segment
+        submitted.append(_masks(out / "submission.zip")[test.name])
+        assert np.array_equal(submitted[-1], intensity_baseline(changed, seg)), extra
+    assert not np.array_equal(*submitted)  # the setting matters on this volume

@@ -163,3 +163,65 @@ def test_the_reserve_counts_the_metrics_cost_over_the_tuning_grid() -> None:
     governor.measured_score_cost(0.05 / 1e6)  # later ones only raise it
     assert governor.score_s_per_voxel == pytest.approx(0.1 / 1e6)
     assert governor.state()["score_s_per_mvoxel"] == pytest.approx(0.1)
+
+
+def test_a_search_without_a_finished_fit_teaches_nothing() -> None:
+    """The ensemble teacher (and the prior it feeds) is dropped, with the reason, while no candidate has finished a fit."""
+    from types import SimpleNamespace
+
+    from nx46vx.config import load_config
+    from nx46vx.runner.sources import probability_sources, student_config, unusable_ensemble
+
+    config = load_config("demo")
+    ctx = SimpleNamespace(config=config, distill_device=torch.device("cpu"), device=torch.device("cpu"))
+    state = SimpleNamespace(search=SimpleNamespace(evaluated=False, epoch=0, stage="iterating"), train_pairs=[object()] * 2, student=None)
+    assert ENSEMBLE in config.distill.teachers and config.distill.teacher_input
+    assert unusable_ensemble(state) == "no search candidate has finished a fit"
+    cfg = student_config(ctx, state)
+    assert ENSEMBLE not in cfg.teachers and not cfg.teacher_input
+    assert probability_sources(ctx, state) == {}
+    state.search.evaluated = True
+    cfg = student_config(ctx, state)
+    assert ENSEMBLE in cfg.teachers and cfg.teacher_input
+    assert unusable_ensemble(SimpleNamespace(search=None)) == "no search ran"
+
+
+def test_quota_counts_every_thread_s_writes(tmp_path: Path) -> None:
+    """Loader threads ask the quota at once: every byte it allowed is counted, none over the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    quota = OutputQuota(tmp_path, 1000 / (1 << 30))
+    with ThreadPoolExecutor(8) as pool:
+        allowed = list(pool.map(lambda _i: quota.allow(7), range(4000)))
+    assert sum(allowed) == 1000 // 7 and quota.used == 7 * sum(allowed) and quota.refused == 4000 - sum(allowed)
+
+
+def test_results_zip_members_leaving_the_folder_or_links_are_not_extracted(tmp_path: Path) -> None:
+    import stat
+    import zipfile
+
+    from nx46vx.checkpoint import extract_results_zip
+
+    import hashlib
+
+    archive = tmp_path / "results.zip"
+    sibling = hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:16] + "-beside"  # shares the folder's name as a prefix
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("checkpoints/ckpt-000001/manifest.json", "{}")
+        zf.writestr("checkpoints/../../escaped.txt", "x")
+        zf.writestr(f"checkpoints/../../{sibling}/escaped.txt", "x")
+        link = zipfile.ZipInfo("checkpoints/ckpt-000001/link")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    target = extract_results_zip(archive, tmp_path / "unpacked")
+    assert target is not None and (target / "checkpoints/ckpt-000001/manifest.json").is_file()
+    assert not (target / "checkpoints/ckpt-000001/link").exists() and not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_every_random_stream_has_its_own_id() -> None:
+    """The registry's stream ids are distinct: two purposes never share a generator."""
+    from nx46vx import streams
+
+    ids = {name: value for name, value in vars(streams).items() if name.isupper() and name not in ("POOL_KEY_HEX_DIGITS", "PROBE_SEED_OFFSET")}
+    assert len(ids) == 9 and len(set(ids.values())) == len(ids)
+    assert streams.generator(5, streams.SPLIT).integers(1 << 30) == np.random.default_rng([5, 4]).integers(1 << 30)  # ids are what old checkpoints replay

@@ -250,3 +250,43 @@ def test_state_dict_resume_is_bit_exact(pools) -> None:
             second.advance()
         assert torch.equal(second.theta, reference.theta), stop_after
         assert second.history == reference.history
+
+
+def test_top_models_rank_every_finished_fit_and_refuse_before_the_first(pools) -> None:
+    """Stopped inside epoch 1, the ensemble is the top k of every candidate's latest fit, not of this epoch's batches."""
+    from nx46vx.errors import SearchError
+
+    search = _search(pools, max_iter=6, batch_candidates=45, max_epochs=3)
+    assert not search.evaluated
+    with pytest.raises(SearchError, match="no search model yet"):
+        search.top_models(5)
+    latest: dict[int, dict] = {}
+    while not (search.epoch == 1 and 0 < len(search.epoch_results) < len(search.grid)):
+        for name, data in search.advance():
+            if name == "CANDIDATE_DONE":
+                latest[data["candidate"]] = data
+    assert len(latest) == len(search.grid) and sum(r["epoch"] == 1 for r in latest.values()) == 45
+    expected = sorted(latest.values(), key=lambda r: (-r["val_f1"], r["candidate"]))[:5]
+    top = search.top_models(5)
+    assert top["candidates"] == [r["candidate"] for r in expected] and top["val_f1"] == [r["val_f1"] for r in expected]
+    assert torch.equal(top["thetas"], search.theta[top["candidates"]])
+    resumed = _search(pools, max_iter=6, batch_candidates=45, max_epochs=3)
+    resumed.load_state_dict(search.state_dict())
+    assert resumed.top_models(5)["candidates"] == top["candidates"]
+
+
+def test_validation_weights_count_each_volume_by_its_labelled_voxels() -> None:
+    """Pools are capped per volume: a small volume's sampled voxels weigh its own class counts, not a pooled share."""
+    from nx46vx.search.sampling import validation_sample
+
+    def pool(n: int, counts: tuple[int, int], value: float) -> Pool:
+        labels = np.repeat(np.array([0, 1], np.uint8), n)
+        return Pool(np.full((2 * n, 3), value, np.float32), labels, np.zeros((2 * n, 3), np.int32), np.array(counts, np.int64))
+
+    small, large = pool(400, (500, 100), 0.0), pool(400, (90_000, 20_000), 1.0)
+    sample = validation_sample([small, large], 300, np.random.default_rng(0))
+    from_large = sample.features[:, 0] == 1.0
+    for cls, (n_small, n_large) in enumerate(zip(small.class_counts, large.class_counts)):
+        of_class = sample.labels == cls
+        assert sample.weights[of_class & ~from_large].sum() == pytest.approx(n_small)
+        assert sample.weights[of_class & from_large].sum() == pytest.approx(n_large)

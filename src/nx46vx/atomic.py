@@ -70,6 +70,16 @@ def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
         return write_atomic(dst, lambda handle: shutil.copyfileobj(source, handle, 1 << 22))
 
 
+def cache_key(*parts: str | int) -> str:
+    """The name of a cache entry: a hash of everything its content depends on.
+
+    Every cache of a run is keyed here (volume content keys, settings, seeds), so a
+    changed label under an unchanged image, or a changed setting, misses the cache
+    instead of reusing a stale entry.
+    """
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:24]
+
+
 def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for key in sorted(arrays):

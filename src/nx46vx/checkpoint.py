@@ -2,7 +2,8 @@
 
 Layout: ``checkpoints/ckpt-<seq>/`` with payload files and ``manifest.json``
 (written last, holding the SHA-512 of every payload file), and
-``checkpoints/LATEST`` naming the newest committed one. A checkpoint is written
+``checkpoints/LATEST`` naming the newest one for people and other tools: this
+package never reads it (:func:`latest_committed` decides). A checkpoint is written
 into a hidden temporary directory, every file and the directory fsynced, then
 renamed into place; :func:`is_committed` is the one function that decides whether
 a checkpoint can be used.
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -207,6 +209,11 @@ def _journal_beside(run_root: Path) -> Path | None:
     return journal if journal.is_file() else None
 
 
+def _is_link(info: zipfile.ZipInfo) -> bool:
+    """Whether a zip member is a symbolic link (its Unix mode in the high bits of the external attributes)."""
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
 def extract_results_zip(archive: Path, into: Path) -> Path | None:
     """Unpack the checkpoints and journal of a previous run's ``results.zip`` into ``into``; None if it holds none."""
     try:
@@ -218,11 +225,12 @@ def extract_results_zip(archive: Path, into: Path) -> Path | None:
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
-            for name in names:
-                dest = (target / name).resolve()
-                if not str(dest).startswith(str(target.resolve())):
-                    continue  # refuse paths escaping the folder
-                zf.extract(name, target)
+            root = target.resolve()
+            for info in (zf.getinfo(n) for n in names):
+                if _is_link(info) or not (target / info.filename).resolve().is_relative_to(root):
+                    log.warning("%s: member %s skipped: expected a file inside the archive's folder, got a link or a path leaving it", archive, info.filename)
+                    continue
+                zf.extract(info, target)
             return target
     except (OSError, zipfile.BadZipFile) as exc:
         log.warning("cannot read %s: %s", archive, exc)

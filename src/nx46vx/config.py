@@ -20,7 +20,11 @@ from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-AUGMENTATIONS = ("flip", "rot90", "affine", "intensity", "noise", "blur", "lowres")
+#: The student's augmentations, each with the probability a patch gets it.
+AUGMENTATIONS = {"flip": 1.0, "rot90": 0.5, "affine": 0.2, "intensity": 0.3, "noise": 0.1, "blur": 0.2, "lowres": 0.25}
+#: ``segment.method`` → the segmenter's name in the journal and reports (``auto`` picks one on validation); the
+#: ensemble's name is also its teacher spec in ``distill.teachers``.
+SEGMENT_METHODS = {"baseline": "intensity_baseline", "search": "search_model", "ensemble": "ensemble", "student": "student"}
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +37,8 @@ class DataConfig:
     """What to read and how to split it.
 
     ``val_fraction`` of the training volumes (at least ``min_val_volumes``) are held
-    out *by volume* for validation; ``max_train_volumes`` caps how many training pairs
+    out for validation *by scroll* (whole scrolls; by volume only when the data names
+    fewer than two scrolls, journaled); ``max_train_volumes`` caps how many training pairs
     are used (0 = all). A validation volume with fewer than ``min_val_surface_voxels``
     surface voxels is not used to validate (journaled). Every file's header and its first and last page are checked
     right after discovery: a bad training pair is skipped (``INPUT_REJECTED``); a bad
@@ -126,7 +131,7 @@ class DistillConfig:
     """
 
     enabled: bool = True
-    teachers: tuple[str, ...] = ("ensemble",)
+    teachers: tuple[str, ...] = (SEGMENT_METHODS["ensemble"],)
     ensemble_k: int = 5
     teacher_input: bool = False
     arch: str = "auto"
@@ -147,7 +152,7 @@ class DistillConfig:
     teacher_weight_end: float = 0.0
     temperature: float = 2.0
     positive_fraction: float = 0.5
-    augment: tuple[str, ...] = AUGMENTATIONS
+    augment: tuple[str, ...] = tuple(AUGMENTATIONS)
     cache_volumes: int = 16
     foreground_samples: int = 20000
     teacher_volumes: int = 8
@@ -171,7 +176,9 @@ class SegmentConfig:
     ``plug_holes_voxels``: the largest hole enclosed in an axial plane that the
     post-processing grid tries plugging (0 = never; :func:`nx46vx.segment.plug_holes`).
     ``export_probabilities`` also writes ``probabilities/<id>.tif`` (uint8, p·255)
-    beside the submission, for blending with other notebooks.
+    beside the submission, for blending with other notebooks. ``window_batch``: the
+    windows per forward pass of sliding-window inference (a setting, not derived from
+    the free memory, so that the maps do not depend on the machine's state).
     """
 
     method: str = "auto"
@@ -184,6 +191,7 @@ class SegmentConfig:
     validation_volumes: int = 4
     plug_holes_voxels: int = 32
     export_probabilities: bool = False
+    window_batch: int = 4
 
 
 @dataclass(frozen=True)
@@ -513,6 +521,7 @@ RANGES: dict[str, Range] = {
     "segment.fallback_percent": _r(0, 100, low_open=True),
     "segment.validation_volumes": NON_NEGATIVE,
     "segment.plug_holes_voxels": NON_NEGATIVE,
+    "segment.window_batch": _r(1, 256),
     "budget.total_s": NON_NEGATIVE,
     "budget.margin_s": NON_NEGATIVE,
     "budget.reserve_per_volume_s": NON_NEGATIVE,
@@ -537,10 +546,10 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.kernel": (lambda v: v in {"auto", "native", "torch"}, "auto, native or torch"),
     "data.on_bad_test": (lambda v: v in {"error", "empty"}, "error or empty"),
     "distill.arch": (lambda v: v in {"auto", "resenc", "plain"}, "auto, resenc or plain"),
-    "segment.method": (lambda v: v in {"auto", "baseline", "search", "ensemble", "student"}, "auto, baseline, search, ensemble or student"),
+    "segment.method": (lambda v: v == "auto" or v in SEGMENT_METHODS, f"auto or one of {list(SEGMENT_METHODS)}"),
     "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),
     "distill.teachers": (
-        lambda v: v == "ensemble" or (v.partition(":")[0] in {"torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
+        lambda v: v == SEGMENT_METHODS["ensemble"] or (v.partition(":")[0] in {"torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
         "ensemble, torchscript:<path>, tiff:<dir> or python:<module>:<callable>",
     ),
 }

@@ -39,9 +39,13 @@ from torch import nn
 
 from .config import DistillConfig
 from .errors import DistillationNotExecuted
-from .segment import normalised, sliding_window
+from .segment import ENSEMBLE, normalised, sliding_window
 from .student import build_network, deep_supervision_weights, downsample_label, label_losses, teacher_loss
 from .volumes import file_sha256
+from . import streams
+
+#: the largest gradient norm a student step applies (nnU-Net v2's clip)
+GRAD_CLIP_NORM = 12.0
 
 # ----------------------------------------------------------------------------- teachers
 
@@ -82,18 +86,23 @@ def load_teacher(
     ensemble_digest: str,
     patch: int,
     device: torch.device,
+    window_batch: int = 4,
 ) -> Teacher:
-    """Load one teacher from its spec; raises DistillationNotExecuted when it cannot be loaded."""
+    """Load one teacher from its spec; raises DistillationNotExecuted when it cannot be loaded.
+
+    A network teacher (``torchscript:``) predicts by :func:`~nx46vx.segment.sliding_window` at ``patch``,
+    ``window_batch`` windows per pass.
+    """
     kind, _, rest = spec.partition(":")
     try:
-        if kind == "ensemble":
+        if kind == ENSEMBLE:
             if ensemble is None:
                 raise DistillationNotExecuted("ensemble teacher needs a trained search", expected="search candidates", found="none")
             return Teacher(spec, ensemble_digest, lambda _id, vol: ensemble(vol))
         if kind == "torchscript":
             path = _resolve(rest, roots)
             module = torch.jit.load(str(path), map_location=device).eval()
-            return Teacher(spec, file_sha256(path), lambda _id, vol: sliding_window(vol, module, patch=patch, device=device))
+            return Teacher(spec, file_sha256(path), lambda _id, vol: sliding_window(vol, module, patch=patch, device=device, batch=window_batch))
         if kind == "tiff":
             folder = _resolve(rest, roots)
             if not folder.is_dir():
@@ -172,7 +181,7 @@ def prior_off_reason(config: DistillConfig, train_volumes: int | None) -> str | 
     """Why ``teacher_input`` does not hold for these settings and ``train_volumes`` training volumes (None: it holds)."""
     if not config.teacher_input:
         return "distill.teacher_input is false"
-    if "ensemble" not in config.teachers:
+    if ENSEMBLE not in config.teachers:
         return "the prior is the ensemble teacher's map, and distill.teachers has no ensemble"
     if train_volumes is not None and train_volumes > config.teacher_volumes:
         return f"the ensemble's maps cover distill.teacher_volumes = {config.teacher_volumes} of {train_volumes} training volumes"
@@ -188,7 +197,7 @@ def init_state(config: DistillConfig, *, seed: int, device: torch.device) -> Dis
     """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU)."""
     config = resolve(config, device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + 5)
+        torch.manual_seed(streams.student_init_seed(seed))
         network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
@@ -254,13 +263,13 @@ def train_step(
         terms = losses([o.float() for o in outputs], batch, config, teacher_weight=teacher_weight)
         state.scaler.scale(terms["total"]).backward()
         state.scaler.unscale_(state.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), 12.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), GRAD_CLIP_NORM)
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
         terms = losses(forward(network_input(batch)), batch, config, teacher_weight=teacher_weight)
         terms["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), 12.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), GRAD_CLIP_NORM)
         state.optimizer.step()
     state.step += 1
     out = {k: float(v.detach()) for k, v in terms.items() if isinstance(v, torch.Tensor)}

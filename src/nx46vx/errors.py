@@ -106,6 +106,10 @@ class OutputLockedError(Nx46Error):
     """Another live nx46vx run holds the output folder's lock."""
 
 
+class SearchError(Nx46Error):
+    """The candidate search cannot give what was asked of it (no finished fit yet)."""
+
+
 class DistillationNotExecuted(Nx46Error):
     """Distillation was asked for but no optimiser step ran or a teacher failed to load."""
 

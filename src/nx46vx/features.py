@@ -16,7 +16,7 @@ replicate the edge voxel. Spec version :data:`SPEC_VERSION`; parameters in
   ``0.5·log(2πe·(var + 1e-4))`` (a Gaussian proxy of the local histogram entropy).
 * ``grad_mag`` — Gaussian gradient magnitude at σ = ``smooth_sigma``.
 * ``proj_max`` / ``proj_mean`` — max / mean of the smoothed intensity along z over
-  ``±proj_half_window`` slices (the 3-D analogue of the old 2-D projections).
+  ``±proj_half_window`` slices (local intensity projections across the sheets).
 * ``laplace`` — scale-normalised Laplacian of Gaussian, ``σ²·ΔG_σ * I`` at
   σ = ``laplace_sigma``.
 * ``bandpass_response`` — difference of Gaussians ``G_σ1 * I − G_σ2 * I``.
@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .atomic import load_arrays_checked, save_arrays_checked
+from .atomic import cache_key, load_arrays_checked, save_arrays_checked
 from .config import FeatureConfig
+from . import streams
 
 log = logging.getLogger("nx46vx")
 
@@ -441,7 +442,7 @@ class FeatureCache:
         self.corrupt = 0
 
     def path(self, content_hash: str, config: FeatureConfig, seed: int) -> Path:
-        return self.folder / f"pool-{content_hash[:24]}-{spec_id(config)}-p{config.pool_per_class}-s{seed}.npz"
+        return self.folder / f"pool-{cache_key(content_hash, spec_id(config), config.pool_per_class, seed)}.npz"
 
     def has(self, content_hash: str, config: FeatureConfig, seed: int) -> bool:
         """Whether a file for this key exists here or in an attached cache (not yet checked)."""
@@ -483,7 +484,7 @@ class FeatureCache:
                 return pool, "attached"
         self.misses += 1
         image, label = read()
-        rng = np.random.default_rng([seed, int(content_hash[:15], 16)])
+        rng = streams.pool_generator(seed, content_hash)
         pool = sample_pool(image, label, config, rng=rng, device=device)
         self.store(path, pool)
         return pool, "computed"

@@ -131,7 +131,8 @@ def surface_dice(pred: np.ndarray, truth: "np.ndarray | Truth", *, tolerance: fl
     return float(overlap / (areas_t.sum() + areas_p.sum()))
 
 
-_CONN26 = np.ones((3, 3, 3), dtype=bool)
+#: 26-connectivity: the metric's components (VOI), and the clean-up's.
+CONN26 = np.ones((3, 3, 3), dtype=bool)
 _CONN6 = ndimage.generate_binary_structure(3, 1)
 
 
@@ -145,7 +146,7 @@ def variation_of_information(pred: np.ndarray, truth: "np.ndarray | Truth") -> t
     n = int(union.sum())
     if n == 0:
         return 0.0, 0.0
-    lab_p = ndimage.label(pred, structure=_CONN26)[0][union]
+    lab_p = ndimage.label(pred, structure=CONN26)[0][union]
     lab_t = truth.components[union]
     pairs = lab_t.astype(np.int64) * (int(lab_p.max()) + 1) + lab_p
     _, joint = np.unique(pairs, return_counts=True)
@@ -176,7 +177,7 @@ def betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
         return 0, 0, 0
     b0 = int(ndimage.label(mask, structure=_CONN6)[1])
     padded = np.pad(~mask, 1, constant_values=True)
-    b2 = int(ndimage.label(padded, structure=_CONN26)[1]) - 1  # minus the outside
+    b2 = int(ndimage.label(padded, structure=CONN26)[1]) - 1  # minus the outside
     chi = int(euler_number(mask, connectivity=1))
     return b0, b0 + b2 - chi, b2
 
@@ -239,7 +240,7 @@ class Truth:
         self.shape = labels.shape
         self.mask = labels == 1 if labels.dtype != bool else labels
         self.ignore = labels == UNLABELED if labels.dtype != bool else None
-        self.components = ndimage.label(self.mask, structure=_CONN26)[0]
+        self.components = ndimage.label(self.mask, structure=CONN26)[0]
         self.code = _corner_codes(_padded(self.mask))  # uint8: the areas are looked up where needed (a 320³ truth holds ~330 MB)
         self.border = _is_border(self.code)
         # float32 is exact here: every distance is the root of an integer, and the tolerance compares with 2

@@ -24,6 +24,7 @@ import torch
 from scipy import ndimage
 
 from .config import AUGMENTATIONS
+from . import streams
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def foreground_sample(label: np.ndarray, *, cap: int, seed: int) -> np.ndarray:
     """Up to ``cap`` label-1 coordinates, int32 (n, 3), drawn without replacement by a generator seeded with ``seed``."""
     flat = np.flatnonzero(label.ravel() == 1)
     if flat.size > cap:
-        flat = np.sort(np.random.default_rng([seed, 11]).choice(flat, size=cap, replace=False))
+        flat = np.sort(streams.generator(seed, streams.FOREGROUND).choice(flat, size=cap, replace=False))
     return np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
 
 
@@ -81,7 +82,7 @@ def augment(
     """
     draws = rng.random(len(AUGMENTATIONS))
     params = rng.random(8)
-    on = {name: name in ops and draws[i] < p for i, (name, p) in enumerate(zip(AUGMENTATIONS, (1.0, 0.5, 0.2, 0.3, 0.1, 0.2, 0.25)))}
+    on = {name: name in ops and draws[i] < p for i, (name, p) in enumerate(AUGMENTATIONS.items())}
     soft = [target, *maps]  # interpolated linearly; the label by nearest neighbour
     if on["flip"]:
         axes = tuple(a for a in range(3) if params[a] < 0.5)
@@ -150,7 +151,7 @@ def make_batch(
         surface labels (``skimage.morphology.skeletonize``), for the skeleton-recall term;
         with ``prior``, ``prior`` (B, 1, p, p, p) float32 (every volume must have one).
     """
-    rng = np.random.default_rng([seed, 6, step])
+    rng = streams.generator(seed, streams.STUDENT_BATCH, step)
     images, labels, targets, priors, covered = [], [], [], [], []
     for _ in range(batch):
         index = int(rng.integers(n_volumes))

@@ -1,8 +1,11 @@
 """Use a trained student outside a run: ``nx46vx.predict(volume or path, model=OUTPUT_OR_CHECKPOINT)``.
 
 The checkpoint holds the student's best weights and its settings (JSON + safetensors,
-nothing executed), and the segmentation phase's post-processing parameters when the
-student was the chosen segmenter; otherwise the default parameters cut the map.
+nothing executed), the run's segment settings (its manifest's signature) and the
+segmentation phase's post-processing parameters when the student was the chosen
+segmenter; otherwise the run's plain parameters cut the map. On a test volume of a
+finished run whose chosen segmenter was the student, the mask is the run's, bit for bit
+(on the run's device).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from . import checkpoint as ckpt
 from .config import DistillConfig, FeatureConfig, SegmentConfig
 from .errors import CheckpointError
 from .features import resolve_device
-from .segment import STUDENT, PostParams, postprocess, probability, sliding_window
+from .segment import STUDENT, PostParams, plain_params, postprocess, probability, sliding_window
 from .student import build_network
 from .volumes import read_volume
 
@@ -53,8 +56,9 @@ def predict(
     *,
     model: str | os.PathLike[str],
     device: str = "auto",
-    flip_tta: bool = False,
-    overlap: float = 0.5,
+    flip_tta: bool | None = None,
+    overlap: float | None = None,
+    window_batch: int | None = None,
 ) -> Prediction:
     """Probability map and mask of one volume by the student of a run.
 
@@ -65,10 +69,12 @@ def predict(
         A run's output folder (its newest committed checkpoint) or a checkpoint folder.
     device : str
         ``auto``, ``cpu``, ``cuda``, …
-    flip_tta : bool
-        Average over the 8 axis flips.
-    overlap : float
-        Sliding-window overlap.
+    flip_tta : bool, optional
+        Average over the 8 axis flips (default: the run's ``segment.flip_tta``).
+    overlap : float, optional
+        Sliding-window overlap (default: the run's ``segment.overlap``).
+    window_batch : int, optional
+        Windows per forward pass (default: the run's ``segment.window_batch``).
 
     Raises
     ------
@@ -94,10 +100,20 @@ def predict(
         if not ensemble:
             raise CheckpointError("checkpoint's student takes the ensemble's map as input but holds no ensemble", path=folder, expected="a distillation payload with 'prior'", found="none")
         prior = probability(image, ensemble["thetas"], np.asarray(ensemble["mean"]), np.asarray(ensemble["std"]), _from_dict(FeatureConfig, ensemble["features"]), device=target)
+    seg = _run_segment_config(folder)
     with torch.inference_mode():
-        prob = sliding_window(image, network, patch=config.patch, overlap=overlap, flip_tta=flip_tta, device=target, prior=prior)
+        prob = sliding_window(image, network, patch=config.patch, overlap=seg.overlap if overlap is None else overlap, flip_tta=seg.flip_tta if flip_tta is None else flip_tta,
+                              device=target, batch=seg.window_batch if window_batch is None else window_batch, prior=prior)
     segmentation = ckpt.load_payload(folder, "segmentation") or {}
     choice = segmentation.get("choice") or {}
-    params = PostParams(**choice["params"]) if choice.get("chosen") == STUDENT and choice.get("params") else PostParams()
-    mask, _ = postprocess(prob, params, SegmentConfig())
+    params = PostParams(**choice["params"]) if choice.get("chosen") == STUDENT and choice.get("params") else plain_params(seg)
+    mask, _ = postprocess(prob, params, seg)
     return Prediction(prob, mask.astype(np.uint8))
+
+
+def _run_segment_config(folder: Path) -> SegmentConfig:
+    """The segment settings of the run that wrote checkpoint ``folder`` (its manifest's segmentation signature)."""
+    signature = ckpt.read_manifest(folder).get("config_signature", {}).get("segmentation")
+    if not isinstance(signature, dict):
+        raise CheckpointError("checkpoint manifest holds no segment settings", path=folder / ckpt.MANIFEST, expected="config_signature.segmentation", found="none")
+    return _from_dict(SegmentConfig, signature)

@@ -37,24 +37,19 @@ import torch
 from scipy import ndimage
 from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
-from .config import FeatureConfig, SegmentConfig
+from .config import SEGMENT_METHODS, FeatureConfig, SegmentConfig
 from .features import iter_feature_chunks, normalise
-from .metric import Truth, score_volume
+from .metric import CONN26, Truth, score_volume
 from .search.engine import design_rows
-from .telemetry import free_memory
 
-BASELINE = "intensity_baseline"
-SEARCH_MODEL = "search_model"
-ENSEMBLE = "ensemble"
-STUDENT = "student"
-_CONN26 = np.ones((3, 3, 3), dtype=bool)
+BASELINE, SEARCH_MODEL, ENSEMBLE, STUDENT = (SEGMENT_METHODS[k] for k in ("baseline", "search", "ensemble", "student"))
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop 26-connected components smaller than ``min_voxels``; uint8 {0, 1}, shape as ``mask``."""
     if min_voxels <= 1 or not mask.any():
         return mask.astype(np.uint8)
-    labels, _ = ndimage.label(mask, structure=_CONN26)
+    labels, _ = ndimage.label(mask, structure=CONN26)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_voxels
     keep[0] = False
@@ -215,7 +210,7 @@ def sliding_window(
     overlap: float = 0.5,
     flip_tta: bool = False,
     device: torch.device | None = None,
-    batch: int = 0,
+    batch: int = 4,
     prior: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
@@ -227,9 +222,7 @@ def sliding_window(
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
     On a GPU the network runs in fp16 (autocast); logits are accumulated in float32.
-    Windows go through the network ``batch`` at a time; 0 sizes the batch from
-    the free memory of ``device`` (a tenth of it, at ~64 float32 activations per
-    window voxel), between 1 and 16.
+    Windows go through the network ``batch`` at a time (``segment.window_batch``).
 
     Memory: besides ``volume`` and the returned map, only the rows the windows in
     flight cover (:class:`_Blend`); each window is normalised when it is cut, so no
@@ -247,8 +240,8 @@ def sliding_window(
     stride = max(1, int(round(patch * (1 - overlap))))
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
     positions = list(itertools.product(*(_starts(s, patch, stride) for s in source.shape)))
-    if batch <= 0:
-        batch = int(np.clip(0.1 * free_memory(device) // (64 * 4 * patch**3), 1, 16))
+    if batch < 1:
+        raise ValueError(f"window batch must be at least 1, got {batch}")
     # fp16 on a GPU (half the memory and several times the tensor-core throughput); float32 on a CPU
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     with torch.no_grad(), autocast:

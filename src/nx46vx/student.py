@@ -6,10 +6,10 @@ upsampling, one conv block per decoder stage, deep-supervision heads at the uppe
 decoder levels. ``forward`` returns the full-resolution logits (what sliding-window
 inference needs); :meth:`ResEncUNet.forward_all` also returns the coarser heads.
 
-:func:`segmentation_loss` — Dice + BCE on the labels with label 2 masked out of
+:func:`label_losses` — Dice + BCE on the labels with label 2 masked out of
 both, per patch and then averaged (so a batch split across data-parallel workers
-gives the same gradient), an optional skeleton-recall term for thin surfaces, and
-the tempered teacher term with its own weight.
+gives the same gradient), and an optional skeleton-recall term for thin surfaces;
+:func:`teacher_loss` — the tempered teacher term, weighted on its own.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 
 from .errors import MemoryLimitError
+from .metric import CONN26
 
 log = logging.getLogger("nx46vx")
 
@@ -149,7 +150,7 @@ def mask_stats(mask: np.ndarray, prob: np.ndarray | None) -> dict[str, Any]:
     ``papyrus_without_anchor``: mask voxels in 26-connected components holding no
     anchored voxel; ``materials``: the number of those components.
     """
-    labels, materials = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    labels, materials = ndimage.label(mask, structure=CONN26)
     stats: dict[str, Any] = {
         "voxels": int(mask.size),
         "slices": int(mask.shape[0]),

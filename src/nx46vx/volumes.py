@@ -18,7 +18,7 @@ from .errors import LabelValueError, VolumeDtypeError, VolumeReadError, VolumeSh
 LABEL_VALUES = (0, 1, 2)
 BACKGROUND, SURFACE, UNLABELED = LABEL_VALUES
 # Peak bytes per voxel while one volume is processed (upper estimates, checked before a volume is decoded):
-# segmenting holds the uint8 volume, its float32 normalised copy, the probability and weight accumulators and the
+# segmenting holds the uint8 volume, the float32 probability map, the blending rows of the windows in flight and the
 # post-processing labels; training reads image and label and indexes a class's voxels (int64 per voxel at worst).
 SEGMENT_BYTES_PER_VOXEL = 24
 TRAIN_BYTES_PER_VOXEL = 12
@@ -237,3 +237,9 @@ def sampled_sha256(path: str | os.PathLike[str], *, block: int = 1 << 16, sample
                 handle.seek((size - block) * i // (samples - 1))
                 digest.update(handle.read(block))
     return digest.hexdigest()
+
+
+def volume_key(image: str | os.PathLike[str], label: str | os.PathLike[str] | None = None) -> str:
+    """Content key of a test volume (its image) or a training pair (image and label): names every cache entry."""
+    key = sampled_sha256(image)[:32]
+    return key if label is None else key + sampled_sha256(label)[:16]

@@ -294,7 +294,12 @@ class RunContext:
         self.reporter.report(force=True)
         log.info("phase %s started (%.1f %% done)", name, 100.0 * self.progress.global_progress())
         end: dict[str, Any] = {}
-        yield end
+        try:
+            yield end
+        except BaseException as exc:  # the phase's time and its end are journaled, then the error goes on
+            self.governor.leave()
+            self.event("PHASE_END", name, dict(end, seconds=round(self.governor.phase_elapsed.get(name, 0.0), 6), error=f"{type(exc).__name__}: {exc}"))
+            raise
         self.governor.leave()
         if name not in TRAINING_PHASES[1:]:  # training progress comes from the cursors
             self.progress.set(name, 1.0)

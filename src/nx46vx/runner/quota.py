@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -23,7 +24,8 @@ class OutputQuota:
 
     The folder is measured once (lazily), then each cache write adds its size, so a
     check costs nothing per write. Checkpoints, journal and submission are never
-    refused: only caches, which can be recomputed.
+    refused: only caches, which can be recomputed. :meth:`allow` is thread-safe
+    (the training-volume loaders ask it from their threads).
     """
 
     def __init__(self, output: Path, quota_gb: float) -> None:
@@ -31,6 +33,7 @@ class OutputQuota:
         self.limit = int(quota_gb * (1 << 30))
         self._used: int | None = None
         self.refused = 0
+        self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
@@ -40,8 +43,9 @@ class OutputQuota:
 
     def allow(self, nbytes: int) -> bool:
         """True (and counted) when ``nbytes`` more stay under the quota."""
-        if self.used + nbytes > self.limit:
-            self.refused += 1
-            return False
-        self._used = self.used + nbytes
-        return True
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                self.refused += 1
+                return False
+            self._used = self.used + nbytes
+            return True

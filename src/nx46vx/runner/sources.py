@@ -9,6 +9,7 @@ held at a time). Costs are read from the governor's clock: they drive decisions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Callable
 
@@ -83,24 +84,40 @@ def search_probability(ctx: "RunContext", search: "CandidateSearch", k: int) -> 
     return lambda vol: probability(vol, top["thetas"], top["mean"], top["std"], ctx.config.features, device=ctx.device)
 
 
+def unusable_ensemble(state: "RunState") -> str | None:
+    """Why the search ensemble cannot teach or segment in this run (None: it can)."""
+    if state.search is None:
+        return "no search ran"
+    if not state.search.evaluated:
+        return "no search candidate has finished a fit"
+    return None
+
+
 def student_config(ctx: "RunContext", state: "RunState") -> distill.DistillConfig:
-    """The student's concrete settings in this run: :func:`nx46vx.distill.resolve` on its device, given the training volumes."""
-    return distill.resolve(ctx.config.distill, ctx.distill_device, train_volumes=len(state.train_pairs))
+    """The student's concrete settings in this run: :func:`nx46vx.distill.resolve` on its device, given the training volumes.
+
+    The ``ensemble`` teacher is left out while :func:`unusable_ensemble` says why (and with it the prior input):
+    a search stopped before its first finished fit has no model to learn from.
+    """
+    config = ctx.config.distill
+    if ENSEMBLE in config.teachers and unusable_ensemble(state):
+        config = dataclasses.replace(config, teachers=tuple(t for t in config.teachers if t != ENSEMBLE))
+    return distill.resolve(config, ctx.distill_device, train_volumes=len(state.train_pairs))
 
 
 def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Source]:
     """Learned probability maps available to segment with: search model, ensemble, student."""
     out: dict[str, Source] = {}
     search = state.search
-    if search is not None and (search.best or search.epoch_results):
+    if unusable_ensemble(state) is None:
         out[SEARCH_MODEL] = search_probability(ctx, search, 1)
         out[ENSEMBLE] = search_probability(ctx, search, ctx.config.distill.ensemble_k)
     if state.student is not None and state.student.step > 0:
         network = distill.student_network(state.student)
         seg = ctx.config.segment
         cfg = student_config(ctx, state)
-        # the ensemble the student learnt to correct: the "ensemble" teacher's map (even before the search has results)
-        prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input and search is not None else None
-        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device,
+        # the ensemble the student learnt to correct: the ensemble teacher's map
+        prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input else None
+        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device, batch=seg.window_batch,
                                                   prior=prior(vol) if prior is not None else None)
     return out

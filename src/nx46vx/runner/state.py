@@ -35,13 +35,27 @@ class RunState:
     train_pairs, val_pairs : list of TrainPair
         The seeded split by volume (validation never trains).
     volume_keys : dict id → str
-        Content key of each training pair (sampled SHA-256 of image and label): names cache entries.
+        Content key of each training pair (:func:`~nx46vx.volumes.volume_key` of image and label): names cache entries.
+    test_keys : dict id → str
+        Content key of each test image that passed the discovery check (a kept mask is reused only under the same key).
+    shapes : dict id → (z, y, x)
+        Shape of each test volume (a rejected one's empty mask included).
     test_voxels : int
         Voxels of every test volume together (sizes the segmentation reserve).
     pools : dict id → Pool
         Labelled voxels with features, of the volumes the features phase chose (the search trains on them).
     search : CandidateSearch or None
     student : DistillState or None
+    teacher_val_probs : dict spec → list of ndarray or None
+        Each teacher's probability maps on the validation volumes (None where it has none).
+    validation : list of (image, label) or None
+        The decoded validation volumes, kept while a phase still validates on them.
+    validation_pairs : list of TrainPair
+        The validation volumes that score (enough surface voxels, at most ``segment.validation_volumes``).
+    validation_truths : list of Truth or None
+        Their prepared truths for :func:`~nx46vx.metric.score_volume`.
+    validation_probs : dict source → (maps, seconds per voxel)
+        Each probability source's validation maps, computed once for the student's and the segmenter's choices.
     baseline_masks : dict id → Path
         The intensity baseline's mask file per test volume (the first submission and the fallback).
     masks : dict id → Path
@@ -56,12 +70,17 @@ class RunState:
         Training phases a time limit cut short (the next session continues them).
     advanced : set of str
         Training phases that did work in this session (a kept result downstream of them is stale).
+    submission : Path or None
+        The ``submission.zip`` published last.
+    resumed_from : str or None
+        The checkpoint this session resumed from.
     """
 
     discovery: "Discovery | None" = None
     train_pairs: "list[TrainPair]" = field(default_factory=list)
     val_pairs: "list[TrainPair]" = field(default_factory=list)
     volume_keys: dict[str, str] = field(default_factory=dict)
+    test_keys: dict[str, str] = field(default_factory=dict)
     test_voxels: int = 0
     pools: "dict[str, Pool]" = field(default_factory=dict)
     search: "CandidateSearch | None" = None

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from ..atomic import load_arrays_checked, save_arrays_checked
+from ..atomic import cache_key, load_arrays_checked, save_arrays_checked
 from ..discovery import TrainPair
 from ..distill import Teacher, soft_target
 from ..patches import TrainVolume, foreground_sample
-from ..segment import normalised
+from ..segment import ENSEMBLE, normalised
 from ..volumes import read_pair
 
 if TYPE_CHECKING:
@@ -37,9 +37,9 @@ class VolumeCache:
     ----------
     pairs : sequence of TrainPair
     keys : dict id → str
-        Content key per volume (names the foreground cache files).
+        Content key per volume (image and label).
     folder : Path
-        Where foreground samples are cached (``<key>-f<cap>-s<seed>.npz``).
+        Where foreground samples are cached (named by :func:`~nx46vx.atomic.cache_key` of the volume's key, cap and seed).
     foreground_cap, seed : int
         The seeded, capped sample of label-1 coordinates per volume.
     targets : dict id → ndarray, optional
@@ -85,7 +85,7 @@ class VolumeCache:
         return len(self.pairs)
 
     def _foreground(self, pair: TrainPair, label: np.ndarray) -> np.ndarray:
-        path = self.folder / f"{self.keys[pair.id][:24]}-f{self.foreground_cap}-s{self.seed}.npz"
+        path = self.folder / f"{cache_key(self.keys[pair.id], self.foreground_cap, self.seed)}.npz"
         try:
             return load_arrays_checked(path, ("coords",))["coords"]
         except (OSError, ValueError, KeyError):
@@ -159,7 +159,7 @@ def teacher_maps(
         image = None
         probs = []
         for teacher in teachers:
-            path = cache / f"{volume_keys[pair.id][:24]}-{teacher.sha256[:16]}.npz"
+            path = cache / f"{cache_key(volume_keys[pair.id], teacher.sha256)}.npz"
             prob = None
             try:
                 prob = load_arrays_checked(path, ("prob",))["prob"].astype(np.float32) if path.is_file() else None
@@ -175,7 +175,7 @@ def teacher_maps(
                     prob = stored.astype(np.float32)  # what a later cache hit returns
             covered[teacher.spec] += prob is not None
             probs.append(prob)
-            if teacher.spec == "ensemble" and prob is not None:
+            if teacher.spec == ENSEMBLE and prob is not None:
                 priors[pair.id] = prob
         target = soft_target(probs)
         if target is not None:

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from ..config import SearchConfig
+from ..errors import SearchError
 from ..features import G_NAMES, X_NAMES, Pool
 from ..telemetry import free_memory
 from .fista import BatchedFISTA, Design, FistaState
 from .grid import Candidate, make_grid
 from .sampling import Sample, balanced_sample, bootstrap_weights, validation_sample
+from .. import streams
 
 log = logging.getLogger("nx46vx")
 
@@ -146,6 +148,7 @@ class CandidateSearch:
         self.fista: FistaState | None = None
         self.active_marks: dict[str, list[int]] = {}
         self.epoch_results: list[dict[str, Any]] = []
+        self.evaluations: dict[int, dict[str, Any]] = {}  # each candidate's latest finished fit, the one ``theta`` holds
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.stagnation = 0
@@ -195,7 +198,7 @@ class CandidateSearch:
         """Seeded initial parameters for meta-neurons ``first_meta..meta_neurons-1`` (appended)."""
         rows = []
         for cand in self.grid[first_meta * self.per_meta :]:
-            rng = np.random.default_rng([self.seed, 2, cand.meta_neuron])
+            rng = streams.generator(self.seed, streams.INITIAL_THETA, cand.meta_neuron)
             init = rng.normal(0.0, self.config.init_scale, N_PARAMS).astype(np.float32)
             init[-1] = 0.0
             rows.append(torch.from_numpy(init))
@@ -203,7 +206,7 @@ class CandidateSearch:
             self.theta = torch.cat((self.theta, torch.stack(rows)))
 
     def _epoch_sample(self) -> Sample:
-        rng = np.random.default_rng([self.seed, 0, self.epoch])
+        rng = streams.generator(self.seed, streams.SEARCH_EPOCH_SAMPLE, self.epoch)
         return balanced_sample(self.train_pools, self.config.samples_per_class, rng)
 
     def _prepare_epoch(self) -> None:
@@ -220,7 +223,7 @@ class CandidateSearch:
         l2 = torch.tensor([c.l2 for c in self.grid], device=self.device)
         self._lipschitz = self.solver.lipschitz(self._design, metas, l2)
         if self._val is None:
-            val = validation_sample(self.val_pools, self.config.val_samples_per_class, np.random.default_rng([self.seed, 3]))
+            val = validation_sample(self.val_pools, self.config.val_samples_per_class, streams.generator(self.seed, streams.VALIDATION_SAMPLE))
             self._val = (
                 design_rows(torch.from_numpy(val.features).to(self.device), mean, std),
                 torch.from_numpy(val.labels).to(self.device),
@@ -318,6 +321,7 @@ class CandidateSearch:
                 "active_end": int(end[j]),
             }
             self.epoch_results.append(record)
+            self.evaluations[cand.index] = record
             events.append(("CANDIDATE_DONE", record))
         self.theta[sl] = x.cpu()
         self.batch_start = sl.stop
@@ -371,14 +375,29 @@ class CandidateSearch:
 
     # ------------------------------------------------------------------ results
 
+    @property
+    def evaluated(self) -> bool:
+        """Whether any candidate has finished a fit (before that there is no model to use)."""
+        return bool(self.evaluations)
+
     def top_models(self, k: int) -> dict[str, Any]:
-        """The ``k`` candidates with the best validation F1 (latest results of each), with the standardiser.
+        """The ``k`` candidates with the best validation F1, each by its latest finished fit, with the standardiser.
+
+        A search stopped inside an epoch still ranks every candidate: one not yet refit
+        in this epoch keeps its previous fit (its parameters in ``theta`` are that fit's).
 
         Returns ``thetas`` (k', P) float32 tensor, ``candidates`` (their indices),
-        ``val_f1`` and ``mean`` / ``std`` (C,). Before any batch finished: candidate 0.
+        ``val_f1`` and ``mean`` / ``std`` (C,).
+
+        Raises
+        ------
+        SearchError
+            When no candidate has finished a fit yet (:attr:`evaluated` is False).
         """
-        results = sorted(self.epoch_results or ([self.best] if self.best else []), key=lambda r: (-r["val_f1"], r["candidate"]))[: max(1, k)]
-        chosen = [int(r["candidate"]) for r in results] or [0]
+        if not self.evaluations:
+            raise SearchError("no search model yet", expected="at least one candidate with a finished fit", found=f"none (epoch {self.epoch}, stage {self.stage})")
+        results = sorted(self.evaluations.values(), key=lambda r: (-r["val_f1"], r["candidate"]))[: max(1, k)]
+        chosen = [int(r["candidate"]) for r in results]
         return {
             "thetas": self.theta[chosen].clone(),
             "candidates": chosen,
@@ -401,6 +420,7 @@ class CandidateSearch:
             "fista": None if self.fista is None else self.fista.state_dict(),
             "active_marks": {k: list(v) for k, v in self.active_marks.items()},
             "epoch_results": [dict(r) for r in self.epoch_results],
+            "evaluations": [dict(r) for _, r in sorted(self.evaluations.items())],
             "history": [dict(r) for r in self.history],
             "best": dict(self.best),
             "stagnation": self.stagnation,
@@ -421,6 +441,9 @@ class CandidateSearch:
         self.fista = None if state["fista"] is None else FistaState.from_state_dict(state["fista"], self.device)
         self.active_marks = {k: list(v) for k, v in state["active_marks"].items()}
         self.epoch_results = [dict(r) for r in state["epoch_results"]]
+        # a checkpoint written before evaluations were stored: its current epoch's results, else its best
+        saved = state.get("evaluations", state["epoch_results"] or ([state["best"]] if state["best"] else []))
+        self.evaluations = {int(r["candidate"]): dict(r) for r in saved}
         self.history = [dict(r) for r in state["history"]]
         self.best = dict(state["best"])
         self.stagnation = int(state["stagnation"])

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import DataLayoutError
 from ..features import Pool
+from .. import streams
 
 
 @dataclass(frozen=True)
@@ -55,31 +56,35 @@ def bootstrap_weights(n: int, meta_neurons: Sequence[int], seed: int, epoch: int
     """Bootstrap weights, shape (n, len(meta_neurons)), float32, each column summing to 1.
 
     Column ``j`` is the multiplicity of each sample in a resample of size ``n`` drawn
-    by the generator seeded with ``(seed, epoch, meta_neurons[j])``, divided by ``n``:
+    by the generator seeded with ``(seed, 1, epoch, meta_neurons[j])`` (stream 1), divided by ``n``:
     every meta-neuron sees its own bootstrap, reproducibly.
     """
     out = np.empty((n, len(meta_neurons)), dtype=np.float32)
     for j, meta in enumerate(meta_neurons):
-        rng = np.random.default_rng([seed, 1, epoch, meta])
+        rng = streams.generator(seed, streams.BOOTSTRAP, epoch, meta)
         out[:, j] = np.bincount(rng.integers(0, n, size=n), minlength=n) / n
     return out
 
 
 def validation_sample(pools: Sequence[Pool], per_class: int, rng: np.random.Generator) -> Sample:
-    """Up to ``per_class`` voxels of each class, weighted back to the classes' true prevalence.
+    """Up to ``per_class`` voxels of each class, weighted back to each volume's true class counts.
 
-    The weight of a sampled voxel of class c is ``(labelled voxels of class c in the
-    validation volumes) / (sampled voxels of class c)``, so weighted counts estimate
-    voxel-level confusion matrices over the whole validation volumes.
+    Pools are capped per volume, so a small volume holds a larger share of the pooled
+    voxels than of the labelled ones. The weight of a sampled voxel of class c from
+    volume v is ``(labelled voxels of class c in v) / (sampled voxels of class c from v)``:
+    weighted counts estimate voxel-level confusion matrices over the whole validation
+    volumes, each volume counted by its labelled voxels.
     """
     features, labels = _stack(pools)
-    totals = np.sum([p.class_counts for p in pools], axis=0) if pools else np.zeros(2)
+    volume_of = np.concatenate([np.full(p.labels.size, v) for v, p in enumerate(pools)]) if pools else np.zeros(0, np.int64)
+    counts = np.asarray([p.class_counts for p in pools], dtype=np.float64).reshape(-1, 2)  # (volumes, classes)
     picks, weights = [], []
     for cls in (0, 1):
         idx = np.flatnonzero(labels == cls)
         take = min(idx.size, per_class)
         chosen = np.sort(rng.choice(idx, size=take, replace=False)) if take else idx
+        picked = np.bincount(volume_of[chosen], minlength=len(pools))
         picks.append(chosen)
-        weights.append(np.full(take, totals[cls] / take if take else 0.0))
+        weights.append(counts[volume_of[chosen], cls] / np.maximum(picked[volume_of[chosen]], 1))
     order = np.concatenate(picks)
     return Sample(features[order], labels[order].astype(np.float32), np.concatenate(weights))

@@ -20,9 +20,10 @@ from ...discovery import TestVolume, TrainPair, discover
 from ...errors import MemoryLimitError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
 from ...segment import intensity_baseline, postprocess_grid
 from ...telemetry import ensure_memory
-from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, sampled_sha256, volume_shape
+from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, volume_key, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
 from .base import digest, plain
+from ... import streams
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -51,7 +52,7 @@ def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list
     for pair in ordered:
         scrolls.setdefault(pair.scroll_id, []).append(pair)
     if len(scrolls) < 2 or "" in scrolls:
-        order = np.random.default_rng([config.seed, 4]).permutation(len(ordered))
+        order = streams.generator(config.seed, streams.SPLIT).permutation(len(ordered))
         val_ids = {ordered[i].id for i in order[:n_val]}
         reason = "one scroll only" if len(scrolls) < 2 and "" not in scrolls else "no scroll_id for every volume"
         how: dict[str, Any] = {"by": "volume", "reason": reason}
@@ -59,7 +60,7 @@ def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list
         names = sorted(scrolls)
         held: list[str] = []
         count = 0
-        for i in np.random.default_rng([config.seed, 4]).permutation(len(names)):
+        for i in streams.generator(config.seed, streams.SPLIT).permutation(len(names)):
             size = len(scrolls[names[i]])
             if count + size <= n_val and len(held) + 1 < len(names):
                 held.append(names[i])
@@ -76,8 +77,9 @@ def split_train_val(pairs: Sequence[TrainPair], config: RunConfig) -> tuple[list
 class DiscoveryPhase:
     """Inputs, split, resume, baseline submission.
 
-    State: the baseline masks written so far (``{id: sha256}`` under a key of the
-    baseline's settings), so a resumed run does not recompute them.
+    State: the baseline masks written so far (``{id: {"sha", "image"}}``: the mask's
+    SHA-256 and the test image's content key, under a key of the baseline's settings),
+    so a resumed run recomputes only the masks whose image or settings changed.
     """
 
     name = "discovery"
@@ -132,7 +134,7 @@ class DiscoveryPhase:
         state.train_pairs, state.val_pairs, split = split_train_val(pairs, config)
         if split["by"] == "volume":
             log.warning("validation volumes are drawn from scrolls that also train (%s): validation scores will be optimistic", split["reason"])
-        state.volume_keys = {p.id: sampled_sha256(p.image)[:32] + sampled_sha256(p.label)[:16] for p in pairs}
+        state.volume_keys = {p.id: volume_key(p.image, p.label) for p in pairs}
         ctx.governor.n_test = len(found.test)
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
         scored = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in state.val_pairs[: ctx.governor.n_val])  # checked above
@@ -158,6 +160,7 @@ class DiscoveryPhase:
         for test in state.discovery.test:
             try:
                 state.shapes[test.id] = inspect_volume(test.image)
+                state.test_keys[test.id] = volume_key(test.image)
                 ensure_memory(int(np.prod(state.shapes[test.id])) * SEGMENT_BYTES_PER_VOXEL, path=test.image, what=f"segmenting test volume {test.id}")
             except (VolumeError, MemoryLimitError) as err:
                 state.shapes.pop(test.id, None)
@@ -200,17 +203,19 @@ class DiscoveryPhase:
     def _baseline_submission(self, ctx: "RunContext", state: "RunState") -> None:
         """The intensity baseline on every test volume, then ``submission.zip`` from it."""
         seg = ctx.config.segment
-        key = f"baseline-{digest({'sigma': seg.baseline_sigma, 'version': 1})[:8]}"
+        key = f"baseline-{digest({'sigma': seg.baseline_sigma, 'min_component_voxels': seg.min_component_voxels, 'version': 1})[:8]}"
         if key != self.baseline_key:
             self.baseline_key, self.baseline = key, {}
         folder = ctx.output / "masks" / key
         for test in state.discovery.test:
             path = folder / f"{test.id}.tif"
-            kept = test.id in self.baseline and mask_intact(path, self.baseline[test.id])
+            saved = self.baseline.get(test.id)
+            kept = isinstance(saved, dict) and saved["image"] == state.test_keys.get(test.id) and mask_intact(path, saved["sha"])
             if test.id in state.rejected_tests:
-                self.baseline[test.id] = write_mask(folder, test.id, np.zeros(state.shapes[test.id], np.uint8))
+                self.baseline[test.id] = {"sha": write_mask(folder, test.id, np.zeros(state.shapes[test.id], np.uint8)), "image": None}
             elif not kept:
-                self.baseline[test.id] = write_mask(folder, test.id, intensity_baseline(read_volume(test.image), seg))
+                mask = intensity_baseline(read_volume(test.image), seg)
+                self.baseline[test.id] = {"sha": write_mask(folder, test.id, mask), "image": state.test_keys[test.id]}
                 ctx.governor.account("baseline_volume")
             state.baseline_masks[test.id] = path
         state.masks = dict(state.baseline_masks)

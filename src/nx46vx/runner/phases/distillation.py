@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,10 +21,12 @@ from ... import distill
 from ...config import RunConfig
 from ...metric import Truth, score_volume
 from ...patches import TrainVolume, foreground_sample, make_batch
-from ...segment import STUDENT, normalised, plain_params, postprocess, sliding_window
-from ..sources import search_probability, student_config, validation_probabilities, validation_truths, validation_volumes
+from ...segment import ENSEMBLE, STUDENT, normalised, plain_params, postprocess, sliding_window
+from ..sources import search_probability, student_config, unusable_ensemble, validation_probabilities, validation_truths, validation_volumes
+from ..schedule import StepCosts, lay_out_schedule
 from ..training_data import Prefetcher, VolumeCache, teacher_maps
 from .base import digest, plain
+from ... import streams
 
 if TYPE_CHECKING:
     from ...parallel import DataParallelTrainer
@@ -33,52 +34,15 @@ if TYPE_CHECKING:
     from ..state import RunState
 
 log = logging.getLogger("nx46vx")
-#: The most of the student's training time its in-training validations may take (they are spaced to fit).
-VALIDATION_SHARE = 0.15
-#: The share of the distillation time left after the warm-up that the schedule leaves unplanned (step-time noise).
-SCHEDULE_SPARE = 0.03
 #: A validation volume for the student: image (z, y, x) uint8, its labels (scored at every validation), prior float32 or None.
 Validation = tuple[np.ndarray, Truth, "np.ndarray | None"]
 
 
-@dataclasses.dataclass
-class _StepCosts:
-    """Measured seconds of a session's steps and of what follows them, for the schedule and the deadline check.
-
-    A validation or a checkpoint costs far more than a step (a GPU student's
-    checkpoint is ~1 GB): the check before a step adds a checkpoint (the pre-timeout
-    flush writes one in any case) and a validation (the weights trained last are
-    scored before any stop) to the step itself, instead of their average.
-    """
-
-    started: float
-    steps: int = 0
-    extra: float = 0.0  # validation and checkpoint seconds since ``started``
-    validation: float = 0.0
-    checkpoint: float = 0.0
-    durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
-
-    def step_s(self, now: float) -> float:
-        return (now - self.started - self.extra) / self.steps if self.steps else 0.0
-
-    def typical_step_s(self, now: float) -> float:
-        """The median step (the first steps are slower while the prefetch queue fills): what the schedule plans with."""
-        return float(np.median(self.durations)) if self.durations else self.step_s(now)
-
-
-def _steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[tuple[int, float]]) -> int:
-    """The most steps after step ``done`` that fit in ``seconds``, with the work every ``n`` steps, ``(n, its seconds)``, that they pass.
-
-    The work after the last step is the caller's (it runs however the steps fall).
-    """
-
-    def cost(n: int) -> float:
-        return n * step_s + sum(work * ((done + n - 1) // k - done // k) for k, work in every if k > 0)
-
-    n = max(0, int(seconds / step_s))  # an upper bound: the periodic work only adds
-    while n > 0 and cost(n) > seconds:
-        n -= 1
-    return n
+def ensemble_prior(ctx: "RunContext", state: "RunState") -> dict[str, Any]:
+    """The search ensemble the student's prior input comes from, with the feature settings: what :func:`nx46vx.predict` needs to rebuild it."""
+    top = state.search.top_models(ctx.config.distill.ensemble_k)
+    return {"thetas": top["thetas"].clone(), "mean": torch.as_tensor(np.asarray(top["mean"], np.float32)), "std": torch.as_tensor(np.asarray(top["std"], np.float32)),
+            "features": plain(dataclasses.asdict(ctx.config.features))}
 
 
 class DistillationPhase:
@@ -90,9 +54,9 @@ class DistillationPhase:
         self.done = False
         self.student: distill.DistillState | None = None
         self.teacher_key = ""
-        self.network: dict[str, Any] = {}
+        self.network: dict[str, Any] = {}  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
         self.prior: dict[str, Any] | None = None  # the ensemble that makes the student's prior input (predict rebuilds it)
-        self._test_voxels = 0  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
+        self._test_voxels = 0
         self._prior_seconds_per_voxel = 0.0
         self._validated_step: int | None = None  # the step whose weights this session validated last
         self._best_maps: tuple[list[np.ndarray], float] | None = None  # the best weights' validation maps and seconds per voxel
@@ -140,30 +104,25 @@ class DistillationPhase:
             end.update(self._train(ctx, state))
 
     def _teachers(self, ctx: "RunContext", state: "RunState") -> list[distill.Teacher]:
-        """Load every listed teacher (``DISTILLATION_TEACHER_LOAD_*``); any failure stops the run."""
-        cfg = distill.resolve(ctx.config.distill, ctx.distill_device)
-        search = state.search
-        ensemble = search_probability(ctx, search, cfg.ensemble_k) if search is not None else None
-        ensemble_digest = hashlib.sha256(search.top_models(cfg.ensemble_k)["thetas"].numpy().tobytes()).hexdigest() if search else ""
+        """Load every teacher :func:`student_config` keeps (``DISTILLATION_TEACHER_LOAD_*``); any failure stops the run."""
+        cfg = student_config(ctx, state)
+        search, usable = state.search, unusable_ensemble(state) is None
+        ensemble = search_probability(ctx, search, cfg.ensemble_k) if usable else None
+        ensemble_digest = hashlib.sha256(search.top_models(cfg.ensemble_k)["thetas"].numpy().tobytes()).hexdigest() if usable else ""
         roots = [Path(p) for p in state.discovery.input_roots]
         teachers = []
         for spec in cfg.teachers:
             ctx.event("DISTILLATION_TEACHER_LOAD_BEGIN", self.name, {"teacher": spec})
             t0 = ctx.governor.clock()
             try:
-                teacher = distill.load_teacher(spec, roots=roots, ensemble=ensemble, ensemble_digest=ensemble_digest, patch=cfg.patch, device=ctx.distill_device)
+                teacher = distill.load_teacher(spec, roots=roots, ensemble=ensemble, ensemble_digest=ensemble_digest, patch=cfg.patch, device=ctx.distill_device,
+                                                window_batch=ctx.config.segment.window_batch)
             except distill.DistillationNotExecuted as exc:
                 ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": False, "error": str(exc)})
                 raise
             teachers.append(teacher)
             ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": True, "sha256": teacher.sha256, "seconds": round(ctx.governor.clock() - t0, 4)})
         return teachers
-
-    def _prior(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
-        """The search ensemble the student's prior input comes from, with the feature settings: what :func:`nx46vx.predict` needs to rebuild it."""
-        top = state.search.top_models(ctx.config.distill.ensemble_k)
-        return {"thetas": top["thetas"].clone(), "mean": torch.as_tensor(np.asarray(top["mean"], np.float32)), "std": torch.as_tensor(np.asarray(top["std"], np.float32)),
-                "features": plain(dataclasses.asdict(ctx.config.features))}
 
     def _student(self, ctx: "RunContext", cfg: distill.DistillConfig, teachers: list[distill.Teacher]) -> distill.DistillState:
         """A fresh student with the resolved settings ``cfg``, or the saved one when it learnt from these same teachers."""
@@ -181,11 +140,15 @@ class DistillationPhase:
 
     def _train(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
         cfg = student_config(ctx, state)
+        skipped = unusable_ensemble(state) if ENSEMBLE in ctx.config.distill.teachers else None
+        if skipped:
+            log.warning("the ensemble teacher is skipped: %s", skipped)
         ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
                                                    "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device),
-                                                   "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs))})
+                                                   "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs)) or skipped,
+                                                   "teachers_skipped": {ENSEMBLE: skipped} if skipped else {}})
         teachers = self._teachers(ctx, state)
-        order = np.random.default_rng([ctx.config.seed, 12]).permutation(len(state.train_pairs))
+        order = streams.generator(ctx.config.seed, streams.TEACHER_SUBSET).permutation(len(state.train_pairs))
         subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
         targets, priors, coverage = teacher_maps(ctx, state.volume_keys, teachers, subset, phase=self.name)
         pairs = state.train_pairs
@@ -204,11 +167,11 @@ class DistillationPhase:
         for teacher in teachers:
             probs, seconds_per_voxel = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True)
             state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
-            if teacher.spec == "ensemble" and cfg.teacher_input:
+            if teacher.spec == ENSEMBLE and cfg.teacher_input:
                 self._prior_seconds_per_voxel = seconds_per_voxel  # segmenting with the student computes the prior too
-        val_priors = state.teacher_val_probs.get("ensemble") if cfg.teacher_input else None
+        val_priors = state.teacher_val_probs.get(ENSEMBLE) if cfg.teacher_input else None
         student = state.student = self._student(ctx, cfg, teachers)
-        self.prior = self._prior(ctx, state) if cfg.teacher_input else None
+        self.prior = ensemble_prior(ctx, state) if cfg.teacher_input else None
         probe = self._probe(ctx, state, val, teachers, cfg, val_priors)
         before = distill.agreement(student, probe) if probe is not None else None
         self._test_voxels = state.test_voxels
@@ -238,41 +201,14 @@ class DistillationPhase:
             probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
         if not probes or (cfg.teacher_input and not priors):
             return None
-        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + 1, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
+        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + streams.PROBE_SEED_OFFSET, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
                           augmentations=(), prior=cfg.teacher_input)
 
-    def _schedule(self, ctx: "RunContext", student: distill.DistillState, cfg: Any, val: list[Validation], costs: _StepCosts) -> None:
-        """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
-
-        After the warm-up, the measured seconds per step, per validation and per
-        checkpoint (one of each is made now to measure it) give the steps that fit the
-        phase's time left, with :data:`SCHEDULE_SPARE` spare (a schedule that overruns
-        stops early, its last weights validated, so the spare only absorbs noise).
-        Validations are spaced so that they take at most :data:`VALIDATION_SHARE` of the
-        training time (never closer than ``distill.val_every``): on a CPU one validation
-        can cost as much as dozens of steps.
-        """
-        governor = ctx.governor
-        if cfg.steps > 0 or governor.remaining() == float("inf"):
-            student.schedule_steps = cfg.steps or cfg.max_steps
-            ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "distill.steps" if cfg.steps else "distill.max_steps (no budget)"})
-            return
-        if student.step < cfg.warmup_steps or costs.steps < 2:
-            return
-        step_s = max(costs.typical_step_s(governor.clock()), 1e-9)
+    def _measure(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, costs: StepCosts) -> None:
+        """One validation (when there are volumes) and one checkpoint now, their seconds added to ``costs``."""
         if val:
             self._validate(ctx, student, val, cfg, costs=costs)
         self._checkpoint(ctx, student, costs)
-        validation_s, checkpoint_s = costs.validation, costs.checkpoint
-        student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
-        left = governor.phase_time_left(self.name)
-        # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
-        steps = _steps_that_fit((1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s, done=student.step, step_s=step_s,
-                                every=((student.val_every, validation_s), (cfg.checkpoint_every, checkpoint_s)))
-        student.schedule_steps = student.step + max(1, steps)
-        ctx.event("DISTILLATION_SCHEDULE", self.name, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
-                                                      "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
-                                                      "val_every": student.val_every, "time_left_s": round(left, 3)})
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any) -> str | None:
         """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
@@ -285,7 +221,7 @@ class DistillationPhase:
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
         if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
             self._validate(ctx, student, val, cfg, as_prior=True)
-        stopped, costs = None, _StepCosts(governor.clock())
+        stopped, costs = None, StepCosts(governor.clock())
         self._validated_step = None
         trainer = self._data_parallel(ctx, student, cfg)
         # whether the step numbered ``step`` is followed by a validation: every val_every steps, and after the last one
@@ -293,7 +229,7 @@ class DistillationPhase:
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
-                    self._schedule(ctx, student, cfg, val, costs)
+                    lay_out_schedule(ctx, self.name, student, cfg, costs, measure=lambda: self._measure(ctx, student, val, cfg, costs))
                     bar.total = student.schedule_steps
                     if student.schedule_steps is not None and student.step >= student.schedule_steps:
                         break
@@ -329,7 +265,7 @@ class DistillationPhase:
             bar.close()
         return stopped
 
-    def _checkpoint(self, ctx: "RunContext", student: distill.DistillState, costs: _StepCosts) -> None:
+    def _checkpoint(self, ctx: "RunContext", student: distill.DistillState, costs: StepCosts) -> None:
         """Write a checkpoint (``DISTILLATION_CHECKPOINT_WRITTEN``) and remember what it cost."""
         t0 = ctx.governor.clock()
         ctx.checkpointer.write("distillation_milestone")
@@ -363,7 +299,7 @@ class DistillationPhase:
         ctx.event("DISTILLATION_BATCH_END", self.name, {"step": student.step})
         ctx.progress.set(self.name, student.step / max(1, student.schedule_steps or cfg.max_steps))
 
-    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False, costs: _StepCosts | None = None) -> None:
+    def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False, costs: StepCosts | None = None) -> None:
         """Score the current weights by the competition metric on the validation volumes; keep them when best.
 
         The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter);
@@ -379,7 +315,8 @@ class DistillationPhase:
         t0 = governor.clock()
         for image, label, prior in val:
             started = governor.clock()
-            probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, prior=prior))
+            probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device,
+                                                                 batch=seg.window_batch, prior=prior))
             inference_s += governor.clock() - started
             mask = postprocess(probs[-1], params, seg)[0]
             started = governor.clock()

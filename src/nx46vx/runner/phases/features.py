@@ -21,6 +21,7 @@ from ...volumes import read_pair, volume_voxels
 from ...walk import walk_folders
 from .base import plain
 from .search import SearchPhase
+from ... import streams
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -57,7 +58,7 @@ class FeaturesPhase:
     def order(self, state: "RunState", seed: int) -> list[TrainPair]:
         """Validation volumes first (sorted), then training volumes in a seeded order."""
         train = sorted(state.train_pairs, key=lambda p: p.id)
-        perm = np.random.default_rng([seed, 9]).permutation(len(train))
+        perm = streams.generator(seed, streams.FEATURE_ORDER).permutation(len(train))
         return sorted(state.val_pairs, key=lambda p: p.id) + [train[i] for i in perm]
 
     def run(self, ctx: "RunContext", state: "RunState") -> None:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ... import reports
-from ...config import RunConfig
+from ...config import SEGMENT_METHODS, RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import BASELINE, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, choose_segmenter, intensity_baseline, plain_params, postprocess, postprocess_grid, tune_postprocess
+from ...segment import BASELINE, PREFERENCE, PostParams, choose_segmenter, intensity_baseline, plain_params, postprocess, postprocess_grid, tune_postprocess
 from ...telemetry import ensure_memory, mask_stats
-from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume, sampled_sha256
+from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume
 from ..masks import mask_intact, write_mask, write_probability
 from ..sources import Source, probability_sources, validation_probabilities, validation_truths, validation_volumes
 from .base import digest, plain
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from ..state import RunState
 
 log = logging.getLogger("nx46vx")
-
-METHODS = {"baseline": BASELINE, "search": SEARCH_MODEL, "ensemble": ENSEMBLE, "student": STUDENT}
 
 
 class SegmentationPhase:
@@ -82,7 +80,7 @@ class SegmentationPhase:
         seg, governor = ctx.config.segment, ctx.governor
         names = [BASELINE] + list(sources)
         if seg.method != "auto":
-            wanted = METHODS[seg.method]
+            wanted = SEGMENT_METHODS[seg.method]
             if wanted not in names:
                 raise Nx46Error("segmenter unavailable", expected=f"one of {names}", found=seg.method, hint="train the model it needs first")
             names = [wanted]
@@ -171,7 +169,7 @@ class SegmentationPhase:
         from tqdm.auto import tqdm
 
         for index, test in enumerate(tqdm(tests, desc="segmentation", unit="vol", disable=None, leave=False)):
-            image_key = sampled_sha256(test.image)[:32]
+            image_key = state.test_keys.get(test.id)
             saved = self.masks.get(test.id)
             path = folder / f"{test.id}.tif"
             if saved is not None and saved["image"] == image_key and saved["segmenter"] == chosen and mask_intact(path, saved["sha"]):

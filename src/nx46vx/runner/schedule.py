@@ -1,0 +1,97 @@
+"""The student's step-cost model and its budgeted learning-rate schedule (decided once, journaled, stored).
+
+Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
+the caller to measure one validation and one checkpoint and journals the decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .. import distill
+
+if TYPE_CHECKING:
+    from .context import RunContext
+
+#: The most of the student's training time its in-training validations may take (they are spaced to fit).
+VALIDATION_SHARE = 0.15
+#: The share of the distillation time left after the warm-up that the schedule leaves unplanned (step-time noise).
+SCHEDULE_SPARE = 0.03
+
+
+@dataclasses.dataclass
+class StepCosts:
+    """Measured seconds of a session's steps and of what follows them, for the schedule and the deadline check.
+
+    A validation or a checkpoint costs far more than a step (a GPU student's
+    checkpoint is ~1 GB): the check before a step adds a checkpoint (the pre-timeout
+    flush writes one in any case) and a validation (the weights trained last are
+    scored before any stop) to the step itself, instead of their average.
+    """
+
+    started: float
+    steps: int = 0
+    extra: float = 0.0  # validation and checkpoint seconds since ``started``
+    validation: float = 0.0
+    checkpoint: float = 0.0
+    durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
+
+    def step_s(self, now: float) -> float:
+        return (now - self.started - self.extra) / self.steps if self.steps else 0.0
+
+    def typical_step_s(self, now: float) -> float:
+        """The median step (the first steps are slower while the prefetch queue fills): what the schedule plans with."""
+        return float(np.median(self.durations)) if self.durations else self.step_s(now)
+
+
+def steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[tuple[int, float]]) -> int:
+    """The most steps after step ``done`` that fit in ``seconds``, with the work every ``n`` steps, ``(n, its seconds)``, that they pass.
+
+    The work after the last step is the caller's (it runs however the steps fall).
+    """
+
+    def cost(n: int) -> float:
+        return n * step_s + sum(work * ((done + n - 1) // k - done // k) for k, work in every if k > 0)
+
+    n = max(0, int(seconds / step_s))  # an upper bound: the periodic work only adds
+    while n > 0 and cost(n) > seconds:
+        n -= 1
+    return n
+
+
+def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *,
+                     measure: Callable[[], None]) -> None:
+    """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
+
+    After the warm-up, the measured seconds per step, per validation and per
+    checkpoint (``measure()`` makes one of each now, adding their seconds to
+    ``costs``) give the steps that fit the phase's time left, with
+    :data:`SCHEDULE_SPARE` spare (a schedule that overruns stops early, its last
+    weights validated, so the spare only absorbs noise). Validations are spaced so
+    that they take at most :data:`VALIDATION_SHARE` of the training time (never
+    closer than ``distill.val_every``): on a CPU one validation can cost as much as
+    dozens of steps.
+    """
+    governor = ctx.governor
+    if cfg.steps > 0 or governor.remaining() == float("inf"):
+        student.schedule_steps = cfg.steps or cfg.max_steps
+        ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": "distill.steps" if cfg.steps else "distill.max_steps (no budget)"})
+        return
+    if student.step < cfg.warmup_steps or costs.steps < 2:
+        return
+    step_s = max(costs.typical_step_s(governor.clock()), 1e-9)
+    measure()
+    validation_s, checkpoint_s = costs.validation, costs.checkpoint
+    student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
+    left = governor.phase_time_left(phase)
+    # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
+    steps = steps_that_fit((1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s, done=student.step, step_s=step_s,
+                           every=((student.val_every, validation_s), (cfg.checkpoint_every, checkpoint_s)))
+    student.schedule_steps = student.step + max(1, steps)
+    ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
+                                               "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
+                                               "val_every": student.val_every, "time_left_s": round(left, 3)})
