@@ -33,7 +33,7 @@ class RunState:
     discovery : Discovery
         Inputs found by the discovery phase.
     train_pairs, val_pairs : list of TrainPair
-        The seeded split by volume (validation never trains).
+        The seeded split by scroll, by volume without two scrolls (validation never trains).
     volume_keys : dict id → str
         Content key of each training pair (:func:`~nx46vx.volumes.volume_key` of image and label): names cache entries.
     test_keys : dict id → str
