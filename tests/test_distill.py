@@ -277,6 +277,9 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     end = next(e["data"] for e in journal if e["event"] == "DISTILLATION_END")
     assert end["teacher_coverage_percent"] == {"ensemble": 100.0, f"torchscript:{script}": 100.0}
     assert "student" in result.validation_scores
+    report = next(e["data"] for e in journal if e["event"] == "VALIDATION_REPORT")
+    assert set(report["teachers"]) == {"ensemble", f"torchscript:{script}"}  # an external teacher is tuned like a source, under the same budget
+    assert report["tuned_points"][f"teacher:torchscript:{script}"] == report["tuned_points"]["ensemble"] > 1  # no budget: the whole grid
     with pytest.raises(DistillationNotExecuted, match="failed to load"):
         nx46vx.run([demo_data], output=tmp_path / "missing", profile="demo", overrides=FAST + ['distill.teachers=["tiff:/nonexistent/preds"]'])
     # the failing phase still ends in the journal, with the error (the context is exception-safe)

@@ -79,7 +79,9 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
     assert roadmap["global_progress_percent"] == 100.0 and roadmap["train_progress_percent"] == 100.0
     assert "PROGRESS_INTEGRITY_ALERT" not in names
     with zipfile.ZipFile(out / "results.zip") as zf:
-        assert "journal.jsonl" in zf.namelist() and any(n.startswith("checkpoints/ckpt-") for n in zf.namelist())
+        assert "journal.jsonl" in zf.namelist()
+        newest = sorted((out / "checkpoints").glob("ckpt-*"))[-1].name
+        assert {n.split("/")[1] for n in zf.namelist() if n.startswith("checkpoints/")} == {newest}  # the older ones stay in the folder only
         kinds = {i.filename: i.compress_type for i in zf.infolist()}
         assert kinds["journal.jsonl"] == zipfile.ZIP_DEFLATED  # text deflates; tensors are stored (deflating GBs of them took minutes)
         assert {k for n, k in kinds.items() if n.endswith(".safetensors")} == {zipfile.ZIP_STORED}
@@ -258,24 +260,63 @@ def test_kill_parity_mid_training_keeps_partial_reports(reference: dict, demo_da
 # A budget whose time-driven decisions (the feature subset) are taken before the kill: a virtual clock makes
 # both runs take the same ones, and the resumed run must replay them rather than decide again.
 TIMED = ["--set", "budget.total_s=1000", "--set", "budget.margin_s=60", "--set", "budget.features_share=0.25", "--set", "budget.search_share=0.45"]
-TIMED_CLOCK = {"NX46VX_VIRTUAL_CLOCK": "tick=0.001,features_volume=60"}
+TIMED_CLOCK = "tick=0.001,features_volume=60"
+
+
+def _replayed_after_a_kill(demo_data: Path, tmp_path: Path, extra: list[str], clock: str, kill_at: str) -> tuple[list[dict], list[dict]]:
+    """A reference run under the virtual ``clock``, a run killed at ``kill_at`` under it, then resumed under a clock that costs
+    nothing: parity holds only if the resumed session replays the killed one's time-driven decisions. Returns both journals."""
+    ref_out = tmp_path / "ref"
+    ref = run_cli(*run_args(demo_data, ref_out, *extra), env={"NX46VX_VIRTUAL_CLOCK": clock})
+    assert ref.returncode == 0, ref.stderr
+    reference = {"result": json.loads(ref.stdout), "masks": _masks(ref_out / "submission.zip")}
+    out = tmp_path / "out"
+    killed = run_cli(*run_args(demo_data, out, *extra), env={"NX46VX_VIRTUAL_CLOCK": clock, "NX46VX_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(*run_args(demo_data, out, *extra), env={"NX46VX_VIRTUAL_CLOCK": "tick=0.001"})
+    _assert_parity(out, resumed, reference)
+    return _events(ref_out / "journal.jsonl"), _events(out / "journal.jsonl")
 
 
 def test_kill_parity_after_time_driven_decisions(demo_data: Path, tmp_path: Path) -> None:
-    ref_out = tmp_path / "ref"
-    ref = run_cli(*run_args(demo_data, ref_out, *TIMED), env=TIMED_CLOCK)
-    assert ref.returncode == 0, ref.stderr
-    subset = [e["data"] for e in _events(ref_out / "journal.jsonl") if e["event"] == "FEATURES_SUBSET"]
+    ref, resumed = _replayed_after_a_kill(demo_data, tmp_path, TIMED, TIMED_CLOCK, "FIT_ITER:100")
+    subset = [e["data"] for e in ref if e["event"] == "FEATURES_SUBSET"]
     assert subset and subset[0]["skipped"], "the budget must force a feature subset"
-    reference = {"result": json.loads(ref.stdout), "masks": _masks(ref_out / "submission.zip")}
-    out = tmp_path / "out"
-    killed = run_cli(*run_args(demo_data, out, *TIMED), env=dict(TIMED_CLOCK, NX46VX_KILL_AT="FIT_ITER:100"))
-    assert killed.returncode == -signal.SIGKILL
-    # the resumed session's clock would allow every volume: only a replayed decision gives the same subset
-    resumed = run_cli(*run_args(demo_data, out, *TIMED), env={"NX46VX_VIRTUAL_CLOCK": "tick=0.001"})
-    _assert_parity(out, resumed, reference)
-    replayed = [e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "FEATURES_SUBSET"]
+    replayed = [e["data"] for e in resumed if e["event"] == "FEATURES_SUBSET"]
     assert replayed and replayed[0]["replayed"] and replayed[0]["chosen"] == subset[0]["chosen"]
+
+
+def test_the_teacher_maps_cut_for_time_are_replayed_after_a_kill(demo_data: Path, tmp_path: Path) -> None:
+    """Teacher maps cost 300 virtual seconds a volume: half the student's subset fits; a resumed session replays that half."""
+    ref, resumed = _replayed_after_a_kill(demo_data, tmp_path, [*TIMED, "--set", "distill.teacher_input=false"], "tick=0.001,teacher_volume=300",
+                                          "DISTILLATION_LOSS_STEP:15")
+    end = next(e["data"] for e in ref if e["event"] == "DISTILLATION_END")
+    assert end["teacher_coverage_percent"] == {"ensemble": 50.0} and end["steps"] == 30  # 2 of 4 maps, then the whole schedule
+    end = next(e["data"] for e in resumed if e["event"] == "DISTILLATION_END")
+    assert end["teacher_coverage_percent"] == {"ensemble": 100.0}  # of the replayed subset: the same two volumes
+    assert len(list((tmp_path / "out" / "cache" / "teachers").glob("*.npz"))) == 2
+
+
+def test_a_student_whose_validation_cannot_fit_is_not_trained(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's inference is priced before its teachers' maps: when one validation outlasts the phase, nothing is computed for it."""
+    from nx46vx.governor import VirtualClock
+    from nx46vx.package import validate_submission
+    from nx46vx.runner import schedule
+
+    monkeypatch.setattr(schedule, "seconds_per_window", lambda *_a: 1000.0)  # a window far dearer than the budget
+    out = tmp_path / "out"
+    clock = VirtualClock(tick=0.001)
+    result = nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["budget.total_s=600", "budget.margin_s=10"], clock=clock)
+    events = _events(out / "journal.jsonl")
+    names = [e["event"] for e in events]
+    priced = next(e["data"] for e in events if e["event"] == "DISTILLATION_INFERENCE")
+    skipped = next(e["data"] for e in events if e["event"] == "DISTILLATION_SKIPPED")
+    assert priced["predicted_validation_s"] > priced["phase_time_left_s"] and skipped["reason"].startswith("time:")
+    assert names.index("DISTILLATION_INFERENCE") < names.index("DISTILLATION_SKIPPED") and "DISTILLATION_BATCH_BEGIN" not in names
+    assert not list((out / "cache" / "teachers").glob("*.npz"))  # no teacher map for a student that cannot train
+    assert priced["reserve_s"] == 300.0  # the student's test inference is reserved (capped at half the budget) before any step
+    assert result.segmenter != "student" and clock.now < 600
+    validate_submission(result.submission, {p.stem: tifffile.imread(p).shape for p in (demo_data / "test_images").glob("*.tif")})
 
 
 @pytest.fixture(scope="module")
@@ -634,6 +675,11 @@ def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path
     choice = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")
     assert choice["predicted_test_seconds"]["student"] > choice["time_left_s"]
     assert "student" in choice["excluded_for_time"] and result.segmenter == choice["chosen"] == "intensity_baseline"
+    # a source whose validation maps alone would leave no time for its test volumes stops after its first map (the ensemble's
+    # and the student's maps are distillation's); the teachers' report is tuned only while the dearest source fits (one point)
+    assert choice["validation_cut_for_time"] == ["search_model"] and "search_model" not in choice["validation_scores"]
+    report = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "VALIDATION_REPORT")
+    assert report["tuned_points"] == {"ensemble": 1, "student": 1}
 
 
 class _CreatesAFile:

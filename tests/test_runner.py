@@ -225,3 +225,118 @@ def test_every_random_stream_has_its_own_id() -> None:
     ids = {name: value for name, value in vars(streams).items() if name.isupper() and name not in ("POOL_KEY_HEX_DIGITS", "PROBE_SEED_OFFSET")}
     assert len(ids) == 9 and len(set(ids.values())) == len(ids)
     assert streams.generator(5, streams.SPLIT).integers(1 << 30) == np.random.default_rng([5, 4]).integers(1 << 30)  # ids are what old checkpoints replay
+
+
+def test_pruning_reads_no_checkpoint_back_and_keeps_the_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write prunes by age without hashing the kept checkpoints again (O(new bytes)); the one just written always stays."""
+    from nx46vx import checkpoint as ckpt
+
+    def no_rehash(path):  # noqa: ANN001, ANN202
+        raise AssertionError(f"pruning re-read {path}")
+
+    monkeypatch.setattr(ckpt, "sha512_file", no_rehash)
+    folder = tmp_path / "checkpoints"
+    (folder / "ckpt-00000000").mkdir(parents=True)  # an older, uncommitted leftover: pruned like any old one
+    for seq in range(1, 6):
+        ckpt.write_checkpoint(folder, seq, {"a.json": f"{seq}".encode()}, {"ts_ns": seq}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt-00000004", "ckpt-00000005"]
+    monkeypatch.undo()
+    assert all(ckpt.is_committed(p) for p in ckpt.list_checkpoints(folder))
+
+
+def _zip_context(tmp_path: Path, *, total_s: float) -> "object":
+    from nx46vx.config import load_config
+    from nx46vx.journal import Journal
+    from nx46vx.runner.context import RunContext
+    from nx46vx.runner.state import RunState
+
+    class Live:
+        name, done = "live", False
+
+        def signature(self, config):  # noqa: ANN001, ANN201
+            return {}
+
+        def state_dict(self):  # noqa: ANN201
+            return {"weights": torch.zeros(50_000)}
+
+    config = load_config(overrides=[f"budget.total_s={total_s}"])
+    ctx = RunContext(config, output=tmp_path, input_roots=None, resume="never", phases=[Live()], clock=VirtualClock())
+    ctx.reporter.state = RunState()
+    ctx.journal = Journal(tmp_path / "journal.jsonl", run_id="t")
+    (tmp_path / "submission.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    return ctx
+
+
+def test_results_zip_holds_only_the_newest_checkpoint(tmp_path: Path) -> None:
+    import zipfile
+
+    from nx46vx.runner.phases.packaging import results_zip_plan
+    from nx46vx.package import write_results_zip
+
+    ctx = _zip_context(tmp_path, total_s=0)
+    written = [ctx.checkpointer.write(r) for r in "abc"]
+    members = results_zip_plan(ctx)
+    assert members is not None and f"checkpoints/{written[-1].name}" in members
+    write_results_zip(tmp_path / "results.zip", tmp_path, members)
+    with zipfile.ZipFile(tmp_path / "results.zip") as zf:
+        folders = {n.split("/")[1] for n in zf.namelist() if n.startswith("checkpoints/")}
+        assert folders == {written[-1].name} and "submission.zip" in zf.namelist()
+    assert len(list((tmp_path / "checkpoints").glob("ckpt-*"))) == ctx.config.checkpoint.keep_last  # the older ones stay in the folder
+    ctx.close()
+
+
+def test_results_zip_that_does_not_fit_the_time_left_is_skipped_and_journaled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import orjson
+
+    from nx46vx.runner.phases.packaging import results_zip_plan
+
+    ctx = _zip_context(tmp_path, total_s=100)
+    ctx.checkpointer.write("a")
+    (tmp_path / "results.zip").write_bytes(b"an older session's archive")
+    monkeypatch.setattr(ctx.checkpointer, "write_rate", lambda: 1000.0)  # bytes per second: 200 kB need minutes
+    assert results_zip_plan(ctx) is None
+    assert not (tmp_path / "results.zip").exists()  # never an archive older than the folder beside it
+    ctx.journal.close()
+    events = [orjson.loads(line) for line in (tmp_path / "journal.jsonl").read_bytes().splitlines()]
+    decision = next(e["data"] for e in events if e["event"] == "RESULTS_ZIP")
+    assert decision["written"] is False and decision["reason"] == "time" and decision["predicted_s"] > decision["time_left_s"]
+    monkeypatch.setattr(ctx.checkpointer, "write_rate", lambda: 1e9)
+    ctx.quota.limit = ctx.quota.used  # the folder is full: the copy is what gives way
+    ctx.journal = None
+    assert results_zip_plan(ctx) is None and ctx._pending[-1][2]["reason"] == "output quota"
+    ctx.close()
+
+
+def test_a_run_folders_own_results_zip_is_not_unpacked_again(tmp_path: Path) -> None:
+    """Auto-resume reads a run folder's checkpoints once; an archive is unpacked only when it is all there is."""
+    import zipfile
+
+    from nx46vx import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    written = ckpt.write_checkpoint(run / "checkpoints", 1, {"a.json": b"1"}, {"ts_ns": 1}, keep_last=1)
+    with zipfile.ZipFile(run / "results.zip", "w") as zf:
+        for f in written.iterdir():
+            zf.write(f, f.relative_to(run).as_posix())
+    unpack = tmp_path / "unpacked"
+    assert [f.path for f in ckpt.find_checkpoints([run], unpack_into=unpack)] == [written]
+    assert not unpack.exists()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (run / "results.zip").rename(alone / "results.zip")
+    found = ckpt.find_checkpoints([alone], unpack_into=unpack)
+    assert len(found) == 1 and found[0].path.is_relative_to(unpack) and ckpt.is_committed(found[0].path)
+
+
+def test_the_quota_counts_a_hard_linked_file_once(tmp_path: Path) -> None:
+    """Checkpoints share a finished phase's files by hard links: the tally counts the bytes on disk, not the links."""
+    import os
+
+    from nx46vx.runner.quota import folder_bytes
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "weights").write_bytes(bytes(10_000))
+    os.link(tmp_path / "a" / "weights", tmp_path / "b" / "weights")
+    (tmp_path / "b" / "other").write_bytes(bytes(100))
+    assert folder_bytes(tmp_path) == 10_100 and OutputQuota(tmp_path, 1.0).used == 10_100

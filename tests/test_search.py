@@ -290,3 +290,21 @@ def test_validation_weights_count_each_volume_by_its_labelled_voxels() -> None:
         of_class = sample.labels == cls
         assert sample.weights[of_class & ~from_large].sum() == pytest.approx(n_small)
         assert sample.weights[of_class & from_large].sum() == pytest.approx(n_large)
+
+
+def test_a_search_resumed_on_other_numerics_says_so(pools) -> None:
+    """The data pass and device are stored with the state; continuing on others journals the change once (not bit-exact)."""
+    first = _search(pools, max_iter=12, batch_candidates=45, kernel="torch")
+    for _ in range(3):
+        first.advance()
+    saved = first.state_dict()
+    assert saved["numerics"] == {"kernel": "torch", "device": "cpu"}
+    same = _search(pools, max_iter=12, batch_candidates=45, kernel="torch")
+    same.load_state_dict(saved)
+    assert all(name != "SEARCH_NUMERICS_CHANGED" for _ in range(3) for name, _ in same.advance())
+    moved = _search(pools, max_iter=12, batch_candidates=45, kernel="torch")
+    moved.load_state_dict(dict(saved, numerics={"kernel": "native", "device": "cuda"}))  # as written by a GPU session
+    events = [e for _ in range(4) for e in moved.advance()]
+    changes = [d for name, d in events if name == "SEARCH_NUMERICS_CHANGED"]
+    assert len(changes) == 1 and changes[0]["changed"] == {"kernel": ["native", "torch"], "device": ["cuda", "cpu"]}
+    assert moved.state_dict()["numerics"] == {"kernel": "torch", "device": "cpu"}

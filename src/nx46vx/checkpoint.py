@@ -106,7 +106,7 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_bytes_atomic(folder / LATEST, final.name.encode() + b"\n")
-    prune(folder, keep_last)
+    prune(folder, keep_last, committed=final)
     return final
 
 
@@ -181,13 +181,19 @@ def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def prune(folder: str | os.PathLike[str], keep_last: int) -> None:
-    """Delete committed checkpoints beyond the newest ``keep_last`` and stale temporaries; never the newest valid one."""
+def prune(folder: str | os.PathLike[str], keep_last: int, *, committed: Path) -> None:
+    """Delete checkpoints older than the newest ``keep_last`` and stale temporaries; never ``committed``.
+
+    ``committed`` is the checkpoint just written, the newest (highest seq), whose checksums
+    were computed from the bytes it was written with: it is the newest valid one without
+    reading a file again, so pruning hashes nothing (checking every kept checkpoint at each
+    write would re-read gigabytes per test volume with a GPU student).
+    """
     folder = Path(folder)
     for stale in folder.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    committed = [p for p in list_checkpoints(folder) if is_committed(p)]
-    for old in committed[: max(0, len(committed) - max(1, keep_last))]:
+    older = [p for p in list_checkpoints(folder) if p.resolve() != Path(committed).resolve()]
+    for old in older[: max(0, len(older) - max(0, keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -240,6 +246,10 @@ def extract_results_zip(archive: Path, into: Path) -> Path | None:
 def find_checkpoints(roots: Iterable[Path], *, unpack_into: Path, depth: int = 3) -> list[Found]:
     """Every ``ckpt-*`` under ``<root>/…/checkpoints/`` and inside ``results.zip`` files, newest first.
 
+    A ``results.zip`` is unpacked only where no ``checkpoints/`` folder lies beside it
+    (an archive attached or downloaded alone): a run folder's own archive holds a copy
+    of a checkpoint in that folder.
+
     Order is by the manifest's ``ts_ns`` then seq (unreadable manifests sort last, so
     they are still reported as corrupt when reached).
     """
@@ -247,10 +257,11 @@ def find_checkpoints(roots: Iterable[Path], *, unpack_into: Path, depth: int = 3
     for folder in walk_folders(roots, depth=depth, prune=lambda f: f.name == "checkpoints"):
         if folder.name == "checkpoints":
             continue
-        if (folder / "checkpoints").is_dir():
-            run_roots.append(folder)
         archive = folder / "results.zip"
-        if archive.is_file():
+        if (folder / "checkpoints").is_dir():
+            # a run folder's results.zip copies its newest checkpoint: unpacking it would read that checkpoint twice
+            run_roots.append(folder)
+        elif archive.is_file():
             unpacked = extract_results_zip(archive, unpack_into)
             if unpacked is not None:
                 run_roots.append(unpacked)

@@ -44,7 +44,8 @@ class VirtualClock:
     costs : mapping point → seconds, optional
         Seconds charged when the runner accounts for a unit of work at ``point``
         (``features_volume``, ``distill_step``, ``distill_validation``, ``tune_params``,
-        ``segment_volume``, ``baseline_volume``).
+        ``segment_volume``, ``baseline_volume``, ``teacher_volume``: a training volume's teacher
+        maps computed, ``validation_volume``: one source's map of a validation volume).
     """
 
     def __init__(self, tick: float = 0.0, costs: dict[str, float] | None = None) -> None:

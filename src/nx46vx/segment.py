@@ -160,6 +160,17 @@ def _starts(size: int, patch: int, stride: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _window_positions(shape: Sequence[int], patch: int, overlap: float) -> list[tuple[int, ...]]:
+    """Corners of :func:`sliding_window`'s windows over a volume of ``shape`` (an axis shorter than ``patch`` has one window), z-major."""
+    stride = max(1, int(round(patch * (1 - overlap))))
+    return list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
+
+
+def window_count(shape: Sequence[int], *, patch: int, overlap: float, flip_tta: bool) -> int:
+    """Windows :func:`sliding_window` runs its network on over a volume of ``shape`` (each flip counted): what its cost is proportional to."""
+    return len(_window_positions(shape, patch, overlap)) * (8 if flip_tta else 1)
+
+
 class _Blend:
     """Gaussian-weighted sums of window probabilities over the rows ``[base, base + len)`` still being written.
 
@@ -237,9 +248,8 @@ def sliding_window(
     prior_source = np.pad(prior, [(0, p) for p in pads], mode="edge") if prior is not None and any(pads) else prior
     out = np.empty(source.shape, dtype=np.float32)
     blend = _Blend(out, patch, _window_weights(patch))
-    stride = max(1, int(round(patch * (1 - overlap))))
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
-    positions = list(itertools.product(*(_starts(s, patch, stride) for s in source.shape)))
+    positions = _window_positions(source.shape, patch, overlap)
     if batch < 1:
         raise ValueError(f"window batch must be at least 1, got {batch}")
     # fp16 on a GPU (half the memory and several times the tensor-core throughput); float32 on a CPU

@@ -84,6 +84,9 @@ class Checkpointer:
         self.resumed_rate: float | None = None
         self._git_sha = git_sha()
         self._frozen: dict[str, tuple[Path, dict[str, str]]] = {}  # a done phase's files in a committed checkpoint
+        self.last: Path | None = None  # the newest checkpoint this session committed
+        self.bytes_written = 0  # payload bytes serialised and written this session, and the seconds it took
+        self.write_seconds = 0.0
 
     def signatures(self) -> dict[str, dict[str, Any]]:
         """Each phase's signature under the current configuration."""
@@ -137,6 +140,9 @@ class Checkpointer:
         self.merkle_prev = root
         seconds = time.perf_counter() - t0
         ctx.io_seconds += seconds
+        self.last = path
+        self.bytes_written += sum(len(data) for data in payload.values())
+        self.write_seconds += seconds
         journal.record("CHECKPOINT_WRITTEN", "checkpoint", {"path": str(path), "reason": reason, **cursor, "tree_size": tree_size, "merkle_root": root, "seconds": round(seconds, 6)})
         journal.record("TRAIN_CURSOR", "checkpoint", dict(cursor, progress=search.progress() if search else 0.0))
         journal.sync()
@@ -166,6 +172,10 @@ class Checkpointer:
         for phase in self.ctx.phases:
             if phase.done:
                 self._frozen[phase.name] = (path, {n: digests[n] for n in (f"{phase.name}.json", f"{phase.name}.safetensors")})
+
+    def write_rate(self) -> float | None:
+        """Bytes per second this session's checkpoints were written at (None before one was)."""
+        return self.bytes_written / self.write_seconds if self.bytes_written and self.write_seconds > 0 else None
 
     def _session_rate(self) -> float | None:
         """Candidate-iterations per second of search in this session (None before any)."""

@@ -8,14 +8,21 @@ from pathlib import Path
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of every file under ``folder`` (0 when it does not exist)."""
-    total = 0
+    """Bytes of every file under ``folder`` (0 when it does not exist), a hard-linked file once.
+
+    Checkpoints share a finished phase's files by hard links: counting each link would
+    charge the quota for copies that take no space.
+    """
+    total, seen = 0, set()
     for dirpath, _dirs, files in os.walk(folder):
         for name in files:
             try:
-                total += os.path.getsize(os.path.join(dirpath, name))
+                info = os.stat(os.path.join(dirpath, name))
             except OSError:
                 continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
     return total
 
 

@@ -1,7 +1,8 @@
-"""The student's step-cost model and its budgeted learning-rate schedule (decided once, journaled, stored).
+"""The student's cost model (steps, validations, inference) and its budgeted learning-rate schedule (decided once, journaled, stored).
 
 Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
-the caller to measure one validation and one checkpoint and journals the decision.
+the caller to measure one validation and one checkpoint and journals the decision,
+and :func:`seconds_per_window`, which times the student's network once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .. import distill
+from ..segment import sliding_window, window_count
 
 if TYPE_CHECKING:
+    from ..governor import Governor
     from .context import RunContext
+    from .state import RunState
 
 #: The most of the student's training time its in-training validations may take (they are spaced to fit).
 VALIDATION_SHARE = 0.15
@@ -95,3 +99,75 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
     ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
                                                "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
                                                "val_every": student.val_every, "time_left_s": round(left, 3)})
+
+
+def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> float:
+    """Seconds :func:`~nx46vx.segment.sliding_window` takes per window of the student's network, timed on one window now.
+
+    Before a step is trained, this prices the student's validations and its test
+    inference (each window is normalised, run and blended alike; batching windows
+    only makes a GPU faster than this). Eval mode without gradients: the weights and
+    every random stream are left as they were.
+    """
+    seg = ctx.config.segment
+    window = np.zeros((cfg.patch,) * 3, np.uint8)
+    prior = np.zeros(window.shape, np.float32) if cfg.teacher_input else None
+    network = student.network.eval()
+    run = lambda: sliding_window(window, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, batch=1, prior=prior)  # noqa: E731
+    run()  # the first call pays one-off allocations
+    t0 = ctx.governor.clock()
+    run()
+    return ctx.governor.clock() - t0
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePrice:
+    """The student's inference, priced before it trains: seconds per window, per test voxel (its prior apart), of one validation."""
+
+    window_s: float
+    test_s_per_voxel: float
+    validation_s: float
+
+
+def price_inference(ctx: "RunContext", state: "RunState", student: distill.DistillState, cfg: Any, val_shapes: Sequence[Sequence[int]]) -> InferencePrice:
+    """Time the student's network on one window (:func:`seconds_per_window`) and price its test volumes and one validation on ``val_shapes``.
+
+    A validation runs without flips and scores every volume at the metric's measured seconds per voxel.
+    """
+    seg = ctx.config.segment
+    window_s = seconds_per_window(ctx, student, cfg)
+    tests = [state.shapes[t.id] for t in state.discovery.test if t.id in state.shapes and t.id not in state.rejected_tests]
+    test_s = inference_seconds(tests, window_s, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta)
+    scoring_s = ctx.governor.score_s_per_voxel * sum(int(np.prod(shape)) for shape in val_shapes)
+    validation_s = inference_seconds(val_shapes, window_s, patch=cfg.patch, overlap=seg.overlap, flip_tta=False) + scoring_s
+    return InferencePrice(window_s, test_s / max(1, state.test_voxels), validation_s)
+
+
+def inference_seconds(shapes: Sequence[Sequence[int]], window_s: float, *, patch: int, overlap: float, flip_tta: bool) -> float:
+    """Predicted seconds of the student's sliding window over volumes of ``shapes``, ``window_s`` per window (:func:`seconds_per_window`)."""
+    return window_s * sum(window_count(shape, patch=patch, overlap=overlap, flip_tta=flip_tta) for shape in shapes)
+
+
+#: The most of the distillation time left (after one validation) that the teachers' maps may take: the rest trains the student.
+MAPS_SHARE = 0.5
+
+
+class MapsBudget:
+    """The time the teachers' maps get before the student trains: :data:`MAPS_SHARE` of the phase's time left after ``reserved_s``.
+
+    Its two ``fits(seconds_per_voxel, voxels_left)`` tests (see
+    :data:`~nx46vx.runner.training_data.Fits`): :meth:`whole` for maps that are only of
+    use complete (the extrapolated rest must fit), :meth:`partial` for a subset that
+    may stop anywhere (a volume starts while time is left).
+    """
+
+    def __init__(self, governor: "Governor", phase: str, *, reserved_s: float) -> None:
+        self.governor, self.phase = governor, phase
+        left = governor.phase_time_left(phase)
+        self.deadline = governor.elapsed() + MAPS_SHARE * (left - reserved_s) if left != float("inf") else left
+
+    def partial(self, seconds_per_voxel: float, voxels_left: int) -> bool:
+        return not self.governor.phase_should_stop(self.phase) and self.governor.elapsed() < self.deadline
+
+    def whole(self, seconds_per_voxel: float, voxels_left: int) -> bool:
+        return self.partial(seconds_per_voxel, voxels_left) and self.governor.elapsed() + seconds_per_voxel * voxels_left <= self.deadline

@@ -22,6 +22,7 @@ from ..volumes import SURFACE, read_pair
 
 if TYPE_CHECKING:
     from ..search import CandidateSearch
+    from .training_data import Fits
     from .context import RunContext
     from .state import RunState
 
@@ -64,17 +65,32 @@ def validation_truths(ctx: "RunContext", state: "RunState") -> list[Truth]:
     return state.validation_truths
 
 
-def validation_probabilities(ctx: "RunContext", state: "RunState", name: str, predict: Callable[[str, np.ndarray], np.ndarray | None], *, keep: bool) -> tuple[list[np.ndarray | None], float]:
-    """``predict(id, image)`` on the validation volumes and its seconds per voxel (computed once per name)."""
+def validation_probabilities(
+    ctx: "RunContext", state: "RunState", name: str, predict: Callable[[str, np.ndarray], np.ndarray | None], *, keep: bool, fits: "Fits | None" = None
+) -> tuple[list[np.ndarray | None] | None, float]:
+    """``predict(id, image)`` on the validation volumes and its seconds per voxel (computed once per name).
+
+    ``fits(seconds_per_voxel, voxels_left)`` is asked before each volume (as in
+    :func:`~nx46vx.runner.training_data.teacher_maps`); at its first False the maps
+    are None (incomplete, never kept) with the seconds per voxel measured so far.
+    """
     cached = state.validation_probs.get(name) if keep else state.validation_probs.pop(name, None)
-    if cached is None:
-        volumes = validation_volumes(ctx, state)
-        pairs = state.validation_pairs
-        t0 = ctx.governor.clock()
-        probs = [predict(p.id, image) for p, (image, _) in zip(pairs, volumes)]
-        cached = (probs, (ctx.governor.clock() - t0) / max(1, sum(image.size for image, _ in volumes)))
-        if keep:
-            state.validation_probs[name] = cached
+    if cached is not None:
+        return cached
+    volumes = validation_volumes(ctx, state)
+    voxels_left = sum(image.size for image, _ in volumes)
+    probs: list[np.ndarray | None] = []
+    t0, voxels_done = ctx.governor.clock(), 0
+    for pair, (image, _) in zip(state.validation_pairs, volumes):
+        per_voxel = (ctx.governor.clock() - t0) / voxels_done if voxels_done else 0.0
+        if fits is not None and not fits(per_voxel, voxels_left):
+            return None, per_voxel
+        probs.append(predict(pair.id, image))
+        ctx.governor.account("validation_volume")
+        voxels_done, voxels_left = voxels_done + image.size, voxels_left - image.size
+    cached = (probs, (ctx.governor.clock() - t0) / max(1, voxels_done))
+    if keep:
+        state.validation_probs[name] = cached
     return cached
 
 

@@ -1,5 +1,6 @@
 """The student's training data: every training volume decoded lazily into a bounded cache, foreground coordinates
-cached on disk, teacher targets for a bounded subset, and batches prepared ahead in background threads.
+cached on disk, the teachers' maps of a bounded subset (within the time granted, the subset stored), the
+agreement probe, and batches prepared ahead in background threads.
 
 A batch is a pure function of ``(seed, step)`` (:func:`nx46vx.patches.make_batch`), so
 preparing the next ones ahead changes nothing: a resumed run draws the same batches.
@@ -7,6 +8,7 @@ preparing the next ones ahead changes nothing: a resumed run draws the same batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -17,15 +19,21 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from .. import streams
 from ..atomic import cache_key, load_arrays_checked, save_arrays_checked
 from ..discovery import TrainPair
+from ..config import DistillConfig
 from ..distill import Teacher, soft_target
-from ..patches import TrainVolume, foreground_sample
+from ..errors import DistillationNotExecuted
+from ..patches import TrainVolume, foreground_sample, make_batch
 from ..segment import ENSEMBLE, normalised
-from ..volumes import read_pair
+from ..volumes import read_pair, volume_shape
+from .sources import validation_probabilities
 
 if TYPE_CHECKING:
     from .context import RunContext
+    from .schedule import MapsBudget
+    from .state import RunState
 
 log = logging.getLogger("nx46vx")
 
@@ -144,18 +152,31 @@ class Prefetcher:
             self.pool.shutdown(wait=True)
 
 
+#: ``fits(seconds_per_voxel, voxels_left)``: whether the rest of a loop over volumes may still run (asked before each volume).
+Fits = Callable[[float, int], bool]
+
+
 def teacher_maps(
-    ctx: "RunContext", volume_keys: dict[str, str], teachers: Sequence[Teacher], pairs: Sequence[TrainPair], *, phase: str
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    ctx: "RunContext", volume_keys: dict[str, str], teachers: Sequence[Teacher], pairs: Sequence[TrainPair], *, phase: str, fits: Fits | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float], int]:
     """Teachers' mean map per volume of a bounded subset (cached per volume and teacher): never every training volume.
 
-    Returns the mean maps, the ensemble teacher's own maps (the student's prior
-    input with ``distill.teacher_input``) and each teacher's coverage in percent.
+    ``fits`` is asked before each volume with the seconds per voxel measured so far
+    (0 before the first) and the voxels left; the maps stop at its first False (None:
+    every volume, as when a stored subset is replayed). Returns the mean maps, the
+    ensemble teacher's own maps (the student's prior input with ``distill.teacher_input``),
+    each teacher's coverage in percent of ``pairs`` and how many of ``pairs`` (the first
+    ones) were visited.
     """
     cache = ctx.output / "cache" / "teachers"
     cache.mkdir(parents=True, exist_ok=True)
     targets, priors, covered = {}, {}, {t.spec: 0 for t in teachers}
+    voxels_left = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in pairs) if fits is not None else 0
+    t0, voxels_done, visited = ctx.governor.clock(), 0, 0
     for pair in pairs if teachers else []:
+        if fits is not None and not fits((ctx.governor.clock() - t0) / voxels_done if voxels_done else 0.0, voxels_left):
+            break
+        visited += 1
         image = None
         probs = []
         for teacher in teachers:
@@ -180,5 +201,75 @@ def teacher_maps(
         target = soft_target(probs)
         if target is not None:
             targets[pair.id] = target
+        if image is not None:
+            ctx.governor.account("teacher_volume")  # a map was computed (cache hits are free)
+        size = next((pr.size for pr in probs if pr is not None), 0)
+        voxels_done, voxels_left = voxels_done + size, max(0, voxels_left - size)
     coverage = {spec: 100.0 * n / max(1, len(pairs)) for spec, n in covered.items()}
-    return targets, priors, coverage
+    return targets, priors, coverage, visited
+
+
+@dataclasses.dataclass
+class StudentMaps:
+    """The teachers' maps a student trains with (:func:`student_maps`).
+
+    ``pairs``: the training volumes its batches draw from; ``target_ids``: the ones the
+    maps covered (stored with the student, replayed on resume); ``cut``: why the maps it
+    needs did not fit the time (it then does not train).
+    """
+
+    targets: dict[str, np.ndarray]
+    priors: dict[str, np.ndarray]
+    coverage: dict[str, float]
+    target_ids: list[str]
+    pairs: list[TrainPair]
+    prior_seconds_per_voxel: float = 0.0
+    cut: str | None = None
+
+
+def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teacher], cfg: DistillConfig, *, budget: "MapsBudget | None",
+                 replay: Sequence[str] | None) -> StudentMaps:
+    """Every teacher's validation maps (``state.teacher_val_probs``), then their maps of the seeded training subset, within ``budget``.
+
+    ``replay`` (the ``target_ids`` stored with a restored student) fixes the subset and
+    lifts the budget: a stored time-driven decision, not decided again. With
+    ``distill.teacher_input`` the ensemble's maps are only of use complete (the prior is
+    an input of every patch), so a cut there is :attr:`StudentMaps.cut`.
+    """
+    state.teacher_val_probs = {}
+    prior_s = 0.0
+    for teacher in teachers:
+        probs, seconds_per_voxel = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True, fits=budget and budget.whole)
+        state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
+        if teacher.spec == ENSEMBLE and cfg.teacher_input:
+            prior_s = seconds_per_voxel
+            if probs is None:
+                return StudentMaps({}, {}, {}, [], [], prior_s, cut="the ensemble's validation maps (the student's prior input) did not fit")
+    order = streams.generator(ctx.config.seed, streams.TEACHER_SUBSET).permutation(len(state.train_pairs))
+    subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes] if replay is None or state.train_pairs[i].id in replay]
+    targets, priors, coverage, visited = teacher_maps(ctx, state.volume_keys, teachers, subset, phase="distillation",
+                                                      fits=budget and (budget.whole if cfg.teacher_input else budget.partial))
+    # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
+    # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
+    maps = StudentMaps(targets, priors, coverage, [p.id for p in subset[:visited]], subset if cfg.teacher_input else list(state.train_pairs), prior_s)
+    if cfg.teacher_input and visited < len(subset):
+        maps.cut = f"the ensemble's maps of {visited} of {len(subset)} training volumes fit (the prior needs every one)"
+    elif cfg.teacher_input and sum(p.id in priors for p in subset) != len(state.train_pairs):
+        raise DistillationNotExecuted("distill.teacher_input needs the ensemble's map of every training volume", expected=f"{len(state.train_pairs)} maps",
+                                      found=f"{sum(p.id in priors for p in subset)}", hint="set distill.teacher_input = false")
+    return maps
+
+
+def agreement_probe(
+    ctx: "RunContext", state: "RunState", val: Sequence[tuple[np.ndarray, np.ndarray]], teachers: Sequence[Teacher], cfg: DistillConfig, priors: Sequence[np.ndarray] | None
+) -> dict[str, torch.Tensor] | None:
+    """Seeded validation patches with the teachers' targets (and ``priors``, the student's prior input per volume), to measure student–teacher agreement."""
+    probes = []
+    for i, (image, label) in enumerate(val):
+        target = soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
+        prior = priors[i] if priors else None
+        probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
+    if not probes or (cfg.teacher_input and not priors):
+        return None
+    return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + streams.PROBE_SEED_OFFSET, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
+                      augmentations=(), prior=cfg.teacher_input)

@@ -117,6 +117,59 @@ def threshold_scan(
     return {"f1": pick(f1), "iou": pick(iou), "fbeta": pick(fbeta), "threshold": np.asarray(THRESHOLDS)[best.cpu().numpy()]}
 
 
+def epoch_design(pools: Sequence[Pool], config: SearchConfig, *, seed: int, epoch: int, meta_neurons: int, standardiser: Standardiser | None,
+                 device: torch.device) -> tuple[Design, Standardiser]:
+    """An epoch's design: its seeded balanced sample, standardised, with each meta-neuron's bootstrap weights.
+
+    The standardiser is fitted on the first epoch's sample (``standardiser`` None) and kept after.
+    """
+    sample: Sample = balanced_sample(pools, config.samples_per_class, streams.generator(seed, streams.SEARCH_EPOCH_SAMPLE, epoch))
+    standardiser = standardiser if standardiser is not None else Standardiser.fit(sample.features)
+    mean, std = torch.from_numpy(standardiser.mean).to(device), torch.from_numpy(standardiser.std).to(device)
+    phi = design_rows(torch.from_numpy(sample.features).to(device), mean, std).contiguous()
+    weights = torch.from_numpy(bootstrap_weights(phi.shape[0], range(meta_neurons), seed, epoch)).to(device)
+    return Design(phi, torch.from_numpy(sample.labels).to(device)[:, None], weights, penalised_mask(device)), standardiser
+
+
+def validation_design(pools: Sequence[Pool], config: SearchConfig, *, seed: int, standardiser: Standardiser,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The validation rows (standardised like the training design), labels and weights every candidate is scored on."""
+    val = validation_sample(pools, config.val_samples_per_class, streams.generator(seed, streams.VALIDATION_SAMPLE))
+    mean, std = torch.from_numpy(standardiser.mean).to(device), torch.from_numpy(standardiser.std).to(device)
+    return design_rows(torch.from_numpy(val.features).to(device), mean, std), torch.from_numpy(val.labels).to(device), torch.from_numpy(val.weights).to(device)
+
+
+def candidate_record(epoch: int, cand: Candidate, j: int, *, objective: np.ndarray, scan: dict[str, np.ndarray], active: dict[str, list[int]],
+                     end: list[int]) -> dict[str, Any]:
+    """``CANDIDATE_DONE``'s record of the ``j``-th candidate of a finished batch: its objective, validation scores and active weights."""
+    return {
+        "epoch": epoch, "candidate": cand.index, "meta_neuron": cand.meta_neuron, "l1": cand.l1, "l2": cand.l2,
+        "objective": float(objective[j]), "val_f1": float(scan["f1"][j]), "val_iou": float(scan["iou"][j]), "val_fbeta": float(scan["fbeta"][j]),
+        "threshold": float(scan["threshold"][j]),
+        "active_start": int(active["start"][j]), "active_mid": int(active.get("mid", end)[j]), "active_end": int(end[j]),
+    }
+
+
+def top_models(evaluations: dict[int, dict[str, Any]], theta: torch.Tensor, standardiser: Standardiser | None, k: int) -> dict[str, Any]:
+    """The ``k`` candidates with the best validation F1, each by its latest finished fit, with the standardiser.
+
+    A search stopped inside an epoch still ranks every candidate: one not yet refit
+    in this epoch keeps its previous fit (its parameters in ``theta`` are that fit's).
+
+    Returns ``thetas`` (k', P) float32 tensor, ``candidates`` (their indices),
+    ``val_f1`` and ``mean`` / ``std`` (C,).
+    """
+    results = sorted(evaluations.values(), key=lambda r: (-r["val_f1"], r["candidate"]))[: max(1, k)]
+    chosen = [int(r["candidate"]) for r in results]
+    return {
+        "thetas": theta[chosen].clone(),
+        "candidates": chosen,
+        "val_f1": [float(r["val_f1"]) for r in results],
+        "mean": standardiser.mean if standardiser is not None else np.zeros(N_X + N_G, np.float32),
+        "std": standardiser.std if standardiser is not None else np.ones(N_X + N_G, np.float32),
+    }
+
+
 class CandidateSearch:
     """Search over ``meta_neurons × l1 × l2`` candidates, epoch after epoch.
 
@@ -155,6 +208,7 @@ class CandidateSearch:
         self.iterations_done = 0
         self.candidate_iterations = 0
         self._batch: int | None = None  # decided once from free memory, then stored: a resumed run never re-derives it
+        self.numerics: dict[str, str] | None = None  # the data pass and device the fits ran on (their numerics agree only to float tolerance)
         # derived per epoch (not stored)
         self._design: Design | None = None
         self._lipschitz: torch.Tensor | None = None
@@ -205,30 +259,15 @@ class CandidateSearch:
         if rows:
             self.theta = torch.cat((self.theta, torch.stack(rows)))
 
-    def _epoch_sample(self) -> Sample:
-        rng = streams.generator(self.seed, streams.SEARCH_EPOCH_SAMPLE, self.epoch)
-        return balanced_sample(self.train_pools, self.config.samples_per_class, rng)
-
     def _prepare_epoch(self) -> None:
         """Derive the epoch's design, bootstraps and step sizes (deterministic from seed and epoch)."""
-        sample = self._epoch_sample()
-        if self.standardiser is None:
-            self.standardiser = Standardiser.fit(sample.features)
-        mean = torch.from_numpy(self.standardiser.mean).to(self.device)
-        std = torch.from_numpy(self.standardiser.std).to(self.device)
-        phi = design_rows(torch.from_numpy(sample.features).to(self.device), mean, std).contiguous()
-        weights = torch.from_numpy(bootstrap_weights(phi.shape[0], range(self.meta_neurons), self.seed, self.epoch)).to(self.device)
-        self._design = Design(phi, torch.from_numpy(sample.labels).to(self.device)[:, None], weights, penalised_mask(self.device))
+        self._design, self.standardiser = epoch_design(self.train_pools, self.config, seed=self.seed, epoch=self.epoch, meta_neurons=self.meta_neurons,
+                                                       standardiser=self.standardiser, device=self.device)
         metas = torch.tensor([c.meta_neuron for c in self.grid], device=self.device)
         l2 = torch.tensor([c.l2 for c in self.grid], device=self.device)
         self._lipschitz = self.solver.lipschitz(self._design, metas, l2)
         if self._val is None:
-            val = validation_sample(self.val_pools, self.config.val_samples_per_class, streams.generator(self.seed, streams.VALIDATION_SAMPLE))
-            self._val = (
-                design_rows(torch.from_numpy(val.features).to(self.device), mean, std),
-                torch.from_numpy(val.labels).to(self.device),
-                torch.from_numpy(val.weights).to(self.device),
-            )
+            self._val = validation_design(self.val_pools, self.config, seed=self.seed, standardiser=self.standardiser, device=self.device)
 
     def _batch_tensors(self) -> tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         sl = slice(self.batch_start, min(len(self.grid), self.batch_start + self.batch_size))
@@ -256,8 +295,11 @@ class CandidateSearch:
         """Do one unit of work; return the events it produced (empty when done)."""
         if self.stage == "done":
             return []
+        changed = self._check_numerics() if self.stage in ("epoch_start", "iterating") else []
         if self._design is None and self.stage != "epoch_end":
             self._prepare_epoch()
+        if changed:
+            return changed
         if self.stage == "epoch_start":
             self.batch_start = 0
             self.epoch_results = []
@@ -277,6 +319,20 @@ class CandidateSearch:
         if self.stage == "epoch_end":
             return self._end_epoch()
         raise AssertionError(self.stage)
+
+    def _check_numerics(self) -> list[Event]:
+        """``SEARCH_NUMERICS_CHANGED`` once, when the fits go on with another data pass or device than the stored state's.
+
+        The native kernel, eager torch and a GPU agree to float tolerance, not bit for
+        bit: a search resumed across them continues correctly but is no longer the bits
+        of an uninterrupted run, and the journal says so.
+        """
+        previous, self.numerics = self.numerics, {"kernel": self.solver.kernel_for(self.device), "device": self.device.type}
+        changed = {k: [previous.get(k), v] for k, v in self.numerics.items() if previous.get(k) != v} if previous is not None else {}
+        if not changed:
+            return []
+        log.warning("the search continues with other numerics than its checkpoint (%s): results agree to float tolerance, not bit for bit", changed)
+        return [("SEARCH_NUMERICS_CHANGED", {"changed": changed, "epoch": self.epoch, "candidate": self.batch_start})]
 
     def _iterate(self) -> Event:
         assert self.fista is not None and self._design is not None
@@ -305,21 +361,7 @@ class CandidateSearch:
         end = self._active(x)
         events = []
         for j, cand in enumerate(self.grid[sl]):
-            record = {
-                "epoch": self.epoch,
-                "candidate": cand.index,
-                "meta_neuron": cand.meta_neuron,
-                "l1": cand.l1,
-                "l2": cand.l2,
-                "objective": float(objective[j]),
-                "val_f1": float(scan["f1"][j]),
-                "val_iou": float(scan["iou"][j]),
-                "val_fbeta": float(scan["fbeta"][j]),
-                "threshold": float(scan["threshold"][j]),
-                "active_start": int(self.active_marks["start"][j]),
-                "active_mid": int(self.active_marks.get("mid", end)[j]),
-                "active_end": int(end[j]),
-            }
+            record = candidate_record(self.epoch, cand, j, objective=objective, scan=scan, active=self.active_marks, end=end)
             self.epoch_results.append(record)
             self.evaluations[cand.index] = record
             events.append(("CANDIDATE_DONE", record))
@@ -381,30 +423,10 @@ class CandidateSearch:
         return bool(self.evaluations)
 
     def top_models(self, k: int) -> dict[str, Any]:
-        """The ``k`` candidates with the best validation F1, each by its latest finished fit, with the standardiser.
-
-        A search stopped inside an epoch still ranks every candidate: one not yet refit
-        in this epoch keeps its previous fit (its parameters in ``theta`` are that fit's).
-
-        Returns ``thetas`` (k', P) float32 tensor, ``candidates`` (their indices),
-        ``val_f1`` and ``mean`` / ``std`` (C,).
-
-        Raises
-        ------
-        SearchError
-            When no candidate has finished a fit yet (:attr:`evaluated` is False).
-        """
+        """The ``k`` best candidates by their latest finished fits (:func:`top_models`); :class:`SearchError` before the first."""
         if not self.evaluations:
             raise SearchError("no search model yet", expected="at least one candidate with a finished fit", found=f"none (epoch {self.epoch}, stage {self.stage})")
-        results = sorted(self.evaluations.values(), key=lambda r: (-r["val_f1"], r["candidate"]))[: max(1, k)]
-        chosen = [int(r["candidate"]) for r in results]
-        return {
-            "thetas": self.theta[chosen].clone(),
-            "candidates": chosen,
-            "val_f1": [float(r["val_f1"]) for r in results],
-            "mean": self.standardiser.mean if self.standardiser is not None else np.zeros(N_X + N_G, np.float32),
-            "std": self.standardiser.std if self.standardiser is not None else np.ones(N_X + N_G, np.float32),
-        }
+        return top_models(self.evaluations, self.theta, self.standardiser, k)
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -427,6 +449,7 @@ class CandidateSearch:
             "iterations_done": self.iterations_done,
             "candidate_iterations": self.candidate_iterations,
             "batch_size": self._batch,
+            "numerics": self.numerics,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -450,5 +473,6 @@ class CandidateSearch:
         self.iterations_done = int(state["iterations_done"])
         self.candidate_iterations = int(state["candidate_iterations"])
         self._batch = None if state.get("batch_size") is None else int(state["batch_size"])
+        self.numerics = state.get("numerics")  # absent from older checkpoints: unknown, not compared
         self._design = None
         self._val = None

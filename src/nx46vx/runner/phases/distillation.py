@@ -20,13 +20,12 @@ import torch
 from ... import distill
 from ...config import RunConfig
 from ...metric import Truth, score_volume
-from ...patches import TrainVolume, foreground_sample, make_batch
-from ...segment import ENSEMBLE, STUDENT, normalised, plain_params, postprocess, sliding_window
-from ..sources import search_probability, student_config, unusable_ensemble, validation_probabilities, validation_truths, validation_volumes
-from ..schedule import StepCosts, lay_out_schedule
-from ..training_data import Prefetcher, VolumeCache, teacher_maps
+from ...patches import make_batch
+from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window
+from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
+from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference
+from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
-from ... import streams
 
 if TYPE_CHECKING:
     from ...parallel import DataParallelTrainer
@@ -45,6 +44,24 @@ def ensemble_prior(ctx: "RunContext", state: "RunState") -> dict[str, Any]:
             "features": plain(dataclasses.asdict(ctx.config.features))}
 
 
+def _finite(seconds: float) -> float | None:
+    return None if seconds == float("inf") else round(seconds, 3)
+
+
+def data_parallel_trainer(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> "DataParallelTrainer | None":
+    """Helper processes for data-parallel training when more than one process is set or GPU visible (``DISTILLATION_PARALLEL``)."""
+    from ...parallel import DataParallelTrainer, world_size
+
+    world = world_size(cfg.processes, batch=cfg.batch, device=ctx.distill_device)
+    if world == 1:
+        return None
+    t0 = ctx.governor.clock()
+    trainer = DataParallelTrainer(student, cfg, world=world, device=ctx.distill_device, folder=ctx.output / "cache")
+    ctx.event("DISTILLATION_PARALLEL", DistillationPhase.name, {"processes": world, "backend": trainer.backend,
+                                                                "patches_per_process": cfg.batch // world, "start_s": round(ctx.governor.clock() - t0, 3)})
+    return trainer
+
+
 class DistillationPhase:
     """Teachers → student. State: the student, its optimiser and schedule, its step, and the teachers it learnt from."""
 
@@ -56,7 +73,9 @@ class DistillationPhase:
         self.teacher_key = ""
         self.network: dict[str, Any] = {}  # the resolved student settings, so a checkpoint alone rebuilds the network (predict)
         self.prior: dict[str, Any] | None = None  # the ensemble that makes the student's prior input (predict rebuilds it)
+        self.target_ids: list[str] = []  # the training volumes the teachers' maps covered: replayed with the student
         self._test_voxels = 0
+        self._test_s_per_voxel = 0.0  # the student's predicted test inference, its prior's cost apart
         self._prior_seconds_per_voxel = 0.0
         self._validated_step: int | None = None  # the step whose weights this session validated last
         self._best_maps: tuple[list[np.ndarray], float] | None = None  # the best weights' validation maps and seconds per voxel
@@ -74,7 +93,8 @@ class DistillationPhase:
     def state_dict(self) -> dict[str, Any] | None:
         if self.student is None:
             return self._saved
-        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done, "network": self.network, "prior": self.prior}
+        return {"student": distill.state_dict(self.student), "teacher_key": self.teacher_key, "done": self.done, "network": self.network, "prior": self.prior,
+                "target_ids": self.target_ids}
 
     def load_state_dict(self, saved: dict[str, Any] | None) -> None:
         self._saved = saved
@@ -148,37 +168,30 @@ class DistillationPhase:
                                                    "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs)) or skipped,
                                                    "teachers_skipped": {ENSEMBLE: skipped} if skipped else {}})
         teachers = self._teachers(ctx, state)
-        order = streams.generator(ctx.config.seed, streams.TEACHER_SUBSET).permutation(len(state.train_pairs))
-        subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes]]
-        targets, priors, coverage = teacher_maps(ctx, state.volume_keys, teachers, subset, phase=self.name)
-        pairs = state.train_pairs
-        if cfg.teacher_input:
-            # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
-            # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
-            pairs = subset
-            covered = sum(p.id in priors for p in subset)
-            if covered != len(state.train_pairs):
-                raise distill.DistillationNotExecuted("distill.teacher_input needs the ensemble's map of every training volume", expected=f"{len(state.train_pairs)} maps",
-                                                      found=f"{covered}", hint="set distill.teacher_input = false")
+        student = state.student = self._student(ctx, cfg, teachers)
+        val = validation_volumes(ctx, state)
+        validation_s = self._reserve_inference(ctx, state, student, cfg, val)
+        # a restored student replays the training volumes its teachers' maps covered; a fresh one decides within the time granted
+        replay = self._saved.get("target_ids") if self._saved is not None and self._saved["teacher_key"] == self.teacher_key else None
+        budget = None if replay is not None else MapsBudget(ctx.governor, self.name, reserved_s=validation_s)
+        if budget is not None and not budget.partial(0.0, 0):
+            return self._skip_for_time(ctx, state, "no validation and step fit the phase's time left", predicted_validation_s=round(validation_s, 3))
+        maps = student_maps(ctx, state, teachers, cfg, budget=budget, replay=replay)
+        self._prior_seconds_per_voxel = maps.prior_seconds_per_voxel  # segmenting with the student computes the prior too
+        ctx.governor.measured_volume_cost(self._test_s_per_voxel + maps.prior_seconds_per_voxel, state.test_voxels)
+        if maps.cut is not None:
+            return self._skip_for_time(ctx, state, maps.cut)
+        self.target_ids, targets, priors, coverage, pairs = maps.target_ids, maps.targets, maps.priors, maps.coverage, maps.pairs
         volumes = VolumeCache(pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
                               capacity=cfg.cache_volumes, targets=targets, priors=priors if cfg.teacher_input else None, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
-        val = validation_volumes(ctx, state)
-        state.teacher_val_probs = {}
-        for teacher in teachers:
-            probs, seconds_per_voxel = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True)
-            state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
-            if teacher.spec == ENSEMBLE and cfg.teacher_input:
-                self._prior_seconds_per_voxel = seconds_per_voxel  # segmenting with the student computes the prior too
         val_priors = state.teacher_val_probs.get(ENSEMBLE) if cfg.teacher_input else None
-        student = state.student = self._student(ctx, cfg, teachers)
         self.prior = ensemble_prior(ctx, state) if cfg.teacher_input else None
-        probe = self._probe(ctx, state, val, teachers, cfg, val_priors)
+        probe = agreement_probe(ctx, state, val, teachers, cfg, val_priors)
         before = distill.agreement(student, probe) if probe is not None else None
-        self._test_voxels = state.test_voxels
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
         validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
         self._best_maps = None
-        stopped = self._steps(ctx, state, student, volumes, validation, cfg)
+        stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0)
         if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:
             state.validation_probs[STUDENT] = self._best_maps  # the segmenter choice scores the same maps: not computed twice
         self._best_maps = None
@@ -190,19 +203,27 @@ class DistillationPhase:
                                                  "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads})
         return {"steps": student.step}
 
-    def _probe(
-        self, ctx: "RunContext", state: "RunState", val: list[tuple[np.ndarray, np.ndarray]], teachers: list[distill.Teacher], cfg: Any, priors: list[np.ndarray] | None
-    ) -> dict[str, torch.Tensor] | None:
-        """Seeded validation patches with the teachers' targets (and ``priors``, the student's prior input per volume), to measure student–teacher agreement."""
-        probes = []
-        for i, (image, label) in enumerate(val):
-            target = distill.soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
-            prior = priors[i] if priors else None
-            probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
-        if not probes or (cfg.teacher_input and not priors):
-            return None
-        return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + streams.PROBE_SEED_OFFSET, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,
-                          augmentations=(), prior=cfg.teacher_input)
+    def _reserve_inference(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, cfg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Price the student's inference before any step is granted (:func:`~nx46vx.runner.schedule.price_inference`,
+        ``DISTILLATION_INFERENCE``): its test volumes join the segmentation reserve now, so the training deadline leaves
+        time to use what is trained. Returns one validation's predicted seconds (priced before the first step, not
+        after the first one it overran)."""
+        governor = ctx.governor
+        price = price_inference(ctx, state, student, cfg, [image.shape for image, _ in val[: cfg.val_volumes]])
+        self._test_voxels, self._test_s_per_voxel = state.test_voxels, price.test_s_per_voxel
+        governor.measured_volume_cost(price.test_s_per_voxel, state.test_voxels)
+        ctx.event("DISTILLATION_INFERENCE", self.name, {"seconds_per_window": round(price.window_s, 6), "predicted_test_s": round(price.test_s_per_voxel * state.test_voxels, 3),
+                                                       "predicted_validation_s": round(price.validation_s, 3), "reserve_s": round(governor.reserve(), 3),
+                                                       "phase_time_left_s": _finite(governor.phase_time_left(self.name))})
+        return price.validation_s
+
+    def _skip_for_time(self, ctx: "RunContext", state: "RunState", why: str, **data: Any) -> dict[str, Any]:
+        """Stop before training: what was planned did not fit (``DISTILLATION_SKIPPED``); a restored student stays saved as it was."""
+        log.warning("distillation skipped for time: %s", why)
+        ctx.event("DISTILLATION_SKIPPED", self.name, {"reason": f"time: {why}", **data, **ctx.governor.state()})
+        state.unfinished.append(self.name)
+        self.student = state.student = None
+        return {"skipped": why}
 
     def _measure(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, costs: StepCosts) -> None:
         """One validation (when there are volumes) and one checkpoint now, their seconds added to ``costs``."""
@@ -210,8 +231,11 @@ class DistillationPhase:
             self._validate(ctx, student, val, cfg, costs=costs)
         self._checkpoint(ctx, student, costs)
 
-    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any) -> str | None:
-        """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished)."""
+    def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any, *,
+               validation_s: float) -> str | None:
+        """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished).
+
+        ``validation_s`` prices a validation until one is measured."""
         governor = ctx.governor
         make = lambda step: make_batch(volumes, len(volumes), step, seed=ctx.config.seed, batch=cfg.batch, patch=cfg.patch,  # noqa: E731
                                        positive_fraction=cfg.positive_fraction, augmentations=cfg.augment, skeleton=cfg.skeleton_weight > 0, prior=cfg.teacher_input)
@@ -221,9 +245,9 @@ class DistillationPhase:
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
         if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
             self._validate(ctx, student, val, cfg, as_prior=True)
-        stopped, costs = None, StepCosts(governor.clock())
+        stopped, costs = None, StepCosts(governor.clock(), validation=validation_s)
         self._validated_step = None
-        trainer = self._data_parallel(ctx, student, cfg)
+        trainer = data_parallel_trainer(ctx, student, cfg)
         # whether the step numbered ``step`` is followed by a validation: every val_every steps, and after the last one
         validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or (student.schedule_steps is not None and step >= student.schedule_steps))  # noqa: E731
         try:
@@ -272,19 +296,6 @@ class DistillationPhase:
         ctx.event("DISTILLATION_CHECKPOINT_WRITTEN", self.name, {"step": student.step})
         costs.checkpoint = ctx.governor.clock() - t0
         costs.extra += costs.checkpoint
-
-    def _data_parallel(self, ctx: "RunContext", student: distill.DistillState, cfg: Any) -> "DataParallelTrainer | None":
-        """Helper processes for data-parallel training when more than one process is set or GPU visible (``DISTILLATION_PARALLEL``)."""
-        from ...parallel import DataParallelTrainer, world_size
-
-        world = world_size(cfg.processes, batch=cfg.batch, device=ctx.distill_device)
-        if world == 1:
-            return None
-        t0 = ctx.governor.clock()
-        trainer = DataParallelTrainer(student, cfg, world=world, device=ctx.distill_device, folder=ctx.output / "cache")
-        ctx.event("DISTILLATION_PARALLEL", self.name, {"processes": world, "backend": trainer.backend,
-                                                      "patches_per_process": cfg.batch // world, "start_s": round(ctx.governor.clock() - t0, 3)})
-        return trainer
 
     def _one_step(
         self, ctx: "RunContext", state: "RunState", student: distill.DistillState, batch: dict[str, torch.Tensor], cfg: Any, trainer: "DataParallelTrainer | None"
@@ -336,6 +347,7 @@ class DistillationPhase:
         if not as_prior:
             self._validated_step = student.step
         if improved:
-            self._best_maps = None if as_prior else (probs, per_voxel)
+            # the untrained student's maps are its prior's: priced at what running it costs
+            self._best_maps = (probs, self._test_s_per_voxel + self._prior_seconds_per_voxel) if as_prior else (probs, per_voxel)
         ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
                                                         "scored": "prior" if as_prior else "network"})

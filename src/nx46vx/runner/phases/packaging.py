@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,12 +17,18 @@ from ...package import write_results_zip
 from ...search import CandidateSearch
 from ...segment import BASELINE
 from ..masks import publish_submission
+from ..quota import folder_bytes
 
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..state import RunState
 
-RESULT_MEMBERS = ["journal.jsonl", "checkpoints", "postmortem.json", "RUN_PROFILE_SUMMARY.json", "GLOBAL_STATS.json", "roadmap_realtime.json", "previews", "submission.zip"]
+log = logging.getLogger("nx46vx")
+
+#: What ``results.zip`` holds besides the newest checkpoint (the one a resume needs; the kept older ones stay in the folder only).
+RESULT_FILES = ["journal.jsonl", "postmortem.json", "RUN_PROFILE_SUMMARY.json", "GLOBAL_STATS.json", "roadmap_realtime.json", "previews", "submission.zip"]
+#: Bytes per second assumed for ``results.zip`` before this session measured its checkpoint writes (a slow disk's rate).
+ZIP_BYTES_PER_S_PRIOR = 50e6
 
 
 @dataclass
@@ -130,22 +137,53 @@ class PackagingPhase:
         write_json_atomic(ctx.output / "RUN_PROFILE_SUMMARY.json", profile)
         journal.record("RUN_PROFILE_SUMMARY", self.name, profile)
         publish(ctx)
+        members = results_zip_plan(ctx)
         journal.merkle_root(self.name)
         journal.record("RUN_END", "run", {"status": result.status, "stop_reason": result.stop_reason, "model_digest": result.model_digest, "cursor": result.cursor, "wall_s": round(result.wall_s, 3)})
         journal.close()
-        write_results_zip(ctx.output / "results.zip", ctx.output, RESULT_MEMBERS)
+        if members is not None:
+            write_results_zip(ctx.output / "results.zip", ctx.output, members)
+
+
+def results_zip_plan(ctx: "RunContext") -> list[str] | None:
+    """The members of ``results.zip`` — :data:`RESULT_FILES` and the newest committed checkpoint — or None when it does not fit.
+
+    It must fit the time left (its bytes at the measured checkpoint write rate ×
+    ``reserve_safety``) and the output quota (it is a copy: the folder holds every
+    file already). The decision is journaled (``RESULTS_ZIP``); a skipped archive's
+    stale predecessor is removed, so a ``results.zip`` never holds an older run state
+    than the folder beside it.
+    """
+    output, checkpointer = ctx.output, ctx.checkpointer
+    newest = checkpointer.last or ckpt.latest_committed(output / "checkpoints")  # written and hashed in this session, or found
+    members = [m for m in RESULT_FILES if (output / m).exists()] + ([f"checkpoints/{newest.name}"] if newest is not None else [])
+    nbytes = sum(folder_bytes(output / m) if (output / m).is_dir() else (output / m).stat().st_size for m in members)
+    archive = output / "results.zip"
+    previous = archive.stat().st_size if archive.is_file() else 0
+    seconds = nbytes / (checkpointer.write_rate() or ZIP_BYTES_PER_S_PRIOR) * ctx.config.budget.reserve_safety
+    time_left = ctx.governor.remaining()
+    reason = None
+    if seconds > time_left:
+        reason = "time"
+    elif not ctx.quota.allow(nbytes - previous):
+        reason = "output quota"
+    if reason is not None:
+        archive.unlink(missing_ok=True)
+        log.warning("results.zip is not written (%s): %d bytes, %.1f s predicted; the output folder holds every file", reason, nbytes, seconds)
+    ctx.event("RESULTS_ZIP", "packaging", {"written": reason is None, "reason": reason, "bytes": nbytes, "checkpoint": newest.name if newest else None,
+                                           "predicted_s": round(seconds, 3), "time_left_s": None if time_left == float("inf") else round(time_left, 3)})
+    return members if reason is None else None
 
 
 def publish(ctx: "RunContext") -> None:
     """Upload the latest committed checkpoint as a Kaggle Model when configured; journal why not otherwise."""
     handle = ctx.config.publish.model_handle
-    latest = ckpt.latest_committed(ctx.output / "checkpoints")
-    reason = None
+    reason, latest = None, None
     if not handle:
         reason = "publish.model_handle is not set"
     elif ctx.config.profile == "kaggle-submit":
         reason = "never under kaggle-submit"
-    elif latest is None:
+    elif (latest := ckpt.latest_committed(ctx.output / "checkpoints")) is None:  # hashes every kept checkpoint: only when uploading
         reason = "no committed checkpoint"
     else:
         try:

@@ -30,6 +30,7 @@ from .base import digest, plain
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..state import RunState
+    from ..training_data import Fits
 
 log = logging.getLogger("nx46vx")
 
@@ -89,6 +90,7 @@ class SegmentationPhase:
         seconds_per_voxel: dict[str, float] = {}
         params: dict[str, PostParams] = {}
         tuned: dict[str, int] = {}
+        cut_for_time: list[str] = []
         if volumes:
             labels = validation_truths(ctx, state)
             if BASELINE in names:
@@ -97,12 +99,20 @@ class SegmentationPhase:
                 seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(img.size for img, _ in volumes)
                 scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
             for name in (n for n in names if n in sources):
-                probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False)
+                probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False,
+                                                                          fits=self._inference_budget(ctx, state))
+                if probs is None:  # its validation alone would leave no time to segment the test volumes with it
+                    cut_for_time.append(name)
+                    continue
                 params[name], scores[name], tuned[name] = tune_postprocess(list(zip(probs, labels)), seg, keep_going=self._tuning_budget(ctx, state, seconds_per_voxel[name]))
+            names = [n for n in names if n not in cut_for_time] or [BASELINE]  # the baseline's masks exist since discovery
             teacher_scores = {}
+            dearest = max(seconds_per_voxel.values(), default=0.0)  # reported, not chosen from: tuned only while the dearest source still fits
             for teacher, probs in state.teacher_val_probs.items():
-                if probs is not None:  # the ensemble teacher is the ensemble source: its score is already tuned
-                    teacher_scores[teacher] = scores[teacher] if teacher in scores else tune_postprocess(list(zip(probs, labels)), seg)[1]
+                if probs is not None and teacher in scores:  # the ensemble teacher is the ensemble source: its score is already tuned
+                    teacher_scores[teacher] = scores[teacher]
+                elif probs is not None:
+                    _, teacher_scores[teacher], tuned[f"teacher:{teacher}"] = tune_postprocess(list(zip(probs, labels)), seg, keep_going=self._tuning_budget(ctx, state, dearest))
             ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.validation_pairs], "scores": scores, "teachers": teacher_scores,
                                                        "params": {k: v.to_dict() for k, v in params.items()}, "tuned_points": tuned})
             grid = len(list(postprocess_grid(seg)))
@@ -125,10 +135,16 @@ class SegmentationPhase:
             "predicted_test_seconds": choice.predicted_test_seconds,
             "seconds_per_voxel": seconds_per_voxel,
             "time_left_s": None if time_left == float("inf") else time_left,
-            "excluded_for_time": choice.excluded_for_time,
+            "excluded_for_time": sorted(set(choice.excluded_for_time) | set(cut_for_time)),
+            "validation_cut_for_time": cut_for_time,
         }
         ctx.event("SEGMENTER_CHOICE", self.name, record)
         return plain(record)
+
+    def _inference_budget(self, ctx: "RunContext", state: "RunState") -> "Fits":
+        """``fits(seconds_per_voxel, voxels_left)`` for a source's validation maps: the rest of them and its test volumes fit the time left."""
+        governor, safety = ctx.governor, ctx.config.budget.reserve_safety
+        return lambda per_voxel, voxels_left: per_voxel * (voxels_left + state.test_voxels * safety) <= governor.remaining() - governor.margin()
 
     def _tuning_budget(self, ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> Callable[[int], bool]:
         """``keep_going(i)``: one more grid point fits when its measured cost and the source's test cost fit the time left."""
