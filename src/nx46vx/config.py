@@ -109,6 +109,7 @@ class DistillConfig:
     """The student and its training (see :mod:`nx46vx.distill`, :mod:`nx46vx.student`, :mod:`nx46vx.patches`).
 
     ``teachers``: any of ``ensemble`` (top ``ensemble_k`` search candidates),
+    ``nnunet:<model folder>`` (an nnU-Net v2 results folder, :mod:`nx46vx.nnunet`),
     ``torchscript:<path>``, ``tiff:<dir>``, ``python:<module>:<callable>``; every
     listed teacher is required; ``[]`` trains on the labels alone. ``arch``:
     ``resenc`` (residual-encoder U-Net), ``plain``, or ``auto`` (ResEnc on a GPU,
@@ -549,8 +550,8 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segment.method": (lambda v: v == "auto" or v in SEGMENT_METHODS, f"auto or one of {list(SEGMENT_METHODS)}"),
     "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),
     "distill.teachers": (
-        lambda v: v == SEGMENT_METHODS["ensemble"] or (v.partition(":")[0] in {"torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
-        "ensemble, torchscript:<path>, tiff:<dir> or python:<module>:<callable>",
+        lambda v: v == SEGMENT_METHODS["ensemble"] or (v.partition(":")[0] in {"nnunet", "torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
+        "ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>",
     ),
 }
 FREE_TEXT = {"profile", "publish.model_handle", "publish.version_notes"}

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .config import DistillConfig
-from .errors import DistillationNotExecuted
+from .errors import DistillationNotExecuted, ModelFolderError
 from .segment import ENSEMBLE, normalised, sliding_window
 from .student import build_network, deep_supervision_weights, downsample_label, label_losses, teacher_loss
 from .volumes import file_sha256
@@ -87,11 +87,14 @@ def load_teacher(
     patch: int,
     device: torch.device,
     window_batch: int = 4,
+    flip_tta: bool = False,
 ) -> Teacher:
-    """Load one teacher from its spec; raises DistillationNotExecuted when it cannot be loaded.
+    """Load one teacher from its spec; raises DistillationNotExecuted when it cannot be loaded
+    (:class:`~nx46vx.errors.ModelFolderError` for an nnU-Net folder it refuses).
 
     A network teacher (``torchscript:``) predicts by :func:`~nx46vx.segment.sliding_window` at ``patch``,
-    ``window_batch`` windows per pass.
+    ``window_batch`` windows per pass. An ``nnunet:`` folder predicts as nnU-Net does
+    (:func:`nx46vx.nnunet.probability`), at its plans' patch, mirrored over its allowed axes with ``flip_tta``.
     """
     kind, _, rest = spec.partition(":")
     try:
@@ -103,6 +106,12 @@ def load_teacher(
             path = _resolve(rest, roots)
             module = torch.jit.load(str(path), map_location=device).eval()
             return Teacher(spec, file_sha256(path), lambda _id, vol: sliding_window(vol, module, patch=patch, device=device, batch=window_batch))
+        if kind == "nnunet":
+            from . import nnunet
+
+            model = nnunet.load_model(_resolve(rest, roots))
+            digest = hashlib.sha256(f"{model.sha256}:mirror={flip_tta}".encode()).hexdigest()  # mirroring changes the maps
+            return Teacher(spec, digest, lambda _id, vol: nnunet.probability(model, vol, mirror=flip_tta, device=device))
         if kind == "tiff":
             folder = _resolve(rest, roots)
             if not folder.is_dir():
@@ -126,11 +135,11 @@ def load_teacher(
             source = getattr(importlib.import_module(module_name), "__file__", None)
             digest = file_sha256(source) if source and os.path.isfile(source) else hashlib.sha256(rest.encode()).hexdigest()
             return Teacher(spec, digest, lambda _id, vol: np.clip(np.asarray(fn(vol), dtype=np.float32), 0.0, 1.0))
-    except DistillationNotExecuted:
+    except (DistillationNotExecuted, ModelFolderError):
         raise
     except Exception as exc:  # any failure to load a required teacher stops distillation, clearly
         raise DistillationNotExecuted(f"teacher {spec!r} failed to load", path=rest or None, expected="a loadable teacher", found=f"{type(exc).__name__}: {exc}") from None
-    raise DistillationNotExecuted("unknown teacher kind", expected="ensemble, torchscript:<path>, tiff:<dir> or python:<module>:<callable>", found=spec)
+    raise DistillationNotExecuted("unknown teacher kind", expected="ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>", found=spec)
 
 
 def soft_target(probs: Sequence[np.ndarray | None]) -> np.ndarray | None:

@@ -114,6 +114,10 @@ class DistillationNotExecuted(Nx46Error):
     """Distillation was asked for but no optimiser step ran or a teacher failed to load."""
 
 
+class ModelFolderError(Nx46Error):
+    """A trained-model folder (nnU-Net's) is incomplete, unsupported, or holds more than weights and plain data."""
+
+
 class ParallelTrainingError(Nx46Error):
     """A data-parallel training process failed, or a batch does not fit the data-parallel layout."""
 

@@ -19,6 +19,7 @@ import torch
 
 from ... import distill
 from ...config import RunConfig
+from ...errors import ModelFolderError
 from ...metric import Truth, score_volume
 from ...patches import make_batch
 from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window
@@ -136,8 +137,8 @@ class DistillationPhase:
             t0 = ctx.governor.clock()
             try:
                 teacher = distill.load_teacher(spec, roots=roots, ensemble=ensemble, ensemble_digest=ensemble_digest, patch=cfg.patch, device=ctx.distill_device,
-                                                window_batch=ctx.config.segment.window_batch)
-            except distill.DistillationNotExecuted as exc:
+                                                window_batch=ctx.config.segment.window_batch, flip_tta=ctx.config.segment.flip_tta)
+            except (distill.DistillationNotExecuted, ModelFolderError) as exc:
                 ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": False, "error": str(exc)})
                 raise
             teachers.append(teacher)

@@ -1,0 +1,182 @@
+"""nnU-Net v2 model folders as teachers: built by nnunetv2 itself, predicted as its nnUNetPredictor predicts, never unpickled freely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nx46vx
+from nx46vx import nnunet
+from nx46vx.errors import ModelFolderError
+
+from .conftest import FAST, events
+
+nnunetv2 = pytest.importorskip("nnunetv2")
+
+PATCH = [32, 32, 32]
+
+
+def _plans(normalization: str) -> dict:
+    """Tiny 3d_fullres plans in nnU-Net v2's layout (a 3-stage PlainConvUNet, patch 32)."""
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    return {
+        "dataset_name": "Dataset001_Vesuvius", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [64, 64, 64], "image_reader_writer": "Tiff3DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2, "patch_size": PATCH,
+            "median_image_size_in_voxels": [64, 64, 64], "spacing": [1.0, 1.0, 1.0], "normalization_schemes": [normalization], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+            "resampling_fn_seg_kwargs": dict(resampling, is_seg=True, order=1), "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": dict(resampling, order=1),
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 3,
+                                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
+                                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+            "batch_dice": False}},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {"max": 255.0, "mean": 120.0, "median": 118.0, "min": 0.0, "percentile_00_5": 10.0,
+                                                               "percentile_99_5": 240.0, "std": 40.0}},
+    }
+
+
+def make_model_folder(folder: Path, *, normalization: str = "ZScoreNormalization", folds: int = 1, extra: dict | None = None) -> Path:
+    """A trained-model folder as nnU-Net v2 writes it: plans, dataset (label 2 = ignore), and per fold the checkpoint its trainer saves.
+
+    The network comes from nnunetv2's own ``get_network_from_plans`` (random weights, a different seed per fold), the
+    checkpoint has every key ``nnUNetTrainer.save_checkpoint`` writes, its training log holding numpy scalars.
+    """
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = _plans(normalization)
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "surface": 1, "ignore": 2}, "numTraining": 4, "file_ending": ".tif"}
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    manager = PlansManager(plans)
+    config, labels = manager.get_configuration("3d_fullres"), manager.get_label_manager(dataset)
+    for fold in range(folds):
+        torch.manual_seed(fold)
+        network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs, config.network_arch_init_kwargs_req_import, 1,
+                                         labels.num_segmentation_heads, deep_supervision=True)
+        optimizer = torch.optim.SGD(network.parameters(), 0.01, momentum=0.99, nesterov=True)
+        log = LocalLogger()
+        for key, value in (("mean_fg_dice", np.float64(0.4)), ("ema_fg_dice", np.float64(0.4)), ("dice_per_class_or_region", [np.float64(0.4)]),
+                           ("train_losses", np.float32(-0.2)), ("lrs", 0.01), ("epoch_start_timestamps", 1.7e9)):
+            log.log(key, value, 0)
+        checkpoint = {"network_weights": network.state_dict(), "optimizer_state": optimizer.state_dict(), "grad_scaler_state": None, "logging": log.get_checkpoint(),
+                      "_best_ema": np.float64(0.4), "current_epoch": 1,
+                      "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold, "dataset_json": dataset, "device": torch.device("cpu")},
+                      "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), **(extra or {})}
+        (folder / f"fold_{fold}").mkdir()
+        torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder
+
+
+def _volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Random intensities with zero slabs at two borders (nnU-Net crops to the nonzero region)."""
+    volume = np.random.default_rng(seed).integers(0, 255, shape).astype(np.uint8)
+    volume[:3] = 0
+    volume[:, :, -5:] = 0
+    return volume
+
+
+def _reference(folder: Path, volume: np.ndarray, *, folds: tuple[int, ...], mirror: bool) -> np.ndarray:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror, perform_everything_on_device=False,
+                                device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds, checkpoint_name="checkpoint_final.pth")
+    _, probs = predictor.predict_single_npy_array(volume[None].astype(np.float32), {"spacing": [1.0, 1.0, 1.0]}, None, None, True)
+    return probs[1]
+
+
+@pytest.mark.parametrize(("normalization", "folds", "mirror"), [("ZScoreNormalization", 1, True), ("CTNormalization", 2, False)])
+def test_the_teacher_map_is_nnunetpredictors(normalization: str, folds: int, mirror: bool, tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path / "model", normalization=normalization, folds=folds)
+    volume = _volume((36, 41, 30))  # smaller than two patches, cropped on two axes, padded on none
+    model = nnunet.load_model(folder)
+    ours = nnunet.probability(model, volume, mirror=mirror)
+    theirs = _reference(folder, volume, folds=tuple(range(folds)), mirror=mirror)
+    assert ours.shape == volume.shape and ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert ours[:3].max() == 0.0 and 0.0 < ours[5:, :, :-6].min()  # outside the nonzero crop: no surface
+    assert model.mirror_axes == (0, 1, 2) and model.heads == 2 and len(model.folds) == folds  # label 2 is nnU-Net's ignore label: no head
+
+
+def test_a_volume_smaller_than_the_patch_is_padded_as_nnunet_pads_it(tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path / "model")
+    volume = _volume((20, 33, 27), seed=1)
+    theirs = _reference(folder, volume, folds=(0,), mirror=False)
+    assert np.abs(nnunet.probability(nnunet.load_model(folder), volume) - theirs).max() < 1e-4
+
+
+class _CreatesAFile:
+    """Unpickling this object creates ``path``: what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_holding_another_object_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    folder = make_model_folder(tmp_path / "model", extra={"trainer_state": _CreatesAFile(planted)})
+    with pytest.raises(ModelFolderError, match="refused") as err:
+        nnunet.load_model(folder)
+    assert err.value.found == "the global io.open" and err.value.path.endswith("checkpoint_final.pth")
+    assert not planted.exists()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("network_class_name", "subprocess.Popen", "network this package does not build"),
+    ("conv_op", "os.system", "operation outside the allowed ones"),
+])
+def test_plans_naming_other_code_are_refused(key: str, value: str, message: str, tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path / "model")
+    plans = json.loads((folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    (arch if key in arch else arch["arch_kwargs"])[key] = value
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelFolderError, match=message) as err:
+        nnunet.load_model(folder)
+    assert err.value.found == value
+
+
+def test_an_empty_or_resampling_folder_is_a_named_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "plans.json").write_text("{}")
+    (tmp_path / "empty" / "dataset.json").write_text("{}")
+    with pytest.raises(ModelFolderError, match="no trained fold"):
+        nnunet.load_model(tmp_path / "empty")
+    folder = make_model_folder(tmp_path / "model")
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 1.0, 1.0]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelFolderError, match="resampling"):
+        nnunet.load_model(folder)
+
+
+def test_an_nnunet_folder_teaches_the_student(demo_data: Path, tmp_path: Path) -> None:
+    make_model_folder(tmp_path / "attached" / "Dataset001_Vesuvius" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    spec = "nnunet:Dataset001_Vesuvius/nnUNetTrainer__nnUNetPlans__3d_fullres"  # relative to an input root, as on Kaggle
+    result = nx46vx.run([demo_data, tmp_path / "attached"], output=tmp_path / "out", profile="demo",
+                        overrides=FAST + [f'distill.teachers=["ensemble", "{spec}"]', "search.max_epochs=1"])
+    journal = events(tmp_path / "out" / "journal.jsonl")
+    loaded = [e["data"] for e in journal if e["event"] == "DISTILLATION_TEACHER_LOAD_END"]
+    assert [d["teacher"] for d in loaded] == ["ensemble", spec] and all(d["ok"] for d in loaded)
+    end = next(e["data"] for e in journal if e["event"] == "DISTILLATION_END")
+    assert end["teacher_coverage_percent"][spec] == 100.0 and end["steps"] == 30
+    report = next(e["data"] for e in journal if e["event"] == "VALIDATION_REPORT")
+    assert 0.0 <= report["teachers"][spec] <= 1.0 and result.status == "complete"
+    assert len(list((tmp_path / "out" / "cache" / "teachers").glob("*.npz"))) == 2 * 4  # both teachers' maps of the 4 training volumes
