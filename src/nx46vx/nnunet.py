@@ -45,14 +45,17 @@ CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
 
 
-def _architectures() -> dict[str, type[nn.Module]]:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-
-    return {f"dynamic_network_architectures.architectures.unet.{cls.__name__}": cls for cls in (PlainConvUNet, ResidualEncoderUNet)}
-
-
+_UNETS = "dynamic_network_architectures.architectures.unet"
 #: The network classes a plans file may name (nnU-Net v2's own, from dynamic-network-architectures).
-ARCHITECTURES = ("dynamic_network_architectures.architectures.unet.PlainConvUNet", "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet")
+ARCHITECTURES = tuple(f"{_UNETS}.{name}" for name in ("PlainConvUNet", "ResidualEncoderUNet"))
+
+
+def _architectures() -> dict[str, type[nn.Module]]:
+    """:data:`ARCHITECTURES` by name → class (imported on first use: the library is needed only for nnU-Net folders)."""
+    import importlib
+
+    module = importlib.import_module(_UNETS)
+    return {name: getattr(module, name.rpartition(".")[2]) for name in ARCHITECTURES}
 #: The torch classes a plans file's ``_kw_requires_import`` arguments may name.
 OPERATIONS: dict[str, type[nn.Module]] = {
     f"{module}.{cls.__name__}": cls
