@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,15 @@ def masks(submission: Path) -> dict[str, np.ndarray]:
     """``{member name: mask}`` of a submission zip."""
     with zipfile.ZipFile(submission) as zf:
         return {n: tifffile.imread(io.BytesIO(zf.read(n))) for n in sorted(zf.namelist())}
+
+
+def assert_parity(out: Path, proc: subprocess.CompletedProcess[str], reference: dict) -> dict:
+    """A finished CLI run whose model digest and submission masks equal ``reference``'s (``result``, ``masks``); returns its result."""
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["model_digest"] == reference["result"]["model_digest"]
+    got = masks(out / "submission.zip")
+    assert got.keys() == reference["masks"].keys()
+    for name in got:
+        assert np.array_equal(got[name], reference["masks"][name]), name
+    return result

@@ -100,13 +100,22 @@ def test_label_terms_ignore_unlabeled_voxels() -> None:
     assert distill.losses([changed], batch, CFG, teacher_weight=1.0)["total"] > after["total"]  # the teacher sees every voxel
 
 
-def test_networks_and_deep_supervision_shapes() -> None:
-    from nx46vx.student import PlainUNet, ResEncUNet
+def test_networks_are_nnunets_own_with_deep_supervision() -> None:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    from nx46vx.student import architecture, build_network
 
     x = torch.randn(2, 1, 16, 16, 16)
-    outs = ResEncUNet(4, 3, (1, 2), deep_supervision=2).forward_all(x)
-    assert [o.shape[-1] for o in outs] == [16, 8, 4] and outs[0].shape == (2, 1, 16, 16, 16)
-    assert PlainUNet(4, 2)(x).shape == (2, 1, 16, 16, 16)
+    for arch, cls, sizes in (("resenc", ResidualEncoderUNet, [16, 8, 4]), ("plain", PlainConvUNet, [16])):  # deep supervision: ResEnc only
+        network = build_network(arch, width=4, depth=3, blocks=(1, 2))
+        outs = network.forward_all(x)
+        assert [o.shape[-1] for o in outs] == sizes and outs[0].shape == (2, 1, 16, 16, 16)
+        assert torch.equal(network(x), outs[0])
+        assert type(network.unet) is cls  # nnU-Net's class itself: its state dict is an nnU-Net checkpoint's weights
+        assert all(k.startswith("unet.") for k in network.state_dict())
+    kwargs = architecture("resenc", width=32, depth=5, blocks=(1, 3, 4, 6, 6))["arch_kwargs"]
+    assert kwargs["features_per_stage"] == [32, 64, 128, 256, 320, 320] and kwargs["n_blocks_per_stage"] == [1, 3, 4, 6, 6, 6]  # nnU-Net's ResEnc M
+    assert kwargs["n_conv_per_stage_decoder"] == [1] * 5 and kwargs["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
     cpu = distill.resolve(DistillConfig(arch="auto", width=32, depth=4, patch=128), CPU)
     assert (cpu.arch, cpu.width, cpu.depth, cpu.patch) == ("plain", 16, 3, 48)
 
@@ -132,8 +141,8 @@ def test_a_student_fed_the_ensembles_map_starts_as_that_map_and_learns_a_correct
     # training feeds (image, prior); inference over sliding windows of an untrained student returns the prior
     cfg = DistillConfig(arch="plain", width=4, depth=2, patch=16, batch=4, steps=3, warmup_steps=1, teacher_input=True)
     state = distill.init_state(cfg, seed=0, device=CPU)
-    head = state.network.net.head.weight.detach().clone()
-    assert math.isfinite(distill.train_step(state, make(0, True), cfg)["total"]) and not torch.equal(state.network.net.head.weight, head)
+    head = state.network.net.heads[-1].weight.detach().clone()
+    assert math.isfinite(distill.train_step(state, make(0, True), cfg)["total"]) and not torch.equal(state.network.net.heads[-1].weight, head)
     fresh = distill.init_state(cfg, seed=0, device=CPU).network.eval()
     image = volumes[0][1]
     prob = sliding_window(image, fresh, patch=16, overlap=0.5, flip_tta=True, prior=maps[0])
@@ -280,11 +289,17 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     report = next(e["data"] for e in journal if e["event"] == "VALIDATION_REPORT")
     assert set(report["teachers"]) == {"ensemble", f"torchscript:{script}"}  # an external teacher is tuned like a source, under the same budget
     assert report["tuned_points"][f"teacher:torchscript:{script}"] == report["tuned_points"]["ensemble"] > 1  # no budget: the whole grid
-    with pytest.raises(DistillationNotExecuted, match="failed to load"):
+    with pytest.raises(DistillationNotExecuted, match="no TIFF maps"):
         nx46vx.run([demo_data], output=tmp_path / "missing", profile="demo", overrides=FAST + ['distill.teachers=["tiff:/nonexistent/preds"]'])
-    # the failing phase still ends in the journal, with the error (the context is exception-safe)
-    failed = [e["data"] for e in events(tmp_path / "missing" / "journal.jsonl") if e["event"] == "PHASE_END" and e["phase"] == "distillation"]
+    # a missing teacher stops the run at discovery, after the baseline submission and before any search; the failing
+    # phase still ends in the journal, with the error (the context is exception-safe)
+    missing = events(tmp_path / "missing" / "journal.jsonl")
+    failed = [e["data"] for e in missing if e["event"] == "PHASE_END"]
     assert len(failed) == 1 and failed[0]["error"].startswith("DistillationNotExecuted") and failed[0]["seconds"] >= 0
+    assert [e["phase"] for e in missing if e["event"] == "PHASE_END"] == ["discovery"] and (tmp_path / "missing" / "submission.zip").is_file()
+    assert [e["data"]["ok"] for e in missing if e["event"] == "MODEL_CHECK"] == [False]
+    with pytest.raises(DistillationNotExecuted, match="failed to load"):  # and loading it, had discovery not checked it, fails the same way
+        distill.load_teacher("tiff:/nonexistent/preds", roots=[], ensemble=None, ensemble_digest="", patch=16, device=CPU)
     # labels only, trained data-parallel by two processes started from inside run()
     labels_only = nx46vx.run([demo_data], output=tmp_path / "labels", profile="demo", overrides=FAST + ["distill.teachers=[]", "distill.steps=5", "distill.processes=2"])
     journal = events(tmp_path / "labels" / "journal.jsonl")

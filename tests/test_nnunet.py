@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,14 @@ import pytest
 import torch
 
 import nx46vx
-from nx46vx import nnunet
+from nx46vx import distill, nnunet
+from nx46vx.config import DistillConfig, load_config
 from nx46vx.errors import ModelFolderError
+from nx46vx.metric import score_volume
+from nx46vx.segment import plain_params, postprocess, sliding_window
+from nx46vx.volumes import read_volume
 
-from .conftest import FAST, events
+from .conftest import FAST, assert_parity, events, masks, run_args, run_cli
 
 nnunetv2 = pytest.importorskip("nnunetv2")
 
@@ -46,11 +52,12 @@ def _plans(normalization: str) -> dict:
     }
 
 
-def make_model_folder(folder: Path, *, normalization: str = "ZScoreNormalization", folds: int = 1, extra: dict | None = None) -> Path:
+def make_model_folder(folder: Path, *, normalization: str = "ZScoreNormalization", folds: int = 1, extra: dict | None = None, head_scale: float = 1.0) -> Path:
     """A trained-model folder as nnU-Net v2 writes it: plans, dataset (label 2 = ignore), and per fold the checkpoint its trainer saves.
 
     The network comes from nnunetv2's own ``get_network_from_plans`` (random weights, a different seed per fold), the
     checkpoint has every key ``nnUNetTrainer.save_checkpoint`` writes, its training log holding numpy scalars.
+    ``head_scale`` multiplies the output layers (a confident map: few voxels near a threshold).
     """
     from nnunetv2.training.logging.nnunet_logger import LocalLogger
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -67,6 +74,9 @@ def make_model_folder(folder: Path, *, normalization: str = "ZScoreNormalization
         torch.manual_seed(fold)
         network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs, config.network_arch_init_kwargs_req_import, 1,
                                          labels.num_segmentation_heads, deep_supervision=True)
+        with torch.no_grad():
+            for layer in network.decoder.seg_layers:
+                layer.weight *= head_scale
         optimizer = torch.optim.SGD(network.parameters(), 0.01, momentum=0.99, nesterov=True)
         log = LocalLogger()
         for key, value in (("mean_fg_dice", np.float64(0.4)), ("ema_fg_dice", np.float64(0.4)), ("dice_per_class_or_region", [np.float64(0.4)]),
@@ -138,6 +148,18 @@ def test_a_checkpoint_holding_another_object_is_refused_and_runs_nothing(tmp_pat
     assert not planted.exists()
 
 
+def test_a_planted_teacher_folder_stops_the_run_at_discovery_before_any_search(demo_data: Path, tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    make_model_folder(tmp_path / "attached" / "model", extra={"trainer_state": _CreatesAFile(planted)})
+    with pytest.raises(ModelFolderError, match="refused"):
+        nx46vx.run([demo_data, tmp_path / "attached"], output=tmp_path / "out", profile="demo", overrides=FAST + ['distill.teachers=["ensemble", "nnunet:model"]'])
+    journal = events(tmp_path / "out" / "journal.jsonl")
+    checks = [e["data"] for e in journal if e["event"] == "MODEL_CHECK"]
+    assert [(c["role"], c["spec"], c["ok"]) for c in checks] == [("teacher", "nnunet:model", False)] and "the global io.open" in checks[0]["error"]
+    assert {e["phase"] for e in journal if e["event"] == "PHASE_END"} == {"discovery"} and not planted.exists()
+    assert (tmp_path / "out" / "submission.zip").is_file()  # the baseline submission was written before the check
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("network_class_name", "subprocess.Popen", "network this package does not build"),
     ("conv_op", "os.system", "operation outside the allowed ones"),
@@ -175,8 +197,80 @@ def test_an_nnunet_folder_teaches_the_student(demo_data: Path, tmp_path: Path) -
     journal = events(tmp_path / "out" / "journal.jsonl")
     loaded = [e["data"] for e in journal if e["event"] == "DISTILLATION_TEACHER_LOAD_END"]
     assert [d["teacher"] for d in loaded] == ["ensemble", spec] and all(d["ok"] for d in loaded)
+    checked = [e for e in journal if e["event"] == "MODEL_CHECK"]  # at discovery: the folder was checked before any search
+    assert [(e["phase"], e["data"]["spec"], e["data"]["ok"]) for e in checked] == [("discovery", spec, True)]
     end = next(e["data"] for e in journal if e["event"] == "DISTILLATION_END")
     assert end["teacher_coverage_percent"][spec] == 100.0 and end["steps"] == 30
     report = next(e["data"] for e in journal if e["event"] == "VALIDATION_REPORT")
     assert 0.0 <= report["teachers"][spec] <= 1.0 and result.status == "complete"
     assert len(list((tmp_path / "out" / "cache" / "teachers").glob("*.npz"))) == 2 * 4  # both teachers' maps of the 4 training volumes
+
+
+# ----------------------------------------------------------------------------- a student started from an nnU-Net model
+
+# the student settings whose network is the test plans' (PlainConvUNet, 8-16-32 features, 2 convolutions per stage)
+MATCHING = DistillConfig(arch="plain", width=8, depth=2, patch=32, init="nnunet:model", teachers=())
+
+
+@pytest.mark.parametrize("normalization", ["ZScoreNormalization", "CTNormalization"])
+def test_a_student_started_from_a_folder_predicts_the_models_map(normalization: str, tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path / "model", normalization=normalization, folds=2)
+    model = nnunet.load_initial(folder / "fold_1")  # a named fold; the folder alone starts from its first
+    assert model.fold_names == ("1",) and nnunet.load_initial(folder).fold_names == ("0",)
+    student = distill.init_state(MATCHING, seed=0, device=torch.device("cpu"), init=model)
+    assert student.intensity == nnunet.input_intensity(model) and student.intensity.scheme == normalization
+    volume = np.random.default_rng(2).integers(1, 255, (32, 32, 32)).astype(np.uint8)  # one window, no zero border to crop
+    ours = sliding_window(volume, student.network.eval(), patch=32, intensity=student.intensity)
+    differs = np.abs(ours - nnunet.probability(model, volume))
+    # nnU-Net accumulates its logits in float16: within a window's outer 4 voxels its Gaussian weight underflows and
+    # its map is coarse (nnUNetPredictor's own, which nnunet.probability matches); inside, they agree to float16
+    assert differs[4:-4, 4:-4, 4:-4].max() < 2e-3 and differs.mean() < 2e-3
+    # the other fold, and a student of other settings, are other networks
+    assert np.abs(ours - nnunet.probability(nnunet.load_initial(folder), volume)).max() > 0.05
+    with pytest.raises(ModelFolderError, match="does not match the student's settings") as err:
+        distill.init_state(replace(MATCHING, width=4), seed=0, device=torch.device("cpu"), init=model)
+    assert err.value.expected == {"features_per_stage": [4, 8, 16]} and err.value.found == {"features_per_stage": [8, 16, 32]}
+    assert err.value.hint == "set distill.arch = plain, distill.width = 8, distill.depth = 2"
+    with pytest.raises(ModelFolderError, match="network_class_name"):
+        distill.init_state(replace(MATCHING, arch="resenc"), seed=0, device=torch.device("cpu"), init=model)
+
+
+def _models_validation_score(model: nnunet.NnUNetModel, data: Path, journal: list[dict], overrides: list[str]) -> float:
+    """The model's own score on the volumes the student is validated on (the run's first ``distill.val_volumes`` kept ones)."""
+    config = load_config("demo", overrides=overrides)
+    split = next(e["data"]["split"] for e in journal if e["event"] == "DATASET_DISCOVERY")
+    excluded = {e["data"]["id"] for e in journal if e["event"] == "VALIDATION_EXCLUDED"}
+    kept = [v for v in split["val_ids"][: config.segment.validation_volumes] if v not in excluded][: config.distill.val_volumes]
+    seg, scores = config.segment, []
+    for vol_id in kept:
+        image, label = read_volume(data / "train_images" / f"{vol_id}.tif"), read_volume(data / "train_labels" / f"{vol_id}.tif")
+        scores.append(score_volume(postprocess(nnunet.probability(model, image), plain_params(seg), seg)[0], label).score)
+    return float(np.mean(scores))
+
+
+def test_a_student_fine_tuned_from_a_folder_starts_at_its_score_and_resumes_bit_for_bit(demo_data: Path, tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path / "attached" / "model", head_scale=30.0)  # confident: few voxels near the threshold
+    settings = ["distill.init=nnunet:model", "distill.teachers=[]", "distill.arch=plain", "distill.width=8", "distill.depth=2", "distill.patch=32"]
+    extra = ["--input", str(tmp_path / "attached")] + [arg for item in settings for arg in ("--set", item)]
+    ref = run_cli(*run_args(demo_data, tmp_path / "ref", *extra))
+    assert ref.returncode == 0, ref.stderr
+    journal = events(tmp_path / "ref" / "journal.jsonl")
+    start = next(e["data"] for e in journal if e["event"] == "DISTILLATION_START")
+    assert start["init"] == "nnunet:model" and start["teacher_input"] is False  # the demo's prior input is off: one input channel
+    model = nnunet.load_initial(folder)
+    init = next(e["data"] for e in journal if e["event"] == "DISTILLATION_INIT")
+    assert (init["fold"], init["sha256"], init["normalization"]) == ("0", model.sha256, "ZScoreNormalization")
+    checked = [(e["data"]["role"], e["data"]["ok"]) for e in journal if e["event"] == "MODEL_CHECK"]
+    assert checked == [("init", True)]
+    # step 0 is the model itself: the student starts at the model's own validation score (up to the coarse float16
+    # map nnU-Net's own inference makes at window borders, which on these 36-48 voxel volumes are a large share)
+    first = next(e["data"] for e in journal if e["event"] == "DISTILLATION_VALIDATION")
+    assert first["step"] == 0 and first["scored"] == "network"
+    assert abs(first["score"] - _models_validation_score(model, demo_data, journal, FAST + settings)) < 0.02
+    # killed mid-fine-tune, resumed: the same student and masks, bit for bit
+    reference = {"result": json.loads(ref.stdout), "masks": masks(tmp_path / "ref" / "submission.zip")}
+    killed = run_cli(*run_args(demo_data, tmp_path / "out", *extra), env={"NX46VX_KILL_AT": "DISTILLATION_LOSS_STEP:15"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert_parity(tmp_path / "out", run_cli(*run_args(demo_data, tmp_path / "out", *extra)), reference)
+    resumed = events(tmp_path / "out" / "journal.jsonl")
+    assert next(e["data"]["step"] for e in resumed if e["event"] == "DISTILLATION_BATCH_BEGIN") == 11  # from step 10's checkpoint

@@ -21,7 +21,7 @@ from nx46vx import checkpoint as ckpt
 from nx46vx.errors import OutputNotWritableError
 from nx46vx.journal import verify
 
-from .conftest import FAST, events as _events, masks as _masks, run_args, run_cli
+from .conftest import FAST, assert_parity, events as _events, masks as _masks, run_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -181,17 +181,6 @@ def _baseline_submission_holds(out: Path, demo_data: Path) -> None:
     validate_submission(out / "submission.zip", shapes)
 
 
-def _assert_parity(out: Path, proc: subprocess.CompletedProcess[str], reference: dict) -> dict:
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["model_digest"] == reference["result"]["model_digest"]
-    got = _masks(out / "submission.zip")
-    assert got.keys() == reference["masks"].keys()
-    for name in got:
-        assert np.array_equal(got[name], reference["masks"][name]), name
-    return result
-
-
 @pytest.mark.parametrize("k", range(5))
 def test_kill_parity_at_seeded_points(k: int, reference: dict, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -200,7 +189,7 @@ def test_kill_parity_at_seeded_points(k: int, reference: dict, demo_data: Path, 
     assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-2000:])
     _baseline_submission_holds(out, demo_data)
     resumed = run_cli(*run_args(demo_data, out))
-    result = _assert_parity(out, resumed, reference)
+    result = assert_parity(out, resumed, reference)
     previous = sorted((out / "journals").glob("journal-*.jsonl"))[-1]
     assert verify(out / "journal.jsonl", previous=previous).ok
     if result["resumed_from"] is not None:
@@ -235,7 +224,7 @@ def test_kill_parity_inside_the_students_training(where: str, reference: dict, d
     killed_names = [e["event"] for e in _events(out / "journal.jsonl")]
     assert killed_names.count("DISTILLATION_LOSS_STEP") == steps_done and "DISTILLATION_END" not in killed_names
     resumed = run_cli(*run_args(demo_data, out))
-    _assert_parity(out, resumed, reference)
+    assert_parity(out, resumed, reference)
     journal = _events(out / "journal.jsonl")
     names = [e["event"] for e in journal]
     assert verify(out / "journal.jsonl", previous=sorted((out / "journals").glob("journal-*.jsonl"))[-1]).ok
@@ -253,7 +242,7 @@ def test_kill_parity_mid_training_keeps_partial_reports(reference: dict, demo_da
     stats = json.loads((out / "GLOBAL_STATS.json").read_text())
     assert stats["phase"] == "features" and stats["files_processed"] == 6
     _baseline_submission_holds(out, demo_data)
-    result = _assert_parity(out, run_cli(*run_args(demo_data, out)), reference)
+    result = assert_parity(out, run_cli(*run_args(demo_data, out)), reference)
     assert result["resumed_from"] is not None
 
 
@@ -274,7 +263,7 @@ def _replayed_after_a_kill(demo_data: Path, tmp_path: Path, extra: list[str], cl
     killed = run_cli(*run_args(demo_data, out, *extra), env={"NX46VX_VIRTUAL_CLOCK": clock, "NX46VX_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL
     resumed = run_cli(*run_args(demo_data, out, *extra), env={"NX46VX_VIRTUAL_CLOCK": "tick=0.001"})
-    _assert_parity(out, resumed, reference)
+    assert_parity(out, resumed, reference)
     return _events(ref_out / "journal.jsonl"), _events(out / "journal.jsonl")
 
 

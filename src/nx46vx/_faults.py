@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .governor import VirtualClock
 
 _counts: dict[str, int] = {}
 # Read once per process: the kill tests set it in the child's environment, and a lookup in os.environ per journal

@@ -128,13 +128,19 @@ class DistillConfig:
     cascade style); it needs the ``ensemble`` teacher and the ensemble's map of
     every training volume (at most ``teacher_volumes`` of them): otherwise the
     setting is off (``DISTILLATION_START`` says why) and the student learns from
-    the image alone, on all training volumes.
+    the image alone, on all training volumes. ``init``: empty (nnU-Net's random
+    initialisation) or ``nnunet:<model folder>`` (its first trained fold) /
+    ``nnunet:<model folder>/fold_<k>``: the student starts from that nnU-Net model's
+    weights and is fed its intensity normalisation (fine-tuning); its plans' network
+    must be the one ``arch``, ``width``, ``depth`` and ``blocks`` describe, and
+    ``teacher_input`` is off (the model has one input channel).
     """
 
     enabled: bool = True
     teachers: tuple[str, ...] = (SEGMENT_METHODS["ensemble"],)
     ensemble_k: int = 5
     teacher_input: bool = False
+    init: str = ""
     arch: str = "auto"
     width: int = 32
     depth: int = 4
@@ -537,6 +543,9 @@ RANGES: dict[str, Range] = {
     "progress.interval_s": _r(5, 15),
     "progress.health_every": AT_LEAST_ONE,
 }
+
+#: What a ``distill.teachers`` entry may be.
+TEACHER_SPECS = "ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:<index> or mps"
 # Settings whose text is checked against a fixed set of values or a pattern: key → (check, what is allowed).
@@ -551,8 +560,9 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),
     "distill.teachers": (
         lambda v: v == SEGMENT_METHODS["ensemble"] or (v.partition(":")[0] in {"nnunet", "torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
-        "ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>",
+        TEACHER_SPECS,
     ),
+    "distill.init": (lambda v: v == "" or (v.startswith("nnunet:") and len(v) > len("nnunet:")), 'empty or nnunet:<model folder>[/fold_<k>]'),
 }
 FREE_TEXT = {"profile", "publish.model_handle", "publish.version_notes"}
 

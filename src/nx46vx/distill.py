@@ -27,9 +27,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import importlib.util
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DistillConfig
+from .config import TEACHER_SPECS, DistillConfig
 from .errors import DistillationNotExecuted, ModelFolderError
-from .segment import ENSEMBLE, normalised, sliding_window
-from .student import build_network, deep_supervision_weights, downsample_label, label_losses, teacher_loss
+from .segment import ENSEMBLE, PERCENTILE, Intensity, normalised, sliding_window
+from .student import architecture, build_network, deep_supervision_weights, downsample_label, label_losses, start_from, teacher_loss
 from .volumes import file_sha256
-from . import streams
+from . import nnunet, streams
 
 #: the largest gradient norm a student step applies (nnU-Net v2's clip)
 GRAD_CLIP_NORM = 12.0
@@ -107,8 +108,6 @@ def load_teacher(
             module = torch.jit.load(str(path), map_location=device).eval()
             return Teacher(spec, file_sha256(path), lambda _id, vol: sliding_window(vol, module, patch=patch, device=device, batch=window_batch))
         if kind == "nnunet":
-            from . import nnunet
-
             model = nnunet.load_model(_resolve(rest, roots))
             digest = hashlib.sha256(f"{model.sha256}:mirror={flip_tta}".encode()).hexdigest()  # mirroring changes the maps
             return Teacher(spec, digest, lambda _id, vol: nnunet.probability(model, vol, mirror=flip_tta, device=device))
@@ -139,7 +138,38 @@ def load_teacher(
         raise
     except Exception as exc:  # any failure to load a required teacher stops distillation, clearly
         raise DistillationNotExecuted(f"teacher {spec!r} failed to load", path=rest or None, expected="a loadable teacher", found=f"{type(exc).__name__}: {exc}") from None
-    raise DistillationNotExecuted("unknown teacher kind", expected="ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>", found=spec)
+    raise DistillationNotExecuted("unknown teacher kind", expected=TEACHER_SPECS, found=spec)
+
+
+def check_teacher(spec: str, *, roots: Sequence[Path]) -> str:
+    """Check a teacher spec before any training, without running anything from it; returns the nnU-Net model's or TorchScript file's digest, else "".
+
+    An ``nnunet:`` folder is loaded as :func:`load_teacher` loads it (plans, dataset,
+    every fold's weights fitted to the plans' network); a ``torchscript:`` file and a
+    ``tiff:`` folder must exist (the folder with TIFFs in it); a ``python:`` module
+    must be importable (found, not imported). Raises what :func:`load_teacher` raises.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "nnunet":
+        return nnunet.load_model(_resolve(rest, roots)).sha256
+    path = _resolve(rest, roots) if kind in ("torchscript", "tiff") else None
+    if kind == "torchscript" and not path.is_file():
+        raise DistillationNotExecuted(f"teacher {spec!r}: no TorchScript file", path=path, expected="a file", found="nothing")
+    if kind == "torchscript":
+        return file_sha256(path)
+    if kind == "tiff" and not (path.is_dir() and any(path.glob("*.tif"))):
+        raise DistillationNotExecuted(f"teacher {spec!r}: no TIFF maps", path=path, expected="a folder of <id>.tif", found="a folder without .tif files" if path.is_dir() else "nothing")
+    if kind == "python":
+        module_name = rest.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module_name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise DistillationNotExecuted(f"teacher {spec!r}: no such module", expected=f"an importable module {module_name!r}", found="none")
+    if kind not in (ENSEMBLE, "tiff", "python"):
+        raise DistillationNotExecuted("unknown teacher kind", expected=TEACHER_SPECS, found=spec)
+    return ""
 
 
 def soft_target(probs: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -160,7 +190,8 @@ class DistillState:
     ``schedule_steps`` is the length the learning-rate schedule is laid out over
     and ``val_every`` the steps between validations (both decided once, from the
     budget, and stored; ``val_every`` None = ``distill.val_every``); ``best`` the
-    best-on-validation weights with their score and step (what segmentation uses).
+    best-on-validation weights with their score and step (what segmentation uses);
+    ``intensity`` how its input is normalised (an nnU-Net model's for a student started from one).
     """
 
     network: nn.Module
@@ -170,6 +201,7 @@ class DistillState:
     schedule_steps: int | None = None
     best: dict[str, Any] | None = None
     val_every: int | None = None
+    intensity: Intensity = PERCENTILE
 
 
 def resolve(config: DistillConfig, device: torch.device, *, train_volumes: int | None = None) -> DistillConfig:
@@ -190,6 +222,8 @@ def prior_off_reason(config: DistillConfig, train_volumes: int | None) -> str | 
     """Why ``teacher_input`` does not hold for these settings and ``train_volumes`` training volumes (None: it holds)."""
     if not config.teacher_input:
         return "distill.teacher_input is false"
+    if config.init:
+        return "distill.init starts the student from an nnU-Net network of one input channel"
     if ENSEMBLE not in config.teachers:
         return "the prior is the ensemble teacher's map, and distill.teachers has no ensemble"
     if train_volumes is not None and train_volumes > config.teacher_volumes:
@@ -202,15 +236,31 @@ def network_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat((batch["image"], batch["prior"]), dim=1) if "prior" in batch else batch["image"]
 
 
-def init_state(config: DistillConfig, *, seed: int, device: torch.device) -> DistillState:
-    """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU)."""
+def init_state(config: DistillConfig, *, seed: int, device: torch.device, init: nnunet.NnUNetModel | None = None) -> DistillState:
+    """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU).
+
+    ``init``: the nnU-Net model ``distill.init`` names (:func:`load_init`): the student starts
+    from its weights and takes its intensity normalisation (:func:`nx46vx.student.start_from`).
+    """
     config = resolve(config, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(streams.student_init_seed(seed))
-        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input).to(device)
+        network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input)
+    intensity = PERCENTILE
+    if init is not None:
+        start_from(network, architecture(config.arch, width=config.width, depth=config.depth, blocks=config.blocks), init)
+        intensity = nnunet.input_intensity(init)
+    network = network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    return DistillState(network, optimizer, scaler)
+    return DistillState(network, optimizer, scaler, intensity=intensity)
+
+
+def load_init(spec: str, *, roots: Sequence[Path]) -> nnunet.NnUNetModel | None:
+    """The nnU-Net model ``distill.init`` names (``nnunet:<folder>[/fold_<k>]``, relative to an input root), None for ""."""
+    if not spec:
+        return None
+    return nnunet.load_initial(_resolve(spec.removeprefix("nnunet:"), roots))
 
 
 def lr_at(step: int, *, total: int | None, warmup: int, base: float) -> float:
@@ -313,6 +363,7 @@ def state_dict(state: DistillState) -> dict[str, Any]:
         "schedule_steps": state.schedule_steps,
         "val_every": state.val_every,
         "best": state.best,
+        "intensity": asdict(state.intensity),
     }
 
 
@@ -325,6 +376,7 @@ def load_state_dict(state: DistillState, saved: dict[str, Any]) -> None:
     state.schedule_steps = None if saved["schedule_steps"] is None else int(saved["schedule_steps"])
     state.best = saved["best"]
     state.val_every = None if saved.get("val_every") is None else int(saved["val_every"])
+    state.intensity = Intensity(**saved["intensity"]) if saved.get("intensity") else PERCENTILE
 
 
 def student_digest(state: DistillState) -> bytes:

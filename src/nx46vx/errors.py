@@ -118,6 +118,10 @@ class ModelFolderError(Nx46Error):
     """A trained-model folder (nnU-Net's) is incomplete, unsupported, or holds more than weights and plain data."""
 
 
+class DependencyError(Nx46Error):
+    """A package this work needs is not installed (the message names it and how to install it)."""
+
+
 class ParallelTrainingError(Nx46Error):
     """A data-parallel training process failed, or a batch does not fit the data-parallel layout."""
 

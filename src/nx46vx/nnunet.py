@@ -36,26 +36,37 @@ import torch
 from scipy.ndimage import binary_fill_holes, gaussian_filter
 from torch import nn
 
-from .errors import ModelFolderError
+from .errors import DependencyError, ModelFolderError
+from .segment import INTENSITY_SCHEMES, PERCENTILE, Intensity
 from .volumes import file_sha256
 
 #: The checkpoint names nnU-Net writes, in the order one is taken per fold.
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
 #: Intensity normalisations understood (nnU-Net's default schemes a CT model uses).
-NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
+NORMALISATIONS = tuple(s for s in INTENSITY_SCHEMES if s != PERCENTILE.scheme)
 
 
+#: The network library and version this package builds its U-Nets with (installed without its declared timm, README).
+NETWORK_LIBRARY = "dynamic-network-architectures==0.4.4"
 _UNETS = "dynamic_network_architectures.architectures.unet"
+#: What a plans file's ``network_class_name`` starts with for the U-Nets this package builds.
+ARCHITECTURE_PREFIX = f"{_UNETS}."
 #: The network classes a plans file may name (nnU-Net v2's own, from dynamic-network-architectures).
-ARCHITECTURES = tuple(f"{_UNETS}.{name}" for name in ("PlainConvUNet", "ResidualEncoderUNet"))
+ARCHITECTURES = tuple(f"{ARCHITECTURE_PREFIX}{name}" for name in ("PlainConvUNet", "ResidualEncoderUNet"))
 
 
 def _architectures() -> dict[str, type[nn.Module]]:
-    """:data:`ARCHITECTURES` by name → class (imported on first use: the library is needed only for nnU-Net folders)."""
+    """:data:`ARCHITECTURES` by name → class; raises :class:`DependencyError` without dynamic-network-architectures."""
     import importlib
 
-    module = importlib.import_module(_UNETS)
+    try:
+        module = importlib.import_module(_UNETS)
+    except ModuleNotFoundError:
+        raise DependencyError("nnU-Net's network library is not installed", expected="dynamic-network-architectures", found="no module dynamic_network_architectures",
+                              hint=f'python3 -m pip install --no-deps "{NETWORK_LIBRARY}" (its U-Nets need torch and numpy only)') from None
     return {name: getattr(module, name.rpartition(".")[2]) for name in ARCHITECTURES}
+
+
 #: The torch classes a plans file's ``_kw_requires_import`` arguments may name.
 OPERATIONS: dict[str, type[nn.Module]] = {
     f"{module}.{cls.__name__}": cls
@@ -87,7 +98,8 @@ class NnUNetModel:
 
     ``intensity``: the foreground intensity properties of channel 0 (``CTNormalization``);
     ``mirror_axes``: the spatial axes the checkpoint allows mirroring over; ``sha256``: a
-    digest of the plans, dataset and checkpoint files (what the teacher's cache is keyed by).
+    digest of the plans, dataset and checkpoint files (what the teacher's cache is keyed by);
+    ``architecture``: the plans' network description; ``fold_names``: the folds loaded (``0``, ``all``, …).
     """
 
     network: nn.Module
@@ -102,6 +114,9 @@ class NnUNetModel:
     heads: int
     surface_head: int
     sha256: str
+    architecture: dict[str, Any]
+    folder: Path
+    fold_names: tuple[str, ...]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -132,24 +147,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _fold_checkpoints(folder: Path) -> list[Path]:
+def _fold_checkpoints(folder: Path, fold: str | None = None) -> list[Path]:
+    """The checkpoint of every trained fold (name order), or of ``fold`` only."""
     paths = []
-    for fold in sorted(p for p in folder.glob("fold_*") if p.is_dir()):
-        found = next((fold / name for name in CHECKPOINT_NAMES if (fold / name).is_file()), None)
+    for directory in sorted(p for p in folder.glob("fold_*") if p.is_dir() and (fold is None or p.name == f"fold_{fold}")):
+        found = next((directory / name for name in CHECKPOINT_NAMES if (directory / name).is_file()), None)
         if found is not None:
             paths.append(found)
     if not paths:
-        raise ModelFolderError("nnU-Net model folder has no trained fold", path=folder, expected=f"fold_<k>/{' or '.join(CHECKPOINT_NAMES)}", found="none")
+        which = "fold_<k>" if fold is None else f"fold_{fold}"
+        raise ModelFolderError(f"nnU-Net model folder has no trained {which}", path=folder, expected=f"{which}/{' or '.join(CHECKPOINT_NAMES)}", found="none")
     return paths
 
 
-def build_network(plans: dict[str, Any], configuration: str, *, input_channels: int, heads: int, path: Path) -> nn.Module:
-    """The network the plans describe for ``configuration``, from :data:`ARCHITECTURES` and :data:`OPERATIONS` only."""
+def network_from_architecture(description: dict[str, Any], *, input_channels: int, heads: int, deep_supervision: bool = False, path: Path | None = None) -> nn.Module:
+    """The network a plans ``architecture`` entry describes, from :data:`ARCHITECTURES` and :data:`OPERATIONS` only.
+
+    ``description`` holds ``network_class_name``, ``arch_kwargs`` and
+    ``_kw_requires_import`` (the arguments naming torch classes); ``path`` is the
+    plans file it came from, named by a refusal (:class:`ModelFolderError`).
+    """
     try:
-        arch = plans["configurations"][configuration]["architecture"]
-        name, kwargs, imports = arch["network_class_name"], dict(arch["arch_kwargs"]), list(arch["_kw_requires_import"])
+        name, kwargs, imports = description["network_class_name"], dict(description["arch_kwargs"]), list(description["_kw_requires_import"])
     except (KeyError, TypeError) as exc:
-        raise ModelFolderError("plans lack the configuration's architecture", path=path, expected=f"configurations.{configuration}.architecture", found=f"missing {exc}") from None
+        raise ModelFolderError("plans lack the configuration's architecture", path=path, expected="network_class_name, arch_kwargs, _kw_requires_import", found=f"missing {exc}") from None
     classes = _architectures()
     if name not in classes:
         raise ModelFolderError("plans name a network this package does not build", path=path, expected=" or ".join(ARCHITECTURES), found=name)
@@ -158,14 +179,29 @@ def build_network(plans: dict[str, Any], configuration: str, *, input_channels: 
             if kwargs[key] not in OPERATIONS:
                 raise ModelFolderError(f"plans name an operation outside the allowed ones for {key}", path=path, expected=sorted(OPERATIONS), found=kwargs[key])
             kwargs[key] = OPERATIONS[kwargs[key]]
-    return classes[name](input_channels=input_channels, num_classes=heads, deep_supervision=False, **kwargs).eval()
+    try:
+        return classes[name](input_channels=input_channels, num_classes=heads, deep_supervision=deep_supervision, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelFolderError("plans' network arguments do not build a network", path=path, expected=f"the arguments of {name}", found=str(exc)[:300]) from None
 
 
-def load_model(folder: str | Path) -> NnUNetModel:
-    """Load an nnU-Net v2 model folder (every trained fold) for :func:`probability`; raises :class:`ModelFolderError`."""
+def plans_architecture(plans: dict[str, Any], configuration: str, *, path: Path) -> dict[str, Any]:
+    """The ``architecture`` entry of ``configuration`` in a plans file; raises :class:`ModelFolderError`."""
+    try:
+        description = plans["configurations"][configuration]["architecture"]
+    except (KeyError, TypeError) as exc:
+        raise ModelFolderError("plans lack the configuration's architecture", path=path, expected=f"configurations.{configuration}.architecture", found=f"missing {exc}") from None
+    if not isinstance(description, dict):
+        raise ModelFolderError("plans' architecture is not an object", path=path, expected="an object", found=type(description).__name__)
+    return description
+
+
+def load_model(folder: str | Path, *, fold: str | None = None) -> NnUNetModel:
+    """Load an nnU-Net v2 model folder (every trained fold, or ``fold`` only: ``0``, ``all``, …) for :func:`probability`;
+    raises :class:`ModelFolderError`."""
     folder = Path(folder)
     plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
-    paths = _fold_checkpoints(folder)
+    paths = _fold_checkpoints(folder, fold)
     checkpoints = [load_checkpoint(p) for p in paths]
     first = checkpoints[0]
     configuration = str(first.get("init_args", {}).get("configuration", "3d_fullres"))
@@ -187,7 +223,8 @@ def load_model(folder: str | Path) -> NnUNetModel:
     schemes = config.get("normalization_schemes", ["ZScoreNormalization"])
     if schemes[0] not in NORMALISATIONS:
         raise ModelFolderError("unknown intensity normalisation", path=folder / "plans.json", expected=" or ".join(NORMALISATIONS), found=schemes[0])
-    network = build_network(plans, configuration, input_channels=1, heads=len(values), path=folder / "plans.json")
+    architecture = plans_architecture(plans, configuration, path=folder / "plans.json")
+    network = network_from_architecture(architecture, input_channels=1, heads=len(values), path=folder / "plans.json").eval()
     folds = [c["network_weights"] for c in checkpoints]
     for path, weights in zip(paths, folds):
         try:
@@ -203,31 +240,51 @@ def load_model(folder: str | Path) -> NnUNetModel:
         normalization=schemes[0], use_mask_for_norm=bool(config.get("use_mask_for_norm", [False])[0]),
         intensity={k: float(v) for k, v in plans.get("foreground_intensity_properties_per_channel", {}).get("0", {}).items()},
         mirror_axes=tuple(int(a) for a in (first.get("inference_allowed_mirroring_axes") or ())), heads=len(values), surface_head=values.index(1),
-        sha256=digest.hexdigest(),
+        sha256=digest.hexdigest(), architecture=architecture, folder=folder, fold_names=tuple(p.parent.name.removeprefix("fold_") for p in paths),
     )
+
+
+def load_initial(path: str | Path) -> NnUNetModel:
+    """The model a student starts from: ``<model folder>`` (its first trained fold) or ``<model folder>/fold_<k>``."""
+    path = Path(path)
+    if path.name.startswith("fold_") and (path.parent / "plans.json").is_file():
+        return load_model(path.parent, fold=path.name.removeprefix("fold_"))
+    if not (path / "plans.json").is_file():
+        return load_model(path)  # its error names what is missing
+    return load_model(path, fold=_fold_checkpoints(path)[0].parent.name.removeprefix("fold_"))
+
+
+def network_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """The arguments two plans ``architecture`` entries differ in (``network_class_name`` included; operations
+    compared by the class they name); empty when they build the same network."""
+
+    def resolved(description: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {k: OPERATIONS.get(v, v) if isinstance(v, str) else v for k, v in dict(description.get("arch_kwargs", {})).items()}
+        return {"network_class_name": description.get("network_class_name"), **json.loads(json.dumps(kwargs, default=lambda c: f"{c.__module__}.{c.__name__}"))}
+
+    a, b = resolved(first), resolved(second)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # ----------------------------------------------------------------------------- prediction, as nnUNetPredictor does it
 
 
+def input_intensity(model: NnUNetModel) -> Intensity:
+    """The model's intensity normalisation as an :class:`~nx46vx.segment.Intensity` (what a student started from it is fed)."""
+    if model.normalization == "CTNormalization":
+        props = model.intensity
+        return Intensity(model.normalization, mean=float(props["mean"]), std=float(props["std"]), lower=float(props["percentile_00_5"]), upper=float(props["percentile_99_5"]))
+    return Intensity(model.normalization)
+
+
 def _normalised(data: np.ndarray, inside: np.ndarray, model: NnUNetModel) -> np.ndarray:
     """Channel 0 of ``data`` (float32, cropped) normalised by the model's scheme; ``inside``: the nonzero mask (``use_mask_for_norm``)."""
-    image, eps = data[0], 1e-8
-    if model.normalization == "ZScoreNormalization":
-        if model.use_mask_for_norm:
-            image[inside] = (image[inside] - image[inside].mean()) / max(image[inside].std(), eps)
-        else:
-            mean, std = image.mean(), image.std()
-            image -= mean
-            image /= max(std, eps)
-    elif model.normalization == "CTNormalization":
-        props = model.intensity
-        np.clip(image, props["percentile_00_5"], props["percentile_99_5"], out=image)
-        image -= props["mean"]
-        image /= max(props["std"], eps)
-    elif model.normalization == "RescaleTo01Normalization":
-        image -= image.min()
-        image /= np.clip(image.max(), a_min=eps, a_max=None)
+    image = data[0]
+    if model.normalization == "ZScoreNormalization" and model.use_mask_for_norm:
+        image[inside] = (image[inside] - image[inside].mean()) / max(image[inside].std(), 1e-8)
+    else:
+        intensity = input_intensity(model)
+        data[0] = intensity.apply(image, intensity.bounds(image))
     return data
 
 

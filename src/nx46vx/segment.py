@@ -116,14 +116,70 @@ def intensity_baseline(volume: np.ndarray, config: SegmentConfig) -> np.ndarray:
     return remove_small_components(smooth > threshold_otsu(smooth), config.min_component_voxels)
 
 
-def normalised(volume: np.ndarray, *, bounds: tuple[float, float] | None = None) -> np.ndarray:
-    """uint8 volume → float32 in ~[0, 1] by its 1st/99.5th percentiles (the network input).
+#: The intensity normalisations a student's input can have: this package's, then nnU-Net's (a student started from an nnU-Net model).
+INTENSITY_SCHEMES = ("percentile", "ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
 
-    ``bounds`` = those percentiles when already known (a window of a volume is
-    normalised by the whole volume's; the result is the same slice of the whole).
+
+@dataclass(frozen=True)
+class Intensity:
+    """How a uint8 volume becomes a network's input: ``(clip(x, lower, upper) − centre) / scale`` with one
+    ``(centre, scale)`` per volume (:meth:`bounds`), computed in float32.
+
+    ``scheme``: ``percentile`` — this package's: centre and centre + scale the volume's 1st and
+    99.5th percentiles (input ~[0, 1]); or nnU-Net's, for a network that learnt with it:
+    ``ZScoreNormalization`` (the volume's mean and standard deviation), ``CTNormalization``
+    (the model's dataset-wide ``mean`` and ``std``, clipped to ``lower``..``upper`` first),
+    ``RescaleTo01Normalization`` (the volume's minimum and range), ``NoNormalization``.
     """
-    low, high = normalise(volume) if bounds is None else bounds
-    return ((volume.astype(np.float32) - low) / (high - low)).astype(np.float32)
+
+    scheme: str = "percentile"
+    mean: float = 0.0
+    std: float = 1.0
+    lower: float | None = None
+    upper: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in INTENSITY_SCHEMES:
+            raise ValueError(f"intensity scheme {self.scheme!r}: expected one of {', '.join(INTENSITY_SCHEMES)}")
+
+    def bounds(self, volume: np.ndarray) -> tuple[float, float]:
+        """``(centre, scale)`` of ``volume`` (z, y, x) under this scheme (nnU-Net's divide by at least 1e-8)."""
+        eps = 1e-8
+        if self.scheme == "percentile":
+            low, high = normalise(volume)
+            return low, high - low
+        if self.scheme == "ZScoreNormalization":
+            values = volume.astype(np.float32, copy=False)
+            return float(values.mean()), max(float(values.std()), eps)
+        if self.scheme == "CTNormalization":
+            return float(self.mean), max(float(self.std), eps)
+        if self.scheme == "RescaleTo01Normalization":
+            low = float(volume.min())
+            return low, max(float(volume.max()) - low, eps)
+        return 0.0, 1.0
+
+    def apply(self, volume: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+        """``volume`` (any shape) → float32 network input, with this volume's :meth:`bounds`."""
+        values = volume.astype(np.float32)
+        if self.scheme == "CTNormalization":
+            np.clip(values, self.lower, self.upper, out=values)
+        centre, scale = bounds  # Python floats: the arithmetic stays float32, as nnU-Net's
+        values -= centre
+        values /= scale
+        return values
+
+
+#: This package's own normalisation (every student that does not start from an nnU-Net model).
+PERCENTILE = Intensity()
+
+
+def normalised(volume: np.ndarray, *, intensity: Intensity = PERCENTILE, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 volume → float32 network input by ``intensity`` (default: its 1st/99.5th percentiles to ~[0, 1]).
+
+    ``bounds`` = the volume's :meth:`Intensity.bounds` when already known (a window of a
+    volume is normalised by the whole volume's; the result is the same slice of the whole).
+    """
+    return intensity.apply(volume, intensity.bounds(volume) if bounds is None else bounds)
 
 
 # ----------------------------------------------------------------------------- probability sources
@@ -223,11 +279,12 @@ def sliding_window(
     device: torch.device | None = None,
     batch: int = 4,
     prior: np.ndarray | None = None,
+    intensity: Intensity = PERCENTILE,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
-    ``network`` maps a (B, 1, p, p, p) float tensor (windows of the :func:`normalised`
-    volume) to logits of the same spatial shape; with ``prior`` (float32, the volume's
+    ``network`` maps a (B, 1, p, p, p) float tensor (windows of the volume :func:`normalised`
+    by ``intensity``, the network's own) to logits of the same spatial shape; with ``prior`` (float32, the volume's
     shape) the input is (B, 2, p, p, p), the prior's window the second channel
     (:class:`nx46vx.student.PriorResidual`). Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
@@ -240,7 +297,7 @@ def sliding_window(
     float copy of the whole volume is made.
     """
     device = device or torch.device("cpu")
-    bounds = normalise(volume)
+    bounds = intensity.bounds(volume)
     pads = [max(0, patch - s) for s in volume.shape]
     source = np.pad(volume, [(0, p) for p in pads], mode="edge") if any(pads) else volume
     if prior is not None and prior.shape != volume.shape:
@@ -258,7 +315,7 @@ def sliding_window(
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]
             boxes = [(slice(z, z + patch), slice(y, y + patch), slice(x, x + patch)) for z, y, x in chunk]
-            windows = torch.from_numpy(np.stack([normalised(source[box], bounds=bounds) for box in boxes]))[:, None]
+            windows = torch.from_numpy(np.stack([intensity.apply(source[box], bounds) for box in boxes]))[:, None]
             if prior_source is not None:
                 windows = torch.cat((windows, torch.from_numpy(np.stack([prior_source[box] for box in boxes]).astype(np.float32, copy=False))[:, None]), dim=1)
             windows = windows.to(device)

@@ -1,10 +1,12 @@
-"""The student networks and their loss: a residual-encoder 3-D U-Net (nnU-Net ResEnc style) and the small plain U-Net.
+"""The student networks and their loss: nnU-Net v2's own U-Nets (``dynamic-network-architectures``) and the losses.
 
-:class:`ResEncUNet` — stages of residual blocks (conv-IN-LeakyReLU-conv-IN + skip)
-in the encoder, strided-convolution downsampling, transposed-convolution
-upsampling, one conv block per decoder stage, deep-supervision heads at the upper
-decoder levels. ``forward`` returns the full-resolution logits (what sliding-window
-inference needs); :meth:`ResEncUNet.forward_all` also returns the coarser heads.
+:func:`architecture` — the student's settings as an nnU-Net plans ``architecture``
+entry (``ResidualEncoderUNet`` as nnU-Net's ResEnc presets configure it, or
+``PlainConvUNet``): the same description builds the network here, is compared
+with an nnU-Net folder's plans, and is written into an exported folder.
+:class:`UNet` — that network with one output (the surface logit) and its
+deep-supervision heads; ``forward`` returns the full-resolution logits (what
+sliding-window inference needs), :meth:`UNet.forward_all` the coarser heads too.
 
 :func:`label_losses` — Dice + BCE on the labels with label 2 masked out of
 both, per patch and then averaged (so a batch split across data-parallel workers
@@ -14,111 +16,132 @@ gives the same gradient), and an optional skeleton-recall term for thin surfaces
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ModelFolderError
+from .nnunet import ARCHITECTURE_PREFIX, NnUNetModel, network_differences, network_from_architecture
+
 _EPS = 1e-4
+#: The widest stage (nnU-Net caps 3-D feature maps at 320).
+MAX_FEATURES = 320
+#: Extra deep-supervision heads the loss uses (the next-coarser decoder levels).
+DEEP_SUPERVISION = 2
 
 
-def _norm_act(channels: int) -> list[nn.Module]:
-    return [nn.InstanceNorm3d(channels, affine=True), nn.LeakyReLU(0.01, inplace=True)]
-
-
-class ResidualBlock(nn.Module):
-    """``conv3-IN-LReLU-conv3-IN`` plus a (strided 1×1 when shapes differ) skip, then LReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), *_norm_act(c_out),
-            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), nn.InstanceNorm3d(c_out, affine=True),
-        )
-        self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride=stride, bias=False), nn.InstanceNorm3d(c_out, affine=True))
-        self.act = nn.LeakyReLU(0.01, inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.skip(x))
-
-
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), *_norm_act(c_out), nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), *_norm_act(c_out))
-
-
-class ResEncUNet(nn.Module):
-    """Residual-encoder 3-D U-Net; (B, 1, p, p, p) → logits (B, 1, p, p, p).
+def architecture(arch: str, *, width: int, depth: int, blocks: Sequence[int]) -> dict[str, Any]:
+    """The student's network as an nnU-Net v2 plans ``architecture`` entry (JSON-plain).
 
     Parameters
     ----------
+    arch : {"resenc", "plain"}
+        ``resenc``: ``ResidualEncoderUNet`` (residual blocks in the encoder, one
+        convolution per decoder stage, nnU-Net's ResEnc presets); ``plain``:
+        ``PlainConvUNet`` (two convolutions per stage on both sides).
     width : int
         Channels of the first stage; stage ``i`` has ``min(width·2^i, 320)``.
     depth : int
-        Downsamplings (stages − 1); the patch must be a multiple of ``2**depth``.
+        Downsamplings (stages − 1); a patch must be a multiple of ``2**depth``.
     blocks : sequence of int
-        Residual blocks per encoder stage (``depth + 1`` entries; a shorter one repeats its last).
-    deep_supervision : int
-        Extra heads at the next-coarser decoder levels (0 = none).
-    in_channels : int
-        Input channels (2 with a prior, see :class:`PriorResidual`).
+        Residual blocks per encoder stage (``depth + 1`` entries; a shorter one repeats its last); ``resenc`` only.
+    """
+    stages = depth + 1
+    common = {
+        "n_stages": stages,
+        "features_per_stage": [min(width * 2**i, MAX_FEATURES) for i in range(stages)],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * stages,
+        "strides": [[1, 1, 1]] + [[2, 2, 2]] * depth,
+    }
+    if arch == "plain":
+        name, specific = "PlainConvUNet", {"n_conv_per_stage": [2] * stages, "n_conv_per_stage_decoder": [2] * depth}
+    else:
+        name, specific = "ResidualEncoderUNet", {"n_blocks_per_stage": [int(blocks[min(i, len(blocks) - 1)]) for i in range(stages)], "n_conv_per_stage_decoder": [1] * depth}
+    kwargs = {**common, **specific, "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+              "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    return {"network_class_name": f"{ARCHITECTURE_PREFIX}{name}", "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+class UNet(nn.Module):
+    """An nnU-Net v2 U-Net (:func:`architecture`) with one output channel; (B, C, p, p, p) → logits (B, 1, p, p, p).
+
+    ``unet`` is the ``dynamic-network-architectures`` network itself (its state dict
+    is an nnU-Net checkpoint's ``network_weights`` with a ``unet.`` prefix),
+    initialised as nnU-Net initialises it; ``deep_supervision`` extra heads at the
+    next-coarser decoder levels enter the loss. nnU-Net builds a head at every
+    decoder level; those the loss does not use are frozen (they keep their initial
+    or loaded weights), so every trained parameter gets a gradient (data-parallel
+    training requires it).
     """
 
-    def __init__(self, width: int = 16, depth: int = 3, blocks: Sequence[int] = (1, 2, 2, 2), *, deep_supervision: int = 2, in_channels: int = 1) -> None:
+    def __init__(self, description: dict[str, Any], *, in_channels: int = 1, deep_supervision: int = DEEP_SUPERVISION) -> None:
         super().__init__()
-        chans = [min(width * 2**i, 320) for i in range(depth + 1)]
-        per_stage = [blocks[min(i, len(blocks) - 1)] for i in range(depth + 1)]
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, chans[0], 3, padding=1, bias=False), *_norm_act(chans[0]))
-        self.encoder = nn.ModuleList()
-        for i, n in enumerate(per_stage):
-            first = ResidualBlock(chans[max(0, i - 1)], chans[i], stride=1 if i == 0 else 2)
-            self.encoder.append(nn.Sequential(first, *[ResidualBlock(chans[i], chans[i]) for _ in range(n - 1)]))
-        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
-        self.decoder = nn.ModuleList([_conv_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
-        self.heads = nn.ModuleList([nn.Conv3d(chans[i - 1], 1, 1) for i in range(depth, 0, -1)])
-        self.deep_supervision = min(deep_supervision, depth - 1)
+        self.unet = network_from_architecture(description, input_channels=in_channels, heads=1, deep_supervision=deep_supervision > 0)
+        self.unet.apply(self.unet.initialize)
+        heads = self.unet.decoder.seg_layers
+        self.deep_supervision = min(deep_supervision, len(heads) - 1)
+        for head in heads[: len(heads) - 1 - self.deep_supervision]:
+            head.requires_grad_(False)
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        """The 1×1 output convolutions, coarsest decoder level first."""
+        return self.unet.decoder.seg_layers
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits at full resolution, then at each deep-supervision level (half, quarter, …)."""
-        skips = []
-        x = self.stem(x)
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        outputs = []
-        for level, (up, block, head, skip) in enumerate(zip(self.up, self.decoder, self.heads, reversed(skips[:-1]))):
-            x = block(torch.cat((up(x), skip), dim=1))
-            if len(self.up) - 1 - level <= self.deep_supervision:
-                outputs.append(head(x))
-        return outputs[::-1]
+        outputs = self.unet(x)
+        return list(outputs[: 1 + self.deep_supervision]) if self.deep_supervision else [outputs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x)[0]
 
 
-class PlainUNet(nn.Module):
-    """Plain 3-D U-Net (two conv-IN-LeakyReLU per stage, max-pooling): cheaper where there is no GPU; (B, 1, p, p, p) → logits."""
+def settings_of(description: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``distill`` settings (arch, width, depth, blocks) whose :func:`architecture` is ``description``, or None when none is."""
+    kwargs = description.get("arch_kwargs", {})
+    name = str(description.get("network_class_name", "")).removeprefix(ARCHITECTURE_PREFIX)
+    arch = {"ResidualEncoderUNet": "resenc", "PlainConvUNet": "plain"}.get(name)
+    try:
+        settings = {"arch": arch, "width": int(kwargs["features_per_stage"][0]), "depth": int(kwargs["n_stages"]) - 1}
+        if arch == "resenc":
+            settings["blocks"] = [int(b) for b in kwargs["n_blocks_per_stage"]]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return settings if arch is not None and not network_differences(architecture(**{"blocks": [1], **settings}), description) else None
 
-    def __init__(self, width: int = 16, depth: int = 3, *, in_channels: int = 1) -> None:
-        super().__init__()
-        chans = [width * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([_conv_block(in_channels, chans[0])] + [_conv_block(chans[i - 1], chans[i]) for i in range(1, depth + 1)])
-        self.up = nn.ModuleList([nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2) for i in range(depth, 0, -1)])
-        self.merge = nn.ModuleList([_conv_block(2 * chans[i - 1], chans[i - 1]) for i in range(depth, 0, -1)])
-        self.head = nn.Conv3d(chans[0], 1, 1)
 
-    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The full-resolution logits only (no deep supervision)."""
-        return [self.forward(x)]
+def start_from(network: UNet, description: dict[str, Any], model: NnUNetModel) -> None:
+    """Load ``model``'s first fold into the student ``network`` built from ``description``; refuses another network.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool3d(x, 2))
-            skips.append(x)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
-            x = merge(torch.cat((up(x), skip), dim=1))
-        return self.head(x)
+    The student's one logit is the surface head's minus the background head's (a softmax
+    over two classes is the sigmoid of that difference), so the student starts as the
+    model's own map. Raises :class:`~nx46vx.errors.ModelFolderError`: the plans' network
+    differs from the student's settings (the message names the arguments, the hint the
+    settings that match), the model has other than two heads, or it normalises within a mask.
+    """
+    plans = model.folder / "plans.json"
+    differ = network_differences(description, model.architecture)
+    if differ:
+        matching = settings_of(model.architecture)
+        hint = ("set " + ", ".join(f"distill.{k} = {v}" for k, v in matching.items())) if matching else "the plans' network is not one distill.arch, width, depth and blocks describe"
+        ours, theirs = ({"network_class_name": d.get("network_class_name"), **d.get("arch_kwargs", {})} for d in (description, model.architecture))
+        raise ModelFolderError("the plans' network does not match the student's settings", path=plans,
+                               expected={k: ours.get(k) for k in differ}, found={k: theirs.get(k) for k in differ}, hint=hint)
+    if model.heads != 2:
+        raise ModelFolderError("a student starts only from a two-class model", path=model.folder / "dataset.json", expected="background and surface heads", found=f"{model.heads} heads")
+    if model.use_mask_for_norm:  # the student normalises whole windows; nnU-Net's masked z-score leaves the outside at 0
+        raise ModelFolderError("a student starts only from a model normalised over the whole volume", path=plans, expected="use_mask_for_norm false", found="true")
+    other = 1 - model.surface_head
+    weights = {}
+    for key, value in model.folds[0].items():
+        if key.startswith("decoder.seg_layers."):
+            value = value[model.surface_head : model.surface_head + 1] - value[other : other + 1]
+        weights[f"unet.{key}"] = value
+    network.load_state_dict(weights)
 
 
 def prior_logit(prior: torch.Tensor) -> torch.Tensor:
@@ -137,11 +160,10 @@ class PriorResidual(nn.Module):
     student predicts exactly the prior and training only ever has to improve on it.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: UNet) -> None:
         super().__init__()
         self.net = network
-        heads = [network.head] if isinstance(network, PlainUNet) else list(network.heads)
-        for head in heads:
+        for head in network.heads:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
@@ -155,9 +177,14 @@ class PriorResidual(nn.Module):
 
 
 def build_network(arch: str, *, width: int, depth: int, blocks: Sequence[int], prior: bool = False) -> nn.Module:
-    """``resenc`` → :class:`ResEncUNet`, ``plain`` → :class:`PlainUNet`; with ``prior`` wrapped in :class:`PriorResidual` (2 input channels)."""
-    channels = 2 if prior else 1
-    network = PlainUNet(width, depth, in_channels=channels) if arch == "plain" else ResEncUNet(width, depth, blocks, in_channels=channels)
+    """The student :class:`UNet` for these settings (:func:`architecture`); with ``prior`` wrapped in :class:`PriorResidual` (2 input channels).
+
+    The ResEnc student learns with :data:`DEEP_SUPERVISION` extra heads, the plain one
+    with none: at equal seconds on a CPU the plain U-Net scored higher without them
+    (``bench/bench_networks.py``, the note of issue #27).
+    """
+    supervised = DEEP_SUPERVISION if arch == "resenc" else 0
+    network = UNet(architecture(arch, width=width, depth=depth, blocks=blocks), in_channels=2 if prior else 1, deep_supervision=supervised)
     return PriorResidual(network) if prior else network
 
 

@@ -29,7 +29,7 @@ from .errors import Nx46Error
 log = logging.getLogger("nx46vx")
 
 # Usually missing from Kaggle's Python image; everything else nx46vx needs is preinstalled there.
-DEFAULT_PACKAGES = ("nx46vx", "imagecodecs", "orjson", "nvidia-ml-py", "tifffile")
+DEFAULT_PACKAGES = ("nx46vx", "dynamic-network-architectures", "imagecodecs", "orjson", "nvidia-ml-py", "tifffile")
 _SKIP_SUFFIXES = (".pyc",)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _INSTALL_TIME = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")

@@ -113,7 +113,8 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
     window = np.zeros((cfg.patch,) * 3, np.uint8)
     prior = np.zeros(window.shape, np.float32) if cfg.teacher_input else None
     network = student.network.eval()
-    run = lambda: sliding_window(window, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, batch=1, prior=prior)  # noqa: E731
+    run = lambda: sliding_window(window, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, batch=1, prior=prior,  # noqa: E731
+                                intensity=student.intensity)
     run()  # the first call pays one-off allocations
     t0 = ctx.governor.clock()
     run()

@@ -134,6 +134,7 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
         cfg = student_config(ctx, state)
         # the ensemble the student learnt to correct: the ensemble teacher's map
         prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input else None
+        intensity = state.student.intensity
         out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device, batch=seg.window_batch,
-                                                  prior=prior(vol) if prior is not None else None)
+                                                  prior=prior(vol) if prior is not None else None, intensity=intensity)
     return out

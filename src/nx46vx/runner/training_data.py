@@ -26,7 +26,7 @@ from ..config import DistillConfig
 from ..distill import Teacher, soft_target
 from ..errors import DistillationNotExecuted
 from ..patches import TrainVolume, foreground_sample, make_batch
-from ..segment import ENSEMBLE, normalised
+from ..segment import ENSEMBLE, PERCENTILE, Intensity, normalised
 from ..volumes import read_pair, volume_shape
 from .sources import validation_probabilities
 
@@ -71,10 +71,12 @@ class VolumeCache:
         capacity: int,
         targets: dict[str, np.ndarray] | None = None,
         priors: dict[str, np.ndarray] | None = None,
+        intensity: Intensity = PERCENTILE,
         admit: Callable[[int], bool] = lambda _n: True,
         on_read: Callable[[tuple[int, ...]], None] = lambda _s: None,
     ) -> None:
         self.pairs = list(pairs)
+        self.intensity = intensity
         self.keys = keys
         self.folder = folder
         self.foreground_cap = foreground_cap
@@ -117,7 +119,7 @@ class VolumeCache:
         pair = self.pairs[index]
         image, label = read_pair(pair.image, pair.label)
         self.on_read(image.shape)
-        volume = TrainVolume(normalised(image), label, self._foreground(pair, label), self.targets.get(pair.id), self.priors.get(pair.id))
+        volume = TrainVolume(normalised(image, intensity=self.intensity), label, self._foreground(pair, label), self.targets.get(pair.id), self.priors.get(pair.id))
         with self._lock:
             self.reads += 1
             self._cache[index] = volume
@@ -261,14 +263,16 @@ def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teache
 
 
 def agreement_probe(
-    ctx: "RunContext", state: "RunState", val: Sequence[tuple[np.ndarray, np.ndarray]], teachers: Sequence[Teacher], cfg: DistillConfig, priors: Sequence[np.ndarray] | None
+    ctx: "RunContext", state: "RunState", val: Sequence[tuple[np.ndarray, np.ndarray]], teachers: Sequence[Teacher], cfg: DistillConfig, priors: Sequence[np.ndarray] | None,
+    *, intensity: Intensity = PERCENTILE,
 ) -> dict[str, torch.Tensor] | None:
-    """Seeded validation patches with the teachers' targets (and ``priors``, the student's prior input per volume), to measure student–teacher agreement."""
+    """Seeded validation patches with the teachers' targets (and ``priors``, the student's prior input per volume), to measure student–teacher agreement;
+    images normalised by the student's ``intensity``."""
     probes = []
     for i, (image, label) in enumerate(val):
         target = soft_target([state.teacher_val_probs[t.spec][i] if state.teacher_val_probs[t.spec] else None for t in teachers])
         prior = priors[i] if priors else None
-        probes.append(TrainVolume(normalised(image), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
+        probes.append(TrainVolume(normalised(image, intensity=intensity), label, foreground_sample(label, cap=cfg.foreground_samples, seed=ctx.config.seed), target, prior))
     if not probes or (cfg.teacher_input and not priors):
         return None
     return make_batch(lambda i: probes[i], len(probes), 0, seed=ctx.config.seed + streams.PROBE_SEED_OFFSET, batch=8, patch=cfg.patch, positive_fraction=cfg.positive_fraction,

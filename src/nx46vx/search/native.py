@@ -246,7 +246,6 @@ class FusedLogistic:
             raise ValueError("scan computes the loss, the gradient or both")
         if p > self.max_params:
             raise NativeKernelError("design too wide for the fused kernel", expected=f"<= {self.max_params} columns", found=p)
-        k = theta.shape[0]
         groups = layout.group_meta.size
         padded = np.concatenate((theta, np.zeros((1, p), np.float32)))[layout.lanes]  # (G·width, P)
         theta_t = np.ascontiguousarray(padded.reshape(groups, self.width, p).transpose(0, 2, 1))

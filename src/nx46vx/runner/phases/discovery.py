@@ -17,8 +17,9 @@ import numpy as np
 
 from ...config import RunConfig
 from ...discovery import TestVolume, TrainPair, discover
-from ...errors import MemoryLimitError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
-from ...segment import intensity_baseline, postprocess_grid
+from ... import distill
+from ...errors import DependencyError, DistillationNotExecuted, MemoryLimitError, ModelFolderError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
+from ...segment import ENSEMBLE, intensity_baseline, postprocess_grid
 from ...telemetry import ensure_memory
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, volume_key, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
@@ -119,6 +120,7 @@ class DiscoveryPhase:
             resumed = ctx.checkpointer.resumed
             state.resumed_from = str(resumed.path) if resumed else None
             self._baseline_submission(ctx, state)
+            check_models(ctx, state)
             self.done = True
             end.update(train=len(state.train_pairs), val=len(state.val_pairs), test=len(state.discovery.test))
         ctx.checkpointer.write("discovery_done")
@@ -221,6 +223,26 @@ class DiscoveryPhase:
         state.masks = dict(state.baseline_masks)
         state.segmenter = "intensity_baseline"
         state.submission = publish_submission(ctx, state.masks, state.shapes, segmenter=state.segmenter, phase=self.name)
+
+
+def check_models(ctx: "RunContext", state: "RunState") -> None:
+    """Every teacher the student will load and the model it starts from (``distill.init``), checked now (``MODEL_CHECK``):
+    a bad model folder is found at discovery, with the baseline submission already written, not at distillation
+    after hours of search. Nothing from a model runs."""
+    cfg = ctx.config.distill
+    if not cfg.enabled:
+        return
+    roots = [Path(p) for p in state.discovery.input_roots]
+    checks = [("teacher", spec, lambda spec=spec: distill.check_teacher(spec, roots=roots)) for spec in cfg.teachers if spec != ENSEMBLE]
+    if cfg.init:
+        checks.append(("init", cfg.init, lambda: distill.load_init(cfg.init, roots=roots).sha256))
+    for role, spec, check in checks:
+        try:
+            sha = check()
+        except (DistillationNotExecuted, ModelFolderError, DependencyError) as exc:
+            ctx.event("MODEL_CHECK", DiscoveryPhase.name, {"role": role, "spec": spec, "ok": False, "error": str(exc)})
+            raise
+        ctx.event("MODEL_CHECK", DiscoveryPhase.name, {"role": role, "spec": spec, "ok": True, "sha256": sha})
 
 
 def _version() -> str:

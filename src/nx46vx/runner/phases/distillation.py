@@ -19,16 +19,18 @@ import torch
 
 from ... import distill
 from ...config import RunConfig
-from ...errors import ModelFolderError
+from ...errors import DependencyError, ModelFolderError
 from ...metric import Truth, score_volume
 from ...patches import make_batch
 from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window
+from ...student import architecture
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
 from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
 
 if TYPE_CHECKING:
+    from ...nnunet import NnUNetModel
     from ...parallel import DataParallelTrainer
     from ..context import RunContext
     from ..state import RunState
@@ -63,6 +65,17 @@ def data_parallel_trainer(ctx: "RunContext", student: distill.DistillState, cfg:
     return trainer
 
 
+def initial_model(ctx: "RunContext", state: "RunState", cfg: distill.DistillConfig) -> "NnUNetModel | None":
+    """The nnU-Net model ``distill.init`` names, loaded (``DISTILLATION_INIT``: its fold, digest and normalisation); None without one."""
+    if not cfg.init:
+        return None
+    t0 = ctx.governor.clock()
+    init = distill.load_init(cfg.init, roots=[Path(p) for p in state.discovery.input_roots])
+    ctx.event("DISTILLATION_INIT", DistillationPhase.name, {"init": cfg.init, "folder": str(init.folder), "fold": init.fold_names[0], "sha256": init.sha256,
+                                                           "normalization": init.normalization, "seconds": round(ctx.governor.clock() - t0, 4)})
+    return init
+
+
 class DistillationPhase:
     """Teachers → student. State: the student, its optimiser and schedule, its step, and the teachers it learnt from."""
 
@@ -87,9 +100,11 @@ class DistillationPhase:
 
         resolved = distill.resolve(config.distill, resolve_device(config.distill.device))  # a CPU student is not a GPU one
         settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k not in ("checkpoint_every", "device", "workers", "processes")}
-        # the validation volumes pick the best weights: which of them count is part of what the student is
+        # the validation volumes pick the best weights: which of them count is part of what the student is; the
+        # network's description (nnU-Net plans form) changes with the library that builds it, and so must the student
         return plain(dict(settings, seed=config.seed, device_kind=resolve_device(config.distill.device).type,
-                          min_val_surface_voxels=config.data.min_val_surface_voxels))
+                          min_val_surface_voxels=config.data.min_val_surface_voxels,
+                          network=architecture(resolved.arch, width=resolved.width, depth=resolved.depth, blocks=resolved.blocks)))
 
     def state_dict(self) -> dict[str, Any] | None:
         if self.student is None:
@@ -138,23 +153,25 @@ class DistillationPhase:
             try:
                 teacher = distill.load_teacher(spec, roots=roots, ensemble=ensemble, ensemble_digest=ensemble_digest, patch=cfg.patch, device=ctx.distill_device,
                                                 window_batch=ctx.config.segment.window_batch, flip_tta=ctx.config.segment.flip_tta)
-            except (distill.DistillationNotExecuted, ModelFolderError) as exc:
+            except (distill.DistillationNotExecuted, ModelFolderError, DependencyError) as exc:
                 ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": False, "error": str(exc)})
                 raise
             teachers.append(teacher)
             ctx.event("DISTILLATION_TEACHER_LOAD_END", self.name, {"teacher": spec, "ok": True, "sha256": teacher.sha256, "seconds": round(ctx.governor.clock() - t0, 4)})
         return teachers
 
-    def _student(self, ctx: "RunContext", cfg: distill.DistillConfig, teachers: list[distill.Teacher]) -> distill.DistillState:
-        """A fresh student with the resolved settings ``cfg``, or the saved one when it learnt from these same teachers."""
-        student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device)
-        key = digest([t.sha256 for t in teachers])
+    def _student(self, ctx: "RunContext", cfg: distill.DistillConfig, teachers: list[distill.Teacher], init: "NnUNetModel | None") -> distill.DistillState:
+        """A fresh student with the resolved settings ``cfg`` (from ``init``'s weights when given), or the saved one when it
+        learnt from these same teachers and started from this same model."""
+        student = distill.init_state(cfg, seed=ctx.config.seed, device=ctx.distill_device, init=init)
+        key = digest([t.sha256 for t in teachers] + ([f"init:{init.sha256}"] if init is not None else []))
         if self._saved is not None:
             if self._saved["teacher_key"] == key:
                 distill.load_state_dict(student, self._saved["student"])
             else:
                 self.done = False
-                ctx.event("DISTILLATION_RESET", self.name, {"reason": "the teachers changed since the saved student", "saved_step": int(self._saved["student"]["step"])})
+                ctx.event("DISTILLATION_RESET", self.name, {"reason": "the teachers or the model the student starts from changed since the saved student",
+                                                            "saved_step": int(self._saved["student"]["step"])})
         self.teacher_key, self.student = key, student
         self.network = plain(dataclasses.asdict(cfg))
         return student
@@ -164,12 +181,13 @@ class DistillationPhase:
         skipped = unusable_ensemble(state) if ENSEMBLE in ctx.config.distill.teachers else None
         if skipped:
             log.warning("the ensemble teacher is skipped: %s", skipped)
-        ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
+        ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "init": cfg.init or None, "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
                                                    "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device),
                                                    "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs)) or skipped,
                                                    "teachers_skipped": {ENSEMBLE: skipped} if skipped else {}})
         teachers = self._teachers(ctx, state)
-        student = state.student = self._student(ctx, cfg, teachers)
+        init = initial_model(ctx, state, cfg)
+        student = state.student = self._student(ctx, cfg, teachers, init)
         val = validation_volumes(ctx, state)
         validation_s = self._reserve_inference(ctx, state, student, cfg, val)
         # a restored student replays the training volumes its teachers' maps covered; a fresh one decides within the time granted
@@ -184,10 +202,11 @@ class DistillationPhase:
             return self._skip_for_time(ctx, state, maps.cut)
         self.target_ids, targets, priors, coverage, pairs = maps.target_ids, maps.targets, maps.priors, maps.coverage, maps.pairs
         volumes = VolumeCache(pairs, state.volume_keys, ctx.output / "cache" / "foreground", foreground_cap=cfg.foreground_samples, seed=ctx.config.seed,
-                              capacity=cfg.cache_volumes, targets=targets, priors=priors if cfg.teacher_input else None, admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
+                              capacity=cfg.cache_volumes, targets=targets, priors=priors if cfg.teacher_input else None, intensity=student.intensity,
+                              admit=ctx.quota.allow, on_read=ctx.reporter.count_volume)
         val_priors = state.teacher_val_probs.get(ENSEMBLE) if cfg.teacher_input else None
         self.prior = ensemble_prior(ctx, state) if cfg.teacher_input else None
-        probe = agreement_probe(ctx, state, val, teachers, cfg, val_priors)
+        probe = agreement_probe(ctx, state, val, teachers, cfg, val_priors, intensity=student.intensity)
         before = distill.agreement(student, probe) if probe is not None else None
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
         validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
@@ -244,8 +263,11 @@ class DistillationPhase:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=student.schedule_steps, initial=student.step, desc="distillation", unit="step", disable=None, leave=False)
-        if cfg.teacher_input and student.step == 0 and student.best is None and val and all(prior is not None for _, _, prior in val):
-            self._validate(ctx, student, val, cfg, as_prior=True)
+        if student.step == 0 and student.best is None and val:
+            if cfg.teacher_input and all(prior is not None for _, _, prior in val):
+                self._validate(ctx, student, val, cfg, as_prior=True)
+            elif cfg.init:  # the untrained student is the nnU-Net model: fine-tuning keeps only weights that beat it
+                self._validate(ctx, student, val, cfg)
         stopped, costs = None, StepCosts(governor.clock(), validation=validation_s)
         self._validated_step = None
         trainer = data_parallel_trainer(ctx, student, cfg)
@@ -328,7 +350,7 @@ class DistillationPhase:
         for image, label, prior in val:
             started = governor.clock()
             probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device,
-                                                                 batch=seg.window_batch, prior=prior))
+                                                                 batch=seg.window_batch, prior=prior, intensity=student.intensity))
             inference_s += governor.clock() - started
             mask = postprocess(probs[-1], params, seg)[0]
             started = governor.clock()
