@@ -274,3 +274,14 @@ def test_a_student_fine_tuned_from_a_folder_starts_at_its_score_and_resumes_bit_
     assert_parity(tmp_path / "out", run_cli(*run_args(demo_data, tmp_path / "out", *extra)), reference)
     resumed = events(tmp_path / "out" / "journal.jsonl")
     assert next(e["data"]["step"] for e in resumed if e["event"] == "DISTILLATION_BATCH_BEGIN") == 11  # from step 10's checkpoint
+
+
+def test_a_start_whose_network_differs_from_the_students_stops_the_run_at_discovery(demo_data: Path, tmp_path: Path) -> None:
+    make_model_folder(tmp_path / "attached" / "model")
+    overrides = FAST + ["distill.init=nnunet:model", "distill.teachers=[]", "distill.arch=plain", "distill.width=4", "distill.depth=2"]
+    with pytest.raises(ModelFolderError, match="does not match the student's settings"):
+        nx46vx.run([demo_data, tmp_path / "attached"], output=tmp_path / "out", profile="demo", overrides=overrides)
+    journal = events(tmp_path / "out" / "journal.jsonl")
+    checks = [e["data"] for e in journal if e["event"] == "MODEL_CHECK"]
+    assert [(c["role"], c["ok"]) for c in checks] == [("init", False)] and "distill.width = 8" in checks[0]["error"]
+    assert {e["phase"] for e in journal if e["event"] == "PHASE_END"} == {"discovery"} and (tmp_path / "out" / "submission.zip").is_file()

@@ -41,7 +41,7 @@ from torch import nn
 from .config import TEACHER_SPECS, DistillConfig
 from .errors import DistillationNotExecuted, ModelFolderError
 from .segment import ENSEMBLE, PERCENTILE, Intensity, normalised, sliding_window
-from .student import architecture, build_network, deep_supervision_weights, downsample_label, label_losses, start_from, teacher_loss
+from .student import architecture, build_network, check_start, deep_supervision_weights, downsample_label, label_losses, start_from, teacher_loss
 from .volumes import file_sha256
 from . import nnunet, streams
 
@@ -261,6 +261,15 @@ def load_init(spec: str, *, roots: Sequence[Path]) -> nnunet.NnUNetModel | None:
     if not spec:
         return None
     return nnunet.load_initial(_resolve(spec.removeprefix("nnunet:"), roots))
+
+
+def check_init(config: DistillConfig, *, roots: Sequence[Path], device: torch.device) -> str:
+    """Load the model ``config.init`` names and refuse it now when the student of these settings on ``device`` cannot
+    start from it (:func:`nx46vx.student.check_start`); returns its digest."""
+    model = load_init(config.init, roots=roots)
+    resolved = resolve(config, device)
+    check_start(architecture(resolved.arch, width=resolved.width, depth=resolved.depth, blocks=resolved.blocks), model)
+    return model.sha256
 
 
 def lr_at(step: int, *, total: int | None, warmup: int, base: float) -> float:

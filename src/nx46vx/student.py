@@ -114,15 +114,11 @@ def settings_of(description: dict[str, Any]) -> dict[str, Any] | None:
     return settings if arch is not None and not network_differences(architecture(**{"blocks": [1], **settings}), description) else None
 
 
-def start_from(network: UNet, description: dict[str, Any], model: NnUNetModel) -> None:
-    """Load ``model``'s first fold into the student ``network`` built from ``description``; refuses another network.
-
-    The student's one logit is the surface head's minus the background head's (a softmax
-    over two classes is the sigmoid of that difference), so the student starts as the
-    model's own map. Raises :class:`~nx46vx.errors.ModelFolderError`: the plans' network
-    differs from the student's settings (the message names the arguments, the hint the
-    settings that match), the model has other than two heads, or it normalises within a mask.
-    """
+def check_start(description: dict[str, Any], model: NnUNetModel) -> None:
+    """Refuse ``model`` as the start of a student built from ``description``: raises
+    :class:`~nx46vx.errors.ModelFolderError` when the plans' network differs from the student's
+    settings (the message names the arguments, the hint the settings that match), the model
+    has other than two heads, or it normalises within a mask."""
     plans = model.folder / "plans.json"
     differ = network_differences(description, model.architecture)
     if differ:
@@ -135,6 +131,16 @@ def start_from(network: UNet, description: dict[str, Any], model: NnUNetModel) -
         raise ModelFolderError("a student starts only from a two-class model", path=model.folder / "dataset.json", expected="background and surface heads", found=f"{model.heads} heads")
     if model.use_mask_for_norm:  # the student normalises whole windows; nnU-Net's masked z-score leaves the outside at 0
         raise ModelFolderError("a student starts only from a model normalised over the whole volume", path=plans, expected="use_mask_for_norm false", found="true")
+
+
+def start_from(network: UNet, description: dict[str, Any], model: NnUNetModel) -> None:
+    """Load ``model``'s first fold into the student ``network`` built from ``description`` (:func:`check_start` first).
+
+    The student's one logit is the surface head's minus the background head's (a softmax
+    over two classes is the sigmoid of that difference), so the student starts as the
+    model's own map.
+    """
+    check_start(description, model)
     other = 1 - model.surface_head
     weights = {}
     for key, value in model.folds[0].items():

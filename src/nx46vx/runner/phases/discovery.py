@@ -226,16 +226,16 @@ class DiscoveryPhase:
 
 
 def check_models(ctx: "RunContext", state: "RunState") -> None:
-    """Every teacher the student will load and the model it starts from (``distill.init``), checked now (``MODEL_CHECK``):
-    a bad model folder is found at discovery, with the baseline submission already written, not at distillation
-    after hours of search. Nothing from a model runs."""
+    """Every teacher the student will load and the model it starts from (``distill.init``, its network against the
+    student's settings too), checked now (``MODEL_CHECK``): a bad model folder is found at discovery, with the baseline
+    submission already written, not at distillation after hours of search. Nothing from a model runs."""
     cfg = ctx.config.distill
     if not cfg.enabled:
         return
     roots = [Path(p) for p in state.discovery.input_roots]
     checks = [("teacher", spec, lambda spec=spec: distill.check_teacher(spec, roots=roots)) for spec in cfg.teachers if spec != ENSEMBLE]
     if cfg.init:
-        checks.append(("init", cfg.init, lambda: distill.load_init(cfg.init, roots=roots).sha256))
+        checks.append(("init", cfg.init, lambda: distill.check_init(cfg, roots=roots, device=ctx.distill_device)))
     for role, spec, check in checks:
         try:
             sha = check()
