@@ -23,6 +23,7 @@ voxels are isotropic: spacing 1), so nothing is resampled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -330,6 +331,8 @@ def _logits(model: NnUNetModel, data: torch.Tensor, *, tile_step: float, mirror:
     starts = [_steps(s, p, tile_step) for s, p in zip(data.shape[1:], model.patch)]
     weights = gaussian_weights(model.patch, device=torch.device("cpu"))
     network = model.network.to(device)
+    # nnUNetPredictor runs the network in float16 autocast on a GPU, in float32 on a CPU
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     total = None
     for state in model.folds:
         network.load_state_dict(state)
@@ -338,7 +341,8 @@ def _logits(model: NnUNetModel, data: torch.Tensor, *, tile_step: float, mirror:
         for corner in itertools.product(*starts):
             box = tuple(slice(c, c + p) for c, p in zip(corner, model.patch))
             window = data[(slice(None), *box)][None].contiguous().to(device)
-            prediction = _mirrored(network, window, model.mirror_axes if mirror else ())[0].to("cpu")
+            with autocast:
+                prediction = _mirrored(network, window, model.mirror_axes if mirror else ())[0].to("cpu")
             prediction *= weights
             logits[(slice(None), *box)] += prediction
             counts[box] += weights
