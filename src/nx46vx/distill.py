@@ -385,7 +385,12 @@ def load_state_dict(state: DistillState, saved: dict[str, Any]) -> None:
     state.schedule_steps = None if saved["schedule_steps"] is None else int(saved["schedule_steps"])
     state.best = saved["best"]
     state.val_every = None if saved.get("val_every") is None else int(saved["val_every"])
-    state.intensity = Intensity(**saved["intensity"]) if saved.get("intensity") else PERCENTILE
+    state.intensity = saved_intensity(saved)
+
+
+def saved_intensity(saved: dict[str, Any]) -> Intensity:
+    """The student's input normalisation in a :func:`state_dict` (a checkpoint from before it was stored: ours)."""
+    return Intensity(**saved["intensity"]) if saved.get("intensity") else PERCENTILE
 
 
 def student_digest(state: DistillState) -> bytes:

@@ -20,9 +20,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import DistillConfig, FeatureConfig, SegmentConfig
+from .distill import saved_intensity
 from .errors import CheckpointError
 from .features import resolve_device
-from .segment import PERCENTILE, STUDENT, Intensity, PostParams, plain_params, postprocess, probability, sliding_window
+from .segment import STUDENT, PostParams, plain_params, postprocess, probability, sliding_window
 from .student import build_network
 from .volumes import read_volume
 
@@ -104,7 +105,7 @@ def predict(
     with torch.inference_mode():
         prob = sliding_window(image, network, patch=config.patch, overlap=seg.overlap if overlap is None else overlap, flip_tta=seg.flip_tta if flip_tta is None else flip_tta,
                               device=target, batch=seg.window_batch if window_batch is None else window_batch, prior=prior,
-                              intensity=Intensity(**student["intensity"]) if student.get("intensity") else PERCENTILE)
+                              intensity=saved_intensity(student))
     segmentation = ckpt.load_payload(folder, "segmentation") or {}
     choice = segmentation.get("choice") or {}
     params = PostParams(**choice["params"]) if choice.get("chosen") == STUDENT and choice.get("params") else plain_params(seg)
