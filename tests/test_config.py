@@ -34,6 +34,7 @@ BAD = [
     ("search.device=tpu", "search.device", "cuda:<index>"),
     ("features.device=gpu0", "features.device", "auto, cpu"),
     ("distill.arch=unet3000", "distill.arch", "resenc"),
+    ("distill.normalization=CTNormalization", "distill.normalization", "ZScoreNormalization"),
     ("segment.method=magic", "segment.method", "baseline"),
     ("search.l1=[0.001,-0.5]", "search.l1", "for every value"),
     ("features.entropy_window=4", "features.entropy_window", "odd"),

@@ -628,7 +628,7 @@ def test_inspect_verifies_a_checkpoint(reference: dict, tmp_path: Path) -> None:
 
 
 def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_data: Path, tmp_path: Path) -> None:
-    from nx46vx.errors import CheckpointError
+    from nx46vx.errors import CheckpointError, ConfigError, ModelFolderError
 
     image = sorted((demo_data / "test_images").glob("*.tif"))[0]
     prediction = nx46vx.predict(image, model=reference["out"])
@@ -650,6 +650,10 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
     saved = ckpt.load_payload(ckpt.latest_committed(out / "checkpoints"), "distillation")
     assert saved["network"]["teacher_input"] is True and saved["prior"]["thetas"].shape[0] == saved["network"]["ensemble_k"]
     outside = nx46vx.predict(demo_data / "test_images" / exported[0].name, model=out)
+    with pytest.raises(ModelFolderError, match="second input"):  # an nnU-Net model has one input channel
+        nx46vx.export_nnunet(out, tmp_path / "nnunet")
+    with pytest.raises(ConfigError, match="inference"):
+        nx46vx.predict(image, model=out, inference="monai")
     assert np.abs(np.round(outside.probability * 255).astype(int) - prob.astype(int)).max() <= 1
     # the run's post-processing (its tuned parameters, its segment settings): the submitted mask, bit for bit
     submitted = _masks(out / "submission.zip")[exported[0].name]

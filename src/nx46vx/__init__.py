@@ -13,7 +13,7 @@ except PackageNotFoundError:  # running from a source tree
 
 from .config import RunConfig, load_config
 from .errors import Nx46Error
-from .predict import Prediction, predict
+from .predict import Prediction, export_nnunet, predict
 from .runner import RunResult, run
 
-__all__ = ["Nx46Error", "Prediction", "RunConfig", "RunResult", "__version__", "load_config", "predict", "run"]
+__all__ = ["Nx46Error", "Prediction", "RunConfig", "RunResult", "__version__", "export_nnunet", "load_config", "predict", "run"]

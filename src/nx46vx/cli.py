@@ -1,6 +1,6 @@
 """Command line: a thin layer over the Python API.
 
-``nx46vx run | demo | verify | score | inspect | wheelhouse``.
+``nx46vx run | demo | verify | score | inspect | wheelhouse | export-nnunet``.
 """
 
 from __future__ import annotations
@@ -94,6 +94,14 @@ def _cmd_wheelhouse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_nnunet(args: argparse.Namespace) -> int:
+    from .predict import export_nnunet
+
+    folder = export_nnunet(args.model, args.folder)
+    print(f"nnU-Net v2 model folder {folder}: nnUNetv2_predict_from_modelfolder -i IN -o OUT -m {folder} -f all")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nx46vx", description="Vesuvius surface detection with resumable training and a verifiable journal.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -130,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="DIR")
     p.add_argument("--all", action="store_true", help="pack the whole requirement closure (torch included: several GB)")
     p.set_defaults(func=_cmd_wheelhouse)
+
+    p = sub.add_parser("export-nnunet", help="write a run's student as an nnU-Net v2 model folder (plans.json, dataset.json, fold_all)")
+    p.add_argument("model", metavar="OUTPUT_OR_CKPT", help="a run's output folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("folder", metavar="DIR", help="the model folder to write (replaced when it exists)")
+    p.set_defaults(func=_cmd_export_nnunet)
 
     p = sub.add_parser("inspect", help="print and verify a checkpoint manifest")
     p.add_argument("checkpoint", metavar="CKPT")

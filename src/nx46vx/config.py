@@ -133,7 +133,12 @@ class DistillConfig:
     ``nnunet:<model folder>/fold_<k>``: the student starts from that nnU-Net model's
     weights and is fed its intensity normalisation (fine-tuning); its plans' network
     must be the one ``arch``, ``width``, ``depth`` and ``blocks`` describe, and
-    ``teacher_input`` is off (the model has one input channel).
+    ``teacher_input`` is off (the model has one input channel). ``normalization``: how
+    the student's input is normalised: ``auto`` (the ``init`` model's scheme, else
+    nnU-Net's per-volume ``ZScoreNormalization``), one of nnU-Net's per-volume schemes
+    ``ZScoreNormalization``, ``RescaleTo01Normalization``, ``NoNormalization``, or
+    ``percentile`` (this package's per-volume 1st–99.5th percentile rescale, which an
+    exported nnU-Net folder cannot hold: :func:`nx46vx.export_nnunet`).
     """
 
     enabled: bool = True
@@ -141,6 +146,7 @@ class DistillConfig:
     ensemble_k: int = 5
     teacher_input: bool = False
     init: str = ""
+    normalization: str = "auto"
     arch: str = "auto"
     width: int = 32
     depth: int = 4
@@ -544,6 +550,8 @@ RANGES: dict[str, Range] = {
     "progress.health_every": AT_LEAST_ONE,
 }
 
+#: What ``distill.normalization`` may be (nnU-Net's CTNormalization needs dataset statistics: it comes with ``distill.init`` only).
+STUDENT_NORMALIZATIONS = ("auto", "percentile", "ZScoreNormalization", "RescaleTo01Normalization", "NoNormalization")
 #: What a ``distill.teachers`` entry may be.
 TEACHER_SPECS = "ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -562,6 +570,7 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v == SEGMENT_METHODS["ensemble"] or (v.partition(":")[0] in {"nnunet", "torchscript", "tiff", "python"} and bool(v.partition(":")[2])),
         TEACHER_SPECS,
     ),
+    "distill.normalization": (lambda v: v in STUDENT_NORMALIZATIONS, ", ".join(STUDENT_NORMALIZATIONS)),
     "distill.init": (lambda v: v == "" or (v.startswith("nnunet:") and len(v) > len("nnunet:")), 'empty or nnunet:<model folder>[/fold_<k>]'),
 }
 FREE_TEXT = {"profile", "publish.model_handle", "publish.version_notes"}

@@ -1,4 +1,5 @@
-"""nnU-Net v2 trained-model folders as teachers: loaded without running code from the input, predicted as nnU-Net predicts.
+"""nnU-Net v2 trained-model folders in and out: loaded without running code from the input, predicted as nnU-Net
+predicts, and written (:func:`write_folder`) so that nnU-Net predicts with a student of this package.
 
 A folder as nnU-Net writes it (``<results>/DatasetXXX/<trainer>__<plans>__<configuration>/``):
 ``plans.json``, ``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (or ``checkpoint_best.pth``)
@@ -28,6 +29,8 @@ import hashlib
 import itertools
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +40,7 @@ import torch
 from scipy.ndimage import binary_fill_holes, gaussian_filter
 from torch import nn
 
+from .atomic import fsync_dir, write_atomic, write_json_atomic
 from .errors import DependencyError, ModelFolderError
 from .segment import INTENSITY_SCHEMES, PERCENTILE, Intensity
 from .volumes import file_sha256
@@ -373,3 +377,96 @@ def probability(model: NnUNetModel, volume: np.ndarray, *, mirror: bool = False,
     out = np.zeros(data.shape[1:], np.float32)
     out[box] = surface
     return np.ascontiguousarray(out.transpose(model.transpose_backward))
+
+
+# ----------------------------------------------------------------------------- a model out: an nnU-Net folder
+
+#: The labels of an exported model: the competition's (nnU-Net's ignore label is the unannotated 2).
+EXPORT_LABELS = {"background": 0, "surface": 1, "ignore": 2}
+#: The configuration and trainer an exported folder names (nnUNetPredictor builds the network through the trainer's class).
+EXPORT_CONFIGURATION, EXPORT_TRAINER, EXPORT_PLANS = "3d_fullres", "nnUNetTrainer", "nnUNetPlans"
+
+
+def intensity_properties(intensity: Intensity) -> dict[str, float]:
+    """Channel 0's ``foreground_intensity_properties`` that ``intensity`` needs (CT's dataset statistics; none for a per-volume scheme)."""
+    if intensity.scheme != "CTNormalization":
+        return {}
+    return {"mean": float(intensity.mean), "std": float(intensity.std), "percentile_00_5": float(intensity.lower), "percentile_99_5": float(intensity.upper)}
+
+
+def model_of(architecture: dict[str, Any], weights: dict[str, torch.Tensor], *, patch: Sequence[int], intensity: Intensity,
+             mirror_axes: Sequence[int] = (0, 1, 2), folder: Path) -> NnUNetModel:
+    """A two-class model (background, surface) of one fold ``all`` held in memory: what :func:`probability` predicts with
+    and :func:`write_folder` writes. ``weights``: nnU-Net ``network_weights`` (2 output channels per head); ``folder``: where it came from."""
+    network = network_from_architecture(architecture, input_channels=1, heads=2).eval()
+    network.load_state_dict(weights)
+    digest = hashlib.sha256()
+    for key, value in weights.items():
+        digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return NnUNetModel(
+        network=network, folds=[weights], patch=tuple(int(p) for p in patch), transpose_forward=(0, 1, 2), transpose_backward=(0, 1, 2),
+        normalization=intensity.scheme, use_mask_for_norm=False, intensity=intensity_properties(intensity), mirror_axes=tuple(int(a) for a in mirror_axes),
+        heads=2, surface_head=1, sha256=digest.hexdigest(), architecture=architecture, folder=folder, fold_names=("all",),
+    )
+
+
+def _folder_files(model: NnUNetModel, *, batch: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``plans.json``, ``dataset.json`` and the ``checkpoint_final.pth`` contents of ``model`` in nnU-Net v2's layout."""
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    patch = list(model.patch)
+    configuration = {
+        "data_identifier": f"{EXPORT_PLANS}_{EXPORT_CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch, "patch_size": patch,
+        "median_image_size_in_voxels": patch, "spacing": [1.0, 1.0, 1.0], "normalization_schemes": [model.normalization], "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+        "resampling_fn_seg_kwargs": dict(resampling, is_seg=True, order=1), "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": dict(resampling, order=1), "architecture": model.architecture, "batch_dice": False,
+    }
+    plans = {
+        "dataset_name": "Dataset001_VesuviusSurface", "plans_name": EXPORT_PLANS, "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": patch, "image_reader_writer": "Tiff3DIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {EXPORT_CONFIGURATION: configuration}, "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": dict(model.intensity)},
+    }
+    dataset = {"channel_names": {"0": "CT"}, "labels": EXPORT_LABELS, "numTraining": 0, "file_ending": ".tif"}
+    checkpoint = {
+        "network_weights": {k: v.detach().cpu().contiguous() for k, v in model.folds[0].items()},
+        "init_args": {"plans": plans, "configuration": EXPORT_CONFIGURATION, "fold": "all", "dataset_json": dataset},
+        "trainer_name": EXPORT_TRAINER, "inference_allowed_mirroring_axes": tuple(model.mirror_axes),
+    }
+    return plans, dataset, checkpoint
+
+
+def write_folder(folder: str | Path, model: NnUNetModel, *, batch: int = 2) -> Path:
+    """Write ``model`` (:func:`model_of`) as an nnU-Net v2 trained-model folder: ``plans.json``, ``dataset.json``,
+    ``fold_all/checkpoint_final.pth``, which ``nnUNetv2_predict_from_modelfolder -m FOLDER -f all`` predicts with.
+
+    The folder is written whole under a temporary name and renamed into place (a folder
+    already there is replaced only then). Raises :class:`ModelFolderError` for a model
+    normalised by a scheme nnU-Net does not have (this package's ``percentile``).
+    """
+    folder = Path(folder)
+    if model.normalization not in NORMALISATIONS:
+        raise ModelFolderError("nnU-Net has no scheme for the model's intensity normalisation", path=model.folder,
+                               expected=" or ".join(NORMALISATIONS), found=model.normalization,
+                               hint='train the student with distill.normalization = "ZScoreNormalization" (or start it from an nnU-Net model)')
+    plans, dataset, checkpoint = _folder_files(model, batch=batch)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_json_atomic(partial / "plans.json", plans)
+        write_json_atomic(partial / "dataset.json", dataset)
+        (partial / "fold_all").mkdir()
+        write_atomic(partial / "fold_all" / "checkpoint_final.pth", lambda f: torch.save(checkpoint, f))
+        fsync_dir(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    previous = folder.with_name(f".{folder.name}.replaced") if folder.exists() else None
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    partial.rename(folder)
+    fsync_dir(folder.parent)
+    if previous is not None:
+        shutil.rmtree(previous)
+    return folder

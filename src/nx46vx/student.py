@@ -150,6 +150,19 @@ def start_from(network: UNet, description: dict[str, Any], model: NnUNetModel) -
     network.load_state_dict(weights)
 
 
+def nnunet_weights(network: UNet) -> dict[str, torch.Tensor]:
+    """The student's weights as an nnU-Net two-class checkpoint's ``network_weights`` (the inverse of :func:`start_from`):
+    every head gets a background channel of zeros before the surface channel, so nnU-Net's softmax is the student's sigmoid."""
+    weights = {}
+    for key, value in network.state_dict().items():
+        key = key.removeprefix("unet.")
+        value = value.detach().cpu()
+        if key.startswith("decoder.seg_layers."):
+            value = torch.cat((torch.zeros_like(value), value))
+        weights[key] = value.clone()
+    return weights
+
+
 def prior_logit(prior: torch.Tensor) -> torch.Tensor:
     """``logit(p)`` of a probability map, clamped away from 0 and 1 (the base a :class:`PriorResidual` corrects)."""
     p = prior.clamp(_EPS, 1 - _EPS)
