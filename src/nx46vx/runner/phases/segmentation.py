@@ -98,13 +98,17 @@ class SegmentationPhase:
                 masks = [intensity_baseline(img, seg) for img, _ in volumes]
                 seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(img.size for img, _ in volumes)
                 scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
-            for name in (n for n in names if n in sources):
+            # the most trained first (the student's test inference is the dearest): a source scored later leaves the
+            # leader so far the time to segment the test volumes, so a better model is never cut for a cheaper one's tuning
+            for name in (n for n in PREFERENCE if n in names and n in sources):
+                leader_s = seconds_per_voxel.get(max(scores, key=scores.__getitem__), 0.0) if scores else 0.0
                 probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False,
-                                                                          fits=self._inference_budget(ctx, state))
+                                                                          fits=self._inference_budget(ctx, state, leader_s))
                 if probs is None:  # its validation alone would leave no time to segment the test volumes with it
                     cut_for_time.append(name)
                     continue
-                params[name], scores[name], tuned[name] = tune_postprocess(list(zip(probs, labels)), seg, keep_going=self._tuning_budget(ctx, state, seconds_per_voxel[name]))
+                params[name], scores[name], tuned[name] = tune_postprocess(list(zip(probs, labels)), seg,
+                                                                           keep_going=self._tuning_budget(ctx, state, max(leader_s, seconds_per_voxel[name])))
             names = [n for n in names if n not in cut_for_time] or [BASELINE]  # the baseline's masks exist since discovery
             teacher_scores = {}
             dearest = max(seconds_per_voxel.values(), default=0.0)  # reported, not chosen from: tuned only while the dearest source still fits
@@ -141,13 +145,14 @@ class SegmentationPhase:
         ctx.event("SEGMENTER_CHOICE", self.name, record)
         return plain(record)
 
-    def _inference_budget(self, ctx: "RunContext", state: "RunState") -> "Fits":
-        """``fits(seconds_per_voxel, voxels_left)`` for a source's validation maps: the rest of them and its test volumes fit the time left."""
+    def _inference_budget(self, ctx: "RunContext", state: "RunState", leader_s: float) -> "Fits":
+        """``fits(seconds_per_voxel, voxels_left)`` for a source's validation maps: the rest of them and the test volumes fit the time
+        left, segmented by this source or by the leader so far (``leader_s`` seconds per voxel), whichever is dearer."""
         governor, safety = ctx.governor, ctx.config.budget.reserve_safety
-        return lambda per_voxel, voxels_left: per_voxel * (voxels_left + state.test_voxels * safety) <= governor.remaining() - governor.margin()
+        return lambda per_voxel, voxels_left: per_voxel * voxels_left + max(per_voxel, leader_s) * state.test_voxels * safety <= governor.remaining() - governor.margin()
 
     def _tuning_budget(self, ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> Callable[[int], bool]:
-        """``keep_going(i)``: one more grid point fits when its measured cost and the source's test cost fit the time left."""
+        """``keep_going(i)``: one more point fits when its measured cost and the test volumes at ``seconds_per_voxel`` fit the time left."""
         governor = ctx.governor
         start = governor.clock()
         test_s = seconds_per_voxel * state.test_voxels * ctx.config.budget.reserve_safety
