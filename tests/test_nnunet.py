@@ -317,6 +317,13 @@ def test_an_exported_student_predicts_with_nnunetpredictor_as_predict_does(demo_
     started = distill.init_state(replace(config, init="nnunet:exported"), seed=1, device=torch.device("cpu"), init=model)
     trained = saved["student"]["best"]["weights"] if saved["student"].get("best") else saved["student"]["student"]
     assert all(torch.equal(value, trained[key]) for key, value in started.network.state_dict().items())
+    # an earlier export is replaced; any other folder (here the run's output) is refused, left as it was
+    again = run_cli("export-nnunet", str(tmp_path / "out"), str(folder))
+    assert again.returncode == 0, again.stderr
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    refused = run_cli("export-nnunet", str(tmp_path / "out"), str(tmp_path / "out"))
+    assert refused.returncode != 0 and "not an nnU-Net model folder" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
 
 
 def test_a_student_nnunet_cannot_normalise_is_not_exported_and_a_named_scheme_must_be_the_starts(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-nnunet", help="write a run's student as an nnU-Net v2 model folder (plans.json, dataset.json, fold_all)")
     p.add_argument("model", metavar="OUTPUT_OR_CKPT", help="a run's output folder (its newest checkpoint) or a checkpoint folder")
-    p.add_argument("folder", metavar="DIR", help="the model folder to write (replaced when it exists)")
+    p.add_argument("folder", metavar="DIR", help="the model folder to write (an earlier export there is replaced; any other non-empty folder is refused)")
     p.set_defaults(func=_cmd_export_nnunet)
 
     p = sub.add_parser("inspect", help="print and verify a checkpoint manifest")

@@ -440,15 +440,19 @@ def write_folder(folder: str | Path, model: NnUNetModel, *, batch: int = 2) -> P
     """Write ``model`` (:func:`model_of`) as an nnU-Net v2 trained-model folder: ``plans.json``, ``dataset.json``,
     ``fold_all/checkpoint_final.pth``, which ``nnUNetv2_predict_from_modelfolder -m FOLDER -f all`` predicts with.
 
-    The folder is written whole under a temporary name and renamed into place (a folder
-    already there is replaced only then). Raises :class:`ModelFolderError` for a model
-    normalised by a scheme nnU-Net does not have (this package's ``percentile``).
+    The folder is written whole under a temporary name and renamed into place (an earlier
+    export there is replaced only then; any other non-empty folder is refused). Raises
+    :class:`ModelFolderError` for that, and for a model normalised by a scheme nnU-Net
+    does not have (this package's ``percentile``).
     """
     folder = Path(folder)
     if model.normalization not in NORMALISATIONS:
         raise ModelFolderError("nnU-Net has no scheme for the model's intensity normalisation", path=model.folder,
                                expected=" or ".join(NORMALISATIONS), found=model.normalization,
                                hint='train the student with distill.normalization = "ZScoreNormalization" (or start it from an nnU-Net model)')
+    if folder.exists() and any(folder.iterdir()) and not ((folder / "plans.json").is_file() and (folder / "dataset.json").is_file()):
+        raise ModelFolderError("refusing to replace a folder that is not an nnU-Net model folder", path=folder,
+                               expected="a new or empty folder, or an earlier export (plans.json, dataset.json)", found=sorted(p.name for p in folder.iterdir())[:5])
     plans, dataset, checkpoint = _folder_files(model, batch=batch)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
