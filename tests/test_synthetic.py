@@ -40,6 +40,8 @@ def test_real_volumes_lie_at_any_orientation_with_sparse_labels_and_a_border(tmp
     assert _sheet_normal(scroll).max() > 0.95
     rows = {split: list(csv.DictReader(open(root / f"{split}.csv"))) for split in ("train", "test")}
     assert {r["scroll_id"] for r in rows["test"]} == {"6"} and "6" not in {r["scroll_id"] for r in rows["train"]}
+    demo = make_competition(tmp_path / "demo", n_train=3, n_test=2, shapes=((24, 24, 24),), seed=0, unseen_test_scroll=True)  # any style
+    assert {r["scroll_id"] for r in csv.DictReader(open(demo / "test.csv"))} == {"6"}
 
 
 def test_a_scrolls_look_changes_the_image_and_not_the_geometry() -> None:

@@ -234,9 +234,9 @@ def make_competition(
     ``train_labels/``, ``test_images/`` (``<id>.tif``), and, when
     ``with_test_labels``, ``test_labels/`` holding the hidden truth so a demo
     submission can be scored. Shapes cycle through ``shapes``; ``style`` as in
-    :func:`make_volume`. A ``real`` dataset draws one :class:`ScannerLook` per scroll
-    (ids 1–5) and each volume's scroll before the volume; ``unseen_test_scroll`` puts
-    every test volume in scroll 6, which no training volume is of.
+    :func:`make_volume`. Volumes are of scrolls 1–5; ``unseen_test_scroll`` puts every
+    test volume in scroll 6, which no training volume is of. A ``real`` dataset draws
+    one :class:`ScannerLook` per scroll and each volume's scroll before the volume.
 
     Returns
     -------
@@ -250,21 +250,26 @@ def make_competition(
     ids = rng.choice(np.arange(100_000, 3_000_000), size=n_train + n_test, replace=False)
     rows: dict[str, list[tuple[int, int]]] = {"train": [], "test": []}
     looks = {scroll: scanner_look(np.random.default_rng([seed, scroll])) for scroll in range(1, 7)} if style == "real" else {}
+
+    def scroll_of(split: str) -> int:
+        return 6 if split == "test" and unseen_test_scroll else int(rng.integers(1, 6))
+
     for i, vol_id in enumerate(int(v) for v in ids):
         split = "train" if i < n_train else "test"
-        if style == "real":
-            scroll = 6 if split == "test" and unseen_test_scroll else int(rng.integers(1, 6))
-            vol = make_volume(tuple(shapes[i % len(shapes)]), rng, style=style, look=looks[scroll])
-            rows[split].append((vol_id, scroll))
+        shape = tuple(shapes[i % len(shapes)])
+        if style == "real":  # the scroll first: its look makes the volume
+            scroll = scroll_of(split)
+            vol = make_volume(shape, rng, style=style, look=looks[scroll])
         else:
-            vol = make_volume(tuple(shapes[i % len(shapes)]), rng, style=style)
+            vol = make_volume(shape, rng, style=style)
         write_tiff(root / f"{split}_images" / f"{vol_id}.tif", vol.image)
         if split == "train":
             write_tiff(root / "train_labels" / f"{vol_id}.tif", vol.label)
         elif with_test_labels:
             write_tiff(root / "test_labels" / f"{vol_id}.tif", vol.label)
-        if style != "real":
-            rows[split].append((vol_id, int(rng.integers(1, 6))))
+        if style != "real":  # drawn after the volume, so the demo and scroll datasets of a seed stay what they were
+            scroll = scroll_of(split)
+        rows[split].append((vol_id, scroll))
     for split, items in rows.items():
         with open(root / f"{split}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
