@@ -29,6 +29,7 @@ def test_every_setting_has_a_range_or_its_allowed_values() -> None:
 BAD = [
     ("distill.patch=0", "distill.patch", ">= 2"),
     ("distill.patch=36", "distill.patch", "multiple of 2**depth"),
+    ("distill.inference_patch=100", "distill.inference_patch", "0 or a positive multiple of 2**depth = 8"),
     ("distill.batch=0", "distill.batch", ">= 1"),
     ("search.block_rows=0", "search.block_rows", ">= 1"),
     ("search.device=tpu", "search.device", "cuda:<index>"),

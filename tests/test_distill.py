@@ -16,7 +16,7 @@ from nx46vx.config import AUGMENTATIONS, DistillConfig, SegmentConfig
 from nx46vx.errors import DistillationNotExecuted
 from nx46vx.patches import TrainVolume, foreground_sample, make_batch
 from nx46vx.metric import betti_numbers, score_volume
-from nx46vx.segment import PostParams, normalised, plug_holes, postprocess, postprocess_grid, sliding_window, tune_postprocess
+from nx46vx.segment import PostParams, blend, normalised, plug_holes, plain_params, postprocess, postprocess_grid, short_grid, sliding_window, tune_postprocess
 from nx46vx.synthetic import make_volume, write_tiff
 from nx46vx.volumes import file_sha256
 
@@ -287,8 +287,8 @@ def test_pipeline_with_external_teachers_and_failures(demo_data: Path, tmp_path:
     assert end["teacher_coverage_percent"] == {"ensemble": 100.0, f"torchscript:{script}": 100.0}
     assert "student" in result.validation_scores
     report = next(e["data"] for e in journal if e["event"] == "VALIDATION_REPORT")
-    assert set(report["teachers"]) == {"ensemble", f"torchscript:{script}"}  # an external teacher is tuned like a source, under the same budget
-    assert report["tuned_points"][f"teacher:torchscript:{script}"] == report["tuned_points"]["ensemble"] > 1  # no budget: the whole grid
+    assert set(report["teachers"]) == {"ensemble", f"torchscript:{script}"}  # an external teacher is reported: scored at the plain point
+    assert report["tuned_points"][f"teacher:torchscript:{script}"] == 1 and report["teachers"]["ensemble"] == report["scores"]["ensemble"]
     with pytest.raises(DistillationNotExecuted, match="no TIFF maps"):
         nx46vx.run([demo_data], output=tmp_path / "missing", profile="demo", overrides=FAST + ['distill.teachers=["tiff:/nonexistent/preds"]'])
     # a missing teacher stops the run at discovery, after the baseline submission and before any search; the failing
@@ -359,3 +359,29 @@ def test_window_batch_is_a_setting_not_the_free_memory(monkeypatch: pytest.Monke
         load_config("demo", overrides=["segment.window_batch=0"])
     with pytest.raises(ValueError, match="at least 1"):
         sliding_window(vol, Counting(), patch=16, batch=0)
+
+
+def test_a_source_after_the_first_is_tuned_on_the_plain_point_and_the_leaders() -> None:
+    prob, truth = _pierced_sheets()
+    cfg = SegmentConfig(min_component_voxels=8)
+    leader = PostParams(high=0.5, low=0.5, min_component=8, fill_holes=True, plug_holes=32)
+    grid = short_grid(cfg, leader)
+    assert grid == [plain_params(cfg), leader] and short_grid(cfg, plain_params(cfg)) == [plain_params(cfg)]
+    params, score, tried = tune_postprocess([(prob, truth)], cfg, grid=grid)
+    assert (params, tried) == (leader, 2) and score == score_volume(postprocess(prob, leader, cfg)[0], truth).score
+    _, _, cut = tune_postprocess([(prob, truth)], cfg, grid=grid, keep_going=lambda _i: False)
+    assert cut == 1  # the first point is always scored
+
+
+def test_the_blend_is_the_mean_of_two_maps() -> None:
+    student, ensemble = np.float32([[[0.2, 1.0]]]), np.float32([[[0.6, 0.0]]])
+    out = blend(student, ensemble)
+    assert out.dtype == np.float32 and np.allclose(out, [[[0.4, 0.5]]]) and np.allclose(student, [[[0.2, 1.0]]])  # inputs untouched
+
+
+def test_a_cpu_student_predicts_in_windows_twice_its_patch_unless_set() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128), cpu)) == 96
+    assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128, inference_patch=48), cpu)) == 48
+    assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128), gpu)) == 128
+    assert distill.window(distill.resolve(DistillConfig(arch="plain", patch=32), cpu)) == 32  # an explicit network is taken as set

@@ -251,7 +251,7 @@ def _models_validation_score(model: nnunet.NnUNetModel, data: Path, journal: lis
 
 def test_a_student_fine_tuned_from_a_folder_starts_at_its_score_and_resumes_bit_for_bit(demo_data: Path, tmp_path: Path) -> None:
     folder = make_model_folder(tmp_path / "attached" / "model", head_scale=30.0)  # confident: few voxels near the threshold
-    settings = ["distill.init=nnunet:model", "distill.teachers=[]", "distill.arch=plain", "distill.width=8", "distill.depth=2", "distill.patch=32"]
+    settings = ["distill.init=nnunet:model", "distill.teachers=[]", "distill.arch=plain", "distill.width=8", "distill.depth=2", "distill.patch=32", "distill.inference_patch=0"]
     extra = ["--input", str(tmp_path / "attached")] + [arg for item in settings for arg in ("--set", item)]
     ref = run_cli(*run_args(demo_data, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
@@ -292,7 +292,7 @@ def test_a_start_whose_network_differs_from_the_students_stops_the_run_at_discov
 
 
 def test_an_exported_student_predicts_with_nnunetpredictor_as_predict_does(demo_data: Path, tmp_path: Path) -> None:
-    settings = ["distill.teacher_input=false", "distill.normalization=ZScoreNormalization"]
+    settings = ["distill.teacher_input=false", "distill.normalization=ZScoreNormalization", "distill.inference_patch=0"]  # nnU-Net predicts at the training patch
     proc = run_cli(*run_args(demo_data, tmp_path / "out", *[arg for item in settings for arg in ("--set", item)]))
     assert proc.returncode == 0, proc.stderr
     exported = run_cli("export-nnunet", str(tmp_path / "out"), str(tmp_path / "exported"))

@@ -662,6 +662,32 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
     assert (first["step"], first["scored"], first["improved"]) == (0, "prior", True)  # the untrained student is the ensemble: the score to beat
 
 
+def test_the_blend_is_the_mean_of_the_students_and_the_ensembles_maps(reference: dict, demo_data: Path, tmp_path: Path) -> None:
+    """The blend is validated and tuned on the whole grid first (the other sources on the leader's point); chosen, it segments
+    the test volumes with the mean of the student's map and the search ensemble's."""
+    from nx46vx.config import FeatureConfig
+    from nx46vx.segment import postprocess_grid, probability
+
+    events = _events(reference["out"] / "journal.jsonl")
+    report = next(e["data"] for e in events if e["event"] == "VALIDATION_REPORT")
+    grid = len(list(postprocess_grid(nx46vx.RunConfig().segment)))
+    assert report["tuned_points"]["blend"] == grid and "blend" in report["scores"]
+    assert all(1 <= report["tuned_points"][name] <= 2 for name in ("student", "ensemble", "search_model"))  # the plain point and the blend's
+    out = _copy_of(reference, tmp_path)
+    nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["segment.method=blend", "segment.export_probabilities=true"])
+    choice = next(e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")
+    assert choice["chosen"] == "blend" and choice["params"] == report["params"]["blend"]
+    saved = ckpt.load_payload(ckpt.latest_committed(out / "checkpoints"), "distillation")
+    ensemble = saved["prior"]  # the demo's student corrects the ensemble: the checkpoint holds it
+    for path in sorted((demo_data / "test_images").glob("*.tif")):
+        student = nx46vx.predict(path, model=out).probability
+        image = tifffile.imread(path)
+        mean = (student + probability(image, ensemble["thetas"], np.asarray(ensemble["mean"]), np.asarray(ensemble["std"]), FeatureConfig(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in ensemble["features"].items()}))) / 2
+        exported = tifffile.imread(out / "probabilities" / path.name).astype(int)
+        assert np.abs(np.round(mean * 255).astype(int) - exported).max() <= 1
+
+
 def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path) -> None:
     """A segmenter whose measured cost would not fit the budget left is not chosen; the journal says why."""
     result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["budget.reserve_safety=1e9", "budget.total_s=3600"])
@@ -670,9 +696,12 @@ def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path
     assert "student" in choice["excluded_for_time"] and result.segmenter == choice["chosen"] == "intensity_baseline"
     # a source whose validation maps alone would leave no time for its test volumes stops after its first map (the ensemble's
     # and the student's maps are distillation's); the teachers' report is tuned only while the dearest source fits (one point)
-    assert choice["validation_cut_for_time"] == ["search_model"] and "search_model" not in choice["validation_scores"]
+    assert choice["validation_cut_for_time"] == ["blend", "search_model"] and "search_model" not in choice["validation_scores"]
     report = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "VALIDATION_REPORT")
     assert report["tuned_points"] == {"ensemble": 1, "student": 1}
+    # the trained student's exclusion is a planning failure, and the journal names it
+    failure = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "PLANNING_FAILURE")
+    assert failure["excluded"] == ["student", "blend"] and failure["predicted_test_seconds"]["student"] == choice["predicted_test_seconds"]["student"]
 
 
 class _CreatesAFile:

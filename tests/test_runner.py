@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -340,3 +341,30 @@ def test_the_quota_counts_a_hard_linked_file_once(tmp_path: Path) -> None:
     os.link(tmp_path / "a" / "weights", tmp_path / "b" / "weights")
     (tmp_path / "b" / "other").write_bytes(bytes(100))
     assert folder_bytes(tmp_path) == 10_100 and OutputQuota(tmp_path, 1.0).used == 10_100
+
+
+def test_the_schedule_spreads_its_validations_evenly_up_to_its_end() -> None:
+    """A validation costs 30 steps: they are spaced to take at most 15 % of the time, and evenly, the last one at the schedule's end."""
+    from types import SimpleNamespace
+
+    from nx46vx.config import DistillConfig
+    from nx46vx.runner.schedule import StepCosts, lay_out_schedule
+
+    clock = VirtualClock()
+    governor = Governor(BudgetConfig(total_s=2000.0, margin_s=0.0, features_share=0.0, search_share=0.0), n_test=1, clock=clock)
+    governor.enter("distillation")
+    journal: list[tuple[str, dict]] = []
+    ctx = SimpleNamespace(governor=governor, event=lambda name, _phase, data: journal.append((name, data)))
+    student = SimpleNamespace(step=10, schedule_steps=None, val_every=None)
+    cfg = DistillConfig(steps=0, warmup_steps=10, val_every=10, checkpoint_every=10**6)
+    costs = StepCosts(started=0.0, steps=10, durations=[1.0] * 10, validation=30.0)
+    measured: list[bool] = []
+    lay_out_schedule(ctx, "distillation", student, cfg, costs, measure=lambda: measured.append(True))
+    left = governor.phase_time_left("distillation")
+    assert measured == [True] and journal[-1][0] == "DISTILLATION_SCHEDULE"
+    total, every = student.schedule_steps, student.val_every
+    validations = total // every + (total % every != 0)  # every val_every steps, and after the last one
+    assert every >= math.ceil(30.0 / (0.15 * 1.0))  # at most 15 % of the training time
+    assert total % every == 0 or total % every >= every // 2  # no validation a few steps before the final one
+    # every step and validation fits the time left, and no whole further validation interval would
+    assert (total - 10) * 1.0 + validations * 30.0 <= left < (total - 10 + every) * 1.0 + (validations + 1) * 30.0

@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import nnunet
 from .config import DistillConfig, FeatureConfig, SegmentConfig
-from .distill import saved_intensity
+from .distill import saved_intensity, window
 from .errors import CheckpointError, ConfigError, ModelFolderError
 from .features import resolve_device
 from .segment import STUDENT, PostParams, plain_params, postprocess, probability, sliding_window
@@ -152,7 +152,7 @@ def _sliding_window(image: np.ndarray, folder: Path, saved: dict[str, Any], conf
             raise CheckpointError("checkpoint's student takes the ensemble's map as input but holds no ensemble", path=folder, expected="a distillation payload with 'prior'", found="none")
         prior = probability(image, ensemble["thetas"], np.asarray(ensemble["mean"]), np.asarray(ensemble["std"]), _from_dict(FeatureConfig, ensemble["features"]), device=device)
     with torch.inference_mode():
-        return sliding_window(image, network, patch=config.patch, overlap=overlap, flip_tta=flip_tta, device=device, batch=window_batch, prior=prior,
+        return sliding_window(image, network, patch=window(config), overlap=overlap, flip_tta=flip_tta, device=device, batch=window_batch, prior=prior,
                               intensity=saved_intensity(saved["student"]))
 
 

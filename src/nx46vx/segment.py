@@ -18,7 +18,10 @@ competition metric (:func:`tune_postprocess`). Probability sources:
   (the best candidate, or the top-k ensemble), computed chunk by chunk from the
   feature bank;
 * :func:`sliding_window` — any 3-D network (the student, a TorchScript teacher)
-  over overlapping windows blended with Gaussian weights, optional flip TTA.
+  over overlapping windows blended with Gaussian weights, optional flip TTA;
+* :func:`blend` — the mean of the student's and the ensemble's maps: two models that
+  err differently (a network on intensities, linear models on rotation-invariant
+  features).
 
 ``intensity_baseline`` needs no training: smoothed intensity, Otsu threshold,
 small components removed.
@@ -42,7 +45,7 @@ from .features import iter_feature_chunks, normalise
 from .metric import CONN26, Truth, score_volume
 from .search.engine import design_rows
 
-BASELINE, SEARCH_MODEL, ENSEMBLE, STUDENT = (SEGMENT_METHODS[k] for k in ("baseline", "search", "ensemble", "student"))
+BASELINE, SEARCH_MODEL, ENSEMBLE, STUDENT, BLEND = (SEGMENT_METHODS[k] for k in ("baseline", "search", "ensemble", "student", "blend"))
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -391,19 +394,32 @@ def plain_params(config: SegmentConfig) -> PostParams:
     return next(iter(postprocess_grid(config)))
 
 
+def short_grid(config: SegmentConfig, *points: PostParams) -> list[PostParams]:
+    """The plain 0.5 threshold and ``points`` (another source's tuned ones), each once: what a source is tuned on after the first."""
+    return list(dict.fromkeys((plain_params(config), *points)))
+
+
+def tuning_points(config: SegmentConfig, *, sources: int = 4) -> int:
+    """Grid points the segmenter choice scores on the validation volumes: the whole grid for the first of ``sources``, a
+    :func:`short_grid` of two points for each other."""
+    return len(list(postprocess_grid(config))) + 2 * (sources - 1)
+
+
 def tune_postprocess(
-    pairs: Sequence[tuple[np.ndarray, "np.ndarray | Truth"]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True
+    pairs: Sequence[tuple[np.ndarray, "np.ndarray | Truth"]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True,
+    grid: Sequence[PostParams] | None = None,
 ) -> tuple[PostParams, float, int]:
     """Best :class:`PostParams` over (probability, labels) validation pairs, its mean competition score, and the grid points tried.
 
     The labels may come as a :class:`nx46vx.metric.Truth` (prepared once for several tunings).
+    ``grid``: the points to try (default :func:`postprocess_grid`; the first is always scored).
 
     ``keep_going(i)`` is asked before grid point ``i > 0``: the caller cuts the grid
     to the time it grants (the first point is always scored).
     """
     best, best_score, tried = PostParams(), -math.inf, 0
     truths = [label if isinstance(label, Truth) else Truth(label) for _, label in pairs]  # every grid point is scored against the same labels
-    for i, params in enumerate(postprocess_grid(config)):
+    for i, params in enumerate(postprocess_grid(config) if grid is None else grid):
         if i > 0 and not keep_going(i):
             break
         score = float(np.mean([score_volume(postprocess(prob, params, config)[0], truth).score for (prob, _), truth in zip(pairs, truths)]))
@@ -413,8 +429,15 @@ def tune_postprocess(
     return best, best_score, tried
 
 
-#: Ties (and missing validation) favour the more trained model.
-PREFERENCE = (STUDENT, ENSEMBLE, SEARCH_MODEL, BASELINE)
+def blend(student: np.ndarray, ensemble: np.ndarray) -> np.ndarray:
+    """The blend segmenter's map: the mean of the student's and the ensemble's probabilities, float32 (z, y, x)."""
+    out = np.add(student, ensemble, dtype=np.float32)
+    out *= 0.5
+    return out
+
+
+#: Ties (and missing validation) favour the more trained model, and a single model over a blend of two.
+PREFERENCE = (STUDENT, BLEND, ENSEMBLE, SEARCH_MODEL, BASELINE)
 
 
 @dataclass(frozen=True)

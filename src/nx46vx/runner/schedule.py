@@ -71,14 +71,16 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
                      measure: Callable[[], None]) -> None:
     """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
 
-    After the warm-up, the measured seconds per step, per validation and per
-    checkpoint (``measure()`` makes one of each now, adding their seconds to
-    ``costs``) give the steps that fit the phase's time left, with
+    After the warm-up, the measured seconds per step and per checkpoint
+    (``measure()`` writes one now, adding its seconds to ``costs``) and the seconds
+    per validation (``costs.validation``: priced before the first step, or measured
+    since) give the steps that fit the phase's time left, with
     :data:`SCHEDULE_SPARE` spare (a schedule that overruns stops early, its last
-    weights validated, so the spare only absorbs noise). Validations are spaced so
-    that they take at most :data:`VALIDATION_SHARE` of the training time (never
-    closer than ``distill.val_every``): on a CPU one validation can cost as much as
-    dozens of steps.
+    weights validated, so the spare only absorbs noise). Validations take at most
+    :data:`VALIDATION_SHARE` of the training time (never closer than
+    ``distill.val_every``: on a CPU one validation can cost as much as dozens of
+    steps) and are spread evenly, the last at the schedule's end, so none is spent on
+    weights a few steps from the final ones.
     """
     governor = ctx.governor
     if cfg.steps > 0 or governor.remaining() == float("inf"):
@@ -90,35 +92,41 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
     step_s = max(costs.typical_step_s(governor.clock()), 1e-9)
     measure()
     validation_s, checkpoint_s = costs.validation, costs.checkpoint
-    student.val_every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
     left = governor.phase_time_left(phase)
     # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
-    steps = steps_that_fit((1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s, done=student.step, step_s=step_s,
-                           every=((student.val_every, validation_s), (cfg.checkpoint_every, checkpoint_s)))
-    student.schedule_steps = student.step + max(1, steps)
+    seconds = (1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s
+    fit = lambda every: steps_that_fit(seconds, done=student.step, step_s=step_s, every=((every, validation_s), (cfg.checkpoint_every, checkpoint_s)))  # noqa: E731
+    every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
+    total = student.step + max(1, fit(every))
+    every = max(every, math.ceil(total / max(1, total // every)))  # as many validations, evenly spaced up to the end
+    student.val_every = every
+    student.schedule_steps = student.step + max(1, fit(every))
     ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
                                                "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
                                                "val_every": student.val_every, "time_left_s": round(left, 3)})
 
 
 def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> float:
-    """Seconds :func:`~nx46vx.segment.sliding_window` takes per window of the student's network, timed on one window now.
+    """Seconds :func:`~nx46vx.segment.sliding_window` takes per window of the student's network, timed now on one batch of windows.
 
     Before a step is trained, this prices the student's validations and its test
-    inference (each window is normalised, run and blended alike; batching windows
-    only makes a GPU faster than this). Eval mode without gradients: the weights and
-    every random stream are left as they were.
+    inference: a row of ``segment.window_batch`` overlapping windows is normalised, run
+    and blended as the test volumes' are (one forward pass; a window run alone costs
+    more per window). Eval mode without gradients: the weights and every random stream
+    are left as they were.
     """
-    seg = ctx.config.segment
-    window = np.zeros((cfg.patch,) * 3, np.uint8)
-    prior = np.zeros(window.shape, np.float32) if cfg.teacher_input else None
+    seg, patch = ctx.config.segment, distill.window(cfg)
+    windows = max(1, seg.window_batch)
+    stride = max(1, round(patch * (1 - seg.overlap)))
+    row = np.zeros((patch, patch, patch + (windows - 1) * stride), np.uint8)
+    prior = np.zeros(row.shape, np.float32) if cfg.teacher_input else None
     network = student.network.eval()
-    run = lambda: sliding_window(window, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device, batch=1, prior=prior,  # noqa: E731
+    run = lambda: sliding_window(row, network, patch=patch, overlap=seg.overlap, device=ctx.distill_device, batch=windows, prior=prior,  # noqa: E731
                                 intensity=student.intensity)
     run()  # the first call pays one-off allocations
     t0 = ctx.governor.clock()
     run()
-    return ctx.governor.clock() - t0
+    return (ctx.governor.clock() - t0) / window_count(row.shape, patch=patch, overlap=seg.overlap, flip_tta=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +146,9 @@ def price_inference(ctx: "RunContext", state: "RunState", student: distill.Disti
     seg = ctx.config.segment
     window_s = seconds_per_window(ctx, student, cfg)
     tests = [state.shapes[t.id] for t in state.discovery.test if t.id in state.shapes and t.id not in state.rejected_tests]
-    test_s = inference_seconds(tests, window_s, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta)
+    test_s = inference_seconds(tests, window_s, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=seg.flip_tta)
     scoring_s = ctx.governor.score_s_per_voxel * sum(int(np.prod(shape)) for shape in val_shapes)
-    validation_s = inference_seconds(val_shapes, window_s, patch=cfg.patch, overlap=seg.overlap, flip_tta=False) + scoring_s
+    validation_s = inference_seconds(val_shapes, window_s, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) + scoring_s
     return InferencePrice(window_s, test_s / max(1, state.test_voxels), validation_s)
 
 

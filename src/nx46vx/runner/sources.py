@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import distill
 from ..metric import Truth
-from ..segment import ENSEMBLE, SEARCH_MODEL, STUDENT, probability, sliding_window
+from ..segment import BLEND, ENSEMBLE, SEARCH_MODEL, STUDENT, blend, probability, sliding_window
 from ..volumes import SURFACE, read_pair
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def student_config(ctx: "RunContext", state: "RunState") -> distill.DistillConfi
 
 
 def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Source]:
-    """Learned probability maps available to segment with: search model, ensemble, student."""
+    """Learned probability maps available to segment with: search model, ensemble, student, and the blend of the last two."""
     out: dict[str, Source] = {}
     search = state.search
     if unusable_ensemble(state) is None:
@@ -135,6 +135,20 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
         # the ensemble the student learnt to correct: the ensemble teacher's map
         prior = search_probability(ctx, search, cfg.ensemble_k) if cfg.teacher_input else None
         intensity = state.student.intensity
-        out[STUDENT] = lambda vol: sliding_window(vol, network, patch=cfg.patch, overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device, batch=seg.window_batch,
-                                                  prior=prior(vol) if prior is not None else None, intensity=intensity)
+
+        def student(vol: np.ndarray, prior_map: np.ndarray | None = None) -> np.ndarray:
+            if prior is not None and prior_map is None:
+                prior_map = prior(vol)
+            return sliding_window(vol, network, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device, batch=seg.window_batch,
+                                  prior=prior_map, intensity=intensity)
+
+        out[STUDENT] = student
+        if ENSEMBLE in out:
+            ensemble = out[ENSEMBLE]
+
+            def blended(vol: np.ndarray) -> np.ndarray:
+                ensemble_map = ensemble(vol)  # the student's prior when it takes one: the same map, computed once
+                return blend(student(vol, ensemble_map if prior is not None else None), ensemble_map)
+
+            out[BLEND] = blended
     return out

@@ -19,7 +19,7 @@ from ...config import RunConfig
 from ...discovery import TestVolume, TrainPair, discover
 from ... import distill
 from ...errors import DependencyError, DistillationNotExecuted, MemoryLimitError, ModelFolderError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
-from ...segment import ENSEMBLE, intensity_baseline, postprocess_grid
+from ...segment import ENSEMBLE, intensity_baseline, tuning_points
 from ...telemetry import ensure_memory
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, volume_key, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
@@ -140,7 +140,7 @@ class DiscoveryPhase:
         ctx.governor.n_test = len(found.test)
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
         scored = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in state.val_pairs[: ctx.governor.n_val])  # checked above
-        ctx.governor.tuning_voxels = scored * len(list(postprocess_grid(config.segment)))
+        ctx.governor.tuning_voxels = scored * tuning_points(config.segment)
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
         self.data_key = digest(sorted(manifest))
         ctx.event("DATASET_DISCOVERY", self.name, {

@@ -231,6 +231,8 @@ class DistillationPhase:
         governor = ctx.governor
         price = price_inference(ctx, state, student, cfg, [image.shape for image, _ in val[: cfg.val_volumes]])
         self._test_voxels, self._test_s_per_voxel = state.test_voxels, price.test_s_per_voxel
+        if len(val[: cfg.val_volumes]) == len(val) and not ctx.config.segment.flip_tta:
+            governor.n_val = 0  # the choice tunes on the student's maps from its last validation: none is made again
         governor.measured_volume_cost(price.test_s_per_voxel, state.test_voxels)
         ctx.event("DISTILLATION_INFERENCE", self.name, {"seconds_per_window": round(price.window_s, 6), "predicted_test_s": round(price.test_s_per_voxel * state.test_voxels, 3),
                                                        "predicted_validation_s": round(price.validation_s, 3), "reserve_s": round(governor.reserve(), 3),
@@ -245,11 +247,19 @@ class DistillationPhase:
         self.student = state.student = None
         return {"skipped": why}
 
-    def _measure(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, costs: StepCosts) -> None:
-        """One validation (when there are volumes) and one checkpoint now, their seconds added to ``costs``."""
-        if val:
-            self._validate(ctx, student, val, cfg, costs=costs)
+
+    def _measure(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, val: list[Validation], costs: StepCosts) -> None:
+        """A checkpoint, and a post-processing grid point timed on the ensemble teacher's validation maps, now: their seconds size the
+        schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation)."""
         self._checkpoint(ctx, student, costs)
+        maps, governor, seg = state.teacher_val_probs.get(ENSEMBLE), ctx.governor, ctx.config.segment
+        if not maps or len(maps) != len(validation_truths(ctx, state)):
+            return
+        before, t0 = governor.score_s_per_voxel, governor.clock()
+        for prob, truth in zip(maps, validation_truths(ctx, state)):
+            score_volume(postprocess(prob, plain_params(seg), seg)[0], truth)
+        governor.measured_score_cost((governor.clock() - t0) / max(1, sum(prob.size for prob in maps)))
+        costs.validation += (governor.score_s_per_voxel - before) * sum(image.size for image, _, _ in val)
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any, *,
                validation_s: float) -> str | None:
@@ -276,7 +286,7 @@ class DistillationPhase:
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
-                    lay_out_schedule(ctx, self.name, student, cfg, costs, measure=lambda: self._measure(ctx, student, val, cfg, costs))
+                    lay_out_schedule(ctx, self.name, student, cfg, costs, measure=lambda: self._measure(ctx, state, student, val, costs))
                     bar.total = student.schedule_steps
                     if student.schedule_steps is not None and student.step >= student.schedule_steps:
                         break
@@ -349,12 +359,11 @@ class DistillationPhase:
         t0 = governor.clock()
         for image, label, prior in val:
             started = governor.clock()
-            probs.append(prior if as_prior else sliding_window(image, network, patch=cfg.patch, overlap=seg.overlap, device=ctx.distill_device,
+            probs.append(prior if as_prior else sliding_window(image, network, patch=distill.window(cfg), overlap=seg.overlap, device=ctx.distill_device,
                                                                  batch=seg.window_batch, prior=prior, intensity=student.intensity))
             inference_s += governor.clock() - started
-            mask = postprocess(probs[-1], params, seg)[0]
-            started = governor.clock()
-            scores.append(score_volume(mask, label).score)
+            started = governor.clock()  # a post-processing grid point costs the clean-up and the metric: what the tuning reserve is sized by
+            scores.append(score_volume(postprocess(probs[-1], params, seg)[0], label).score)
             scoring_s += governor.clock() - started
         governor.account("distill_validation")
         voxels = max(1, sum(image.size for image, _, _ in val))

@@ -20,7 +20,8 @@ from ... import reports
 from ...config import SEGMENT_METHODS, RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import BASELINE, PREFERENCE, PostParams, choose_segmenter, intensity_baseline, plain_params, postprocess, postprocess_grid, tune_postprocess
+from ...segment import (BASELINE, BLEND, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, blend, choose_segmenter, intensity_baseline, plain_params, postprocess,
+                        postprocess_grid, short_grid, tune_postprocess)
 from ...telemetry import ensure_memory, mask_stats
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume
 from ..masks import mask_intact, write_mask, write_probability
@@ -33,6 +34,24 @@ if TYPE_CHECKING:
     from ..training_data import Fits
 
 log = logging.getLogger("nx46vx")
+
+
+#: The order the sources' validation maps are made in: the student's first (usually kept from its last validation), the blend from its parts.
+MAPS_ORDER = (STUDENT, ENSEMBLE, BLEND, SEARCH_MODEL)
+#: The order they are tuned in: the first present gets the whole post-processing grid, the others the leader's point.
+TUNING_ORDER = (BLEND, STUDENT, ENSEMBLE, SEARCH_MODEL)
+
+
+@dataclasses.dataclass
+class Scored:
+    """The segmenter choice's findings on validation, per candidate: score, cost, tuned parameters, grid points planned and tried, and those cut for time."""
+
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds_per_voxel: dict[str, float] = dataclasses.field(default_factory=dict)
+    params: dict[str, PostParams] = dataclasses.field(default_factory=dict)
+    planned: dict[str, int] = dataclasses.field(default_factory=dict)
+    tuned: dict[str, int] = dataclasses.field(default_factory=dict)
+    cut_for_time: list[str] = dataclasses.field(default_factory=list)
 
 
 class SegmentationPhase:
@@ -86,43 +105,17 @@ class SegmentationPhase:
                 raise Nx46Error("segmenter unavailable", expected=f"one of {names}", found=seg.method, hint="train the model it needs first")
             names = [wanted]
         volumes = validation_volumes(ctx, state)
-        scores: dict[str, float] = {}
-        seconds_per_voxel: dict[str, float] = {}
-        params: dict[str, PostParams] = {}
-        tuned: dict[str, int] = {}
-        cut_for_time: list[str] = []
+        scored = Scored()
         if volumes:
             labels = validation_truths(ctx, state)
             if BASELINE in names:
                 t0 = governor.clock()
                 masks = [intensity_baseline(img, seg) for img, _ in volumes]
-                seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(img.size for img, _ in volumes)
-                scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
-            # the most trained first (the student's test inference is the dearest): a source scored later leaves the
-            # leader so far the time to segment the test volumes, so a better model is never cut for a cheaper one's tuning
-            for name in (n for n in PREFERENCE if n in names and n in sources):
-                leader_s = seconds_per_voxel.get(max(scores, key=scores.__getitem__), 0.0) if scores else 0.0
-                probs, seconds_per_voxel[name] = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False,
-                                                                          fits=self._inference_budget(ctx, state, leader_s))
-                if probs is None:  # its validation alone would leave no time to segment the test volumes with it
-                    cut_for_time.append(name)
-                    continue
-                params[name], scores[name], tuned[name] = tune_postprocess(list(zip(probs, labels)), seg,
-                                                                           keep_going=self._tuning_budget(ctx, state, max(leader_s, seconds_per_voxel[name])))
-            names = [n for n in names if n not in cut_for_time] or [BASELINE]  # the baseline's masks exist since discovery
-            teacher_scores = {}
-            dearest = max(seconds_per_voxel.values(), default=0.0)  # reported, not chosen from: tuned only while the dearest source still fits
-            for teacher, probs in state.teacher_val_probs.items():
-                if probs is not None and teacher in scores:  # the ensemble teacher is the ensemble source: its score is already tuned
-                    teacher_scores[teacher] = scores[teacher]
-                elif probs is not None:
-                    _, teacher_scores[teacher], tuned[f"teacher:{teacher}"] = tune_postprocess(list(zip(probs, labels)), seg, keep_going=self._tuning_budget(ctx, state, dearest))
-            ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.validation_pairs], "scores": scores, "teachers": teacher_scores,
-                                                       "params": {k: v.to_dict() for k, v in params.items()}, "tuned_points": tuned})
-            grid = len(list(postprocess_grid(seg)))
-            cut = {k: v for k, v in tuned.items() if v < grid}
-            if cut:
-                ctx.event("TUNING_CUT", self.name, {"tried": cut, "grid": grid})
+                scored.seconds_per_voxel[BASELINE] = (governor.clock() - t0) / sum(img.size for img, _ in volumes)
+                scored.scores[BASELINE] = float(np.mean([score_volume(mask, lab).score for mask, lab in zip(masks, labels)]))
+            self._score_sources(ctx, state, sources, [n for n in names if n in sources], labels, scored)
+            names = [n for n in names if n not in scored.cut_for_time] or [BASELINE]  # the baseline's masks exist since discovery
+            self._report(ctx, state, labels, scored)
         else:
             reason = "no validation volume" if not state.val_pairs else "no validation volume has enough surface voxels"
             order = [n for n in PREFERENCE if n in names]
@@ -130,20 +123,75 @@ class SegmentationPhase:
             ctx.event("VALIDATION_UNAVAILABLE", self.name, {"reason": reason, "order": order})
         state.validation, state.validation_truths, state.validation_probs = None, None, {}  # test segmentation needs none of them
         time_left = governor.remaining() - governor.margin()
-        choice = choose_segmenter(names, scores, seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
+        choice = choose_segmenter(names, scored.scores, scored.seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
         record = {
             "chosen": choice.chosen,
-            "by": "validation score" if scores else "preference order",
-            "validation_scores": scores,
-            "params": None if choice.chosen == BASELINE else params.get(choice.chosen, plain_params(seg)).to_dict(),
+            "by": "validation score" if scored.scores else "preference order",
+            "validation_scores": scored.scores,
+            "params": None if choice.chosen == BASELINE else scored.params.get(choice.chosen, plain_params(seg)).to_dict(),
             "predicted_test_seconds": choice.predicted_test_seconds,
-            "seconds_per_voxel": seconds_per_voxel,
+            "seconds_per_voxel": scored.seconds_per_voxel,
             "time_left_s": None if time_left == float("inf") else time_left,
-            "excluded_for_time": sorted(set(choice.excluded_for_time) | set(cut_for_time)),
-            "validation_cut_for_time": cut_for_time,
+            "excluded_for_time": sorted(set(choice.excluded_for_time) | set(scored.cut_for_time)),
+            "validation_cut_for_time": scored.cut_for_time,
         }
         ctx.event("SEGMENTER_CHOICE", self.name, record)
+        self._name_planning_failure(ctx, state, record)
         return plain(record)
+
+    def _score_sources(self, ctx: "RunContext", state: "RunState", sources: dict[str, Source], names: list[str], labels: list[Any], scored: "Scored") -> None:
+        """Each candidate's validation maps (the blend's from its parts'), then its post-processing tuning, into ``scored``.
+
+        The first candidate of :data:`TUNING_ORDER` is tuned on the whole grid, each later one on
+        :func:`~nx46vx.segment.short_grid` with the leader's point (the time a cheaper model's grid would take goes to
+        the student's training instead). A source's maps stop when the rest of them and the test volumes, segmented by
+        it or by the dearest source so far, would not fit; the blend's parts are held until it is scored.
+        """
+        seg, maps, costs = ctx.config.segment, {}, {}
+        parts = {STUDENT, ENSEMBLE} & set(sources) if BLEND in names else set()
+        for name in (n for n in MAPS_ORDER if n in set(names) | parts):
+            fits = self._inference_budget(ctx, state, max(costs.values(), default=0.0))
+            if name == BLEND:
+                per_voxel = costs.get(STUDENT, 0.0) + costs.get(ENSEMBLE, 0.0)
+                probs = [blend(s, e) for s, e in zip(maps[STUDENT], maps[ENSEMBLE])] if parts <= set(maps) and fits(per_voxel, 0) else None
+            else:
+                probs, per_voxel = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False, fits=fits)
+            costs[name] = per_voxel
+            if probs is None:
+                scored.cut_for_time.append(name)
+            else:
+                maps[name] = probs
+        scored.seconds_per_voxel.update({n: costs[n] for n in names if n in costs})
+        for name in (n for n in TUNING_ORDER if n in names and n in maps):
+            leader = max(scored.params, key=scored.scores.__getitem__, default=None)
+            grid = None if leader is None else short_grid(seg, scored.params[leader])
+            keep_going = self._tuning_budget(ctx, state, max(scored.seconds_per_voxel.values()))
+            scored.planned[name] = len(list(postprocess_grid(seg))) if grid is None else len(grid)
+            scored.params[name], scored.scores[name], scored.tuned[name] = tune_postprocess(list(zip(maps[name], labels)), seg, grid=grid, keep_going=keep_going)
+
+    def _report(self, ctx: "RunContext", state: "RunState", labels: list[Any], scored: "Scored") -> None:
+        """``VALIDATION_REPORT``: the candidates' scores and the teachers' (a teacher that is no candidate scored at the plain point only:
+        reported, not chosen from); ``TUNING_CUT`` when time cut a grid."""
+        seg, teacher_scores = ctx.config.segment, {}
+        for teacher, probs in state.teacher_val_probs.items():
+            if probs is not None and teacher in scored.scores:  # the ensemble teacher is the ensemble source: its score is already tuned
+                teacher_scores[teacher] = scored.scores[teacher]
+            elif probs is not None:
+                _, teacher_scores[teacher], scored.tuned[f"teacher:{teacher}"] = tune_postprocess(list(zip(probs, labels)), seg, grid=[plain_params(seg)])
+        ctx.event("VALIDATION_REPORT", self.name, {"volumes": [p.id for p in state.validation_pairs], "scores": scored.scores, "teachers": teacher_scores,
+                                                   "params": {k: v.to_dict() for k, v in scored.params.items()}, "tuned_points": scored.tuned})
+        cut = {k: v for k, v in scored.tuned.items() if v < scored.planned.get(k, 1)}
+        if cut:
+            ctx.event("TUNING_CUT", self.name, {"tried": cut, "grid": {k: scored.planned[k] for k in cut}})
+
+    def _name_planning_failure(self, ctx: "RunContext", state: "RunState", record: dict[str, Any]) -> None:
+        """A trained student left out for time is a planning failure (its inference was reserved before it trained): ``PLANNING_FAILURE``."""
+        excluded = [n for n in (STUDENT, BLEND) if n in record["excluded_for_time"]]
+        if state.student is not None and state.student.step > 0 and STUDENT in excluded:
+            log.warning("planning failure: the trained student was excluded for time (%s)", excluded)
+            ctx.event("PLANNING_FAILURE", self.name, {"what": "a trained student excluded for time", "excluded": excluded,
+                                                      "predicted_test_seconds": {n: record["predicted_test_seconds"].get(n) for n in excluded},
+                                                      "validation_cut_for_time": record["validation_cut_for_time"], "time_left_s": record["time_left_s"], **ctx.governor.state()})
 
     def _inference_budget(self, ctx: "RunContext", state: "RunState", leader_s: float) -> "Fits":
         """``fits(seconds_per_voxel, voxels_left)`` for a source's validation maps: the rest of them and the test volumes fit the time
