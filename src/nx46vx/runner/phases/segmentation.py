@@ -157,10 +157,10 @@ class SegmentationPhase:
             else:
                 probs, per_voxel = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False, fits=fits)
             costs[name] = per_voxel
-            if probs is None:
-                scored.cut_for_time.append(name)
-            else:
+            if probs is not None:
                 maps[name] = probs
+            elif name in names:  # a part's cut maps cut the blend, not a candidate of its own
+                scored.cut_for_time.append(name)
         scored.seconds_per_voxel.update({n: costs[n] for n in names if n in costs})
         for name in (n for n in TUNING_ORDER if n in names and n in maps):
             leader = max(scored.params, key=scored.scores.__getitem__, default=None)
