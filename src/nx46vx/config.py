@@ -140,10 +140,11 @@ class DistillConfig:
     ``percentile`` (this package's per-volume 1st–99.5th percentile rescale, which an
     exported nnU-Net folder cannot hold: :func:`nx46vx.export_nnunet`).
     ``inference_patch``: the window the student's validations and test volumes are
-    predicted in (0 = ``patch``; a multiple of ``2**depth``): the network is fully
-    convolutional, and on a CPU a window larger than the training patch overlaps less
-    (a 96³ volume in one 96³ window instead of 27 windows of 48³: 2.8× faster on the
-    demo's student, and no lower score; ``bench/bench_reference_unet.py``).
+    predicted in (0 = ``patch``, or twice the capped patch for ``arch = "auto"`` on a
+    CPU; else a multiple of ``2**depth``): the network is fully convolutional, and on
+    a CPU a window larger than the training patch overlaps less (a 96³ volume in one
+    96³ window instead of 27 windows of 48³: 2.8× faster on the demo's student, and no
+    lower score; measured in the README).
     """
 
     enabled: bool = True
