@@ -221,8 +221,12 @@ def _starts(size: int, patch: int, stride: int) -> list[int]:
 
 def _window_positions(shape: Sequence[int], patch: int, overlap: float) -> list[tuple[int, ...]]:
     """Corners of :func:`sliding_window`'s windows over a volume of ``shape`` (an axis shorter than ``patch`` has one window), z-major."""
-    stride = max(1, int(round(patch * (1 - overlap))))
-    return list(itertools.product(*(_starts(s, patch, stride) for s in shape)))
+    return list(itertools.product(*(_starts(s, patch, window_stride(patch, overlap)) for s in shape)))
+
+
+def window_stride(patch: int, overlap: float) -> int:
+    """Voxels between the starts of neighbouring :func:`sliding_window` windows of edge ``patch`` overlapping by ``overlap``."""
+    return max(1, int(round(patch * (1 - overlap))))
 
 
 def window_count(shape: Sequence[int], *, patch: int, overlap: float, flip_tta: bool) -> int:
@@ -399,10 +403,15 @@ def short_grid(config: SegmentConfig, *points: PostParams) -> list[PostParams]:
     return list(dict.fromkeys((plain_params(config), *points)))
 
 
-def tuning_points(config: SegmentConfig, *, sources: int = 4) -> int:
-    """Grid points the segmenter choice scores on the validation volumes: the whole grid for the first of ``sources``, a
-    :func:`short_grid` of two points for each other."""
-    return len(list(postprocess_grid(config))) + 2 * (sources - 1)
+#: The order the segmenter choice tunes its sources in: the first present gets the whole post-processing grid, each other
+#: one a :func:`short_grid` with the leader's point.
+TUNING_ORDER = (BLEND, STUDENT, ENSEMBLE, SEARCH_MODEL)
+
+
+def tuning_points(config: SegmentConfig) -> int:
+    """Grid points the segmenter choice scores on the validation volumes at most: the whole grid for the first of
+    :data:`TUNING_ORDER`, a :func:`short_grid` of two points for each other."""
+    return len(list(postprocess_grid(config))) + 2 * (len(TUNING_ORDER) - 1)
 
 
 def tune_postprocess(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .. import distill
-from ..segment import sliding_window, window_count
+from ..segment import sliding_window, window_count, window_stride
 
 if TYPE_CHECKING:
     from ..governor import Governor
@@ -117,8 +117,7 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
     """
     seg, patch = ctx.config.segment, distill.window(cfg)
     windows = max(1, seg.window_batch)
-    stride = max(1, round(patch * (1 - seg.overlap)))
-    row = np.zeros((patch, patch, patch + (windows - 1) * stride), np.uint8)
+    row = np.zeros((patch, patch, patch + (windows - 1) * window_stride(patch, seg.overlap)), np.uint8)
     prior = np.zeros(row.shape, np.float32) if cfg.teacher_input else None
     network = student.network.eval()
     run = lambda: sliding_window(row, network, patch=patch, overlap=seg.overlap, device=ctx.distill_device, batch=windows, prior=prior,  # noqa: E731

@@ -247,7 +247,6 @@ class DistillationPhase:
         self.student = state.student = None
         return {"skipped": why}
 
-
     def _measure(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, val: list[Validation], costs: StepCosts) -> None:
         """A checkpoint, and a post-processing grid point timed on the ensemble teacher's validation maps, now: their seconds size the
         schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation)."""

@@ -20,7 +20,7 @@ from ... import reports
 from ...config import SEGMENT_METHODS, RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import (BASELINE, BLEND, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, PostParams, blend, choose_segmenter, intensity_baseline, plain_params, postprocess,
+from ...segment import (BASELINE, BLEND, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, TUNING_ORDER, PostParams, blend, choose_segmenter, intensity_baseline, plain_params, postprocess,
                         postprocess_grid, short_grid, tune_postprocess)
 from ...telemetry import ensure_memory, mask_stats
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume
@@ -38,8 +38,6 @@ log = logging.getLogger("nx46vx")
 
 #: The order the sources' validation maps are made in: the student's first (usually kept from its last validation), the blend from its parts.
 MAPS_ORDER = (STUDENT, ENSEMBLE, BLEND, SEARCH_MODEL)
-#: The order they are tuned in: the first present gets the whole post-processing grid, the others the leader's point.
-TUNING_ORDER = (BLEND, STUDENT, ENSEMBLE, SEARCH_MODEL)
 
 
 @dataclasses.dataclass
@@ -142,7 +140,7 @@ class SegmentationPhase:
     def _score_sources(self, ctx: "RunContext", state: "RunState", sources: dict[str, Source], names: list[str], labels: list[Any], scored: "Scored") -> None:
         """Each candidate's validation maps (the blend's from its parts'), then its post-processing tuning, into ``scored``.
 
-        The first candidate of :data:`TUNING_ORDER` is tuned on the whole grid, each later one on
+        The first candidate of :data:`~nx46vx.segment.TUNING_ORDER` is tuned on the whole grid, each later one on
         :func:`~nx46vx.segment.short_grid` with the leader's point (the time a cheaper model's grid would take goes to
         the student's training instead). A source's maps stop when the rest of them and the test volumes, segmented by
         it or by the dearest source so far, would not fit; the blend's parts are held until it is scored.
