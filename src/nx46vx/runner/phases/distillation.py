@@ -252,10 +252,11 @@ class DistillationPhase:
         schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation)."""
         self._checkpoint(ctx, student, costs)
         maps, governor, seg = state.teacher_val_probs.get(ENSEMBLE), ctx.governor, ctx.config.segment
-        if not maps or len(maps) != len(validation_truths(ctx, state)):
+        truths = validation_truths(ctx, state) if maps else []
+        if not maps or len(maps) != len(truths):
             return
         before, t0 = governor.score_s_per_voxel, governor.clock()
-        for prob, truth in zip(maps, validation_truths(ctx, state)):
+        for prob, truth in zip(maps, truths):
             score_volume(postprocess(prob, plain_params(seg), seg)[0], truth)
         governor.measured_score_cost((governor.clock() - t0) / max(1, sum(prob.size for prob in maps)))
         costs.validation += (governor.score_s_per_voxel - before) * sum(image.size for image, _, _ in val)
