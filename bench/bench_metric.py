@@ -59,10 +59,10 @@ def speed(size: int, module) -> None:
     pred = postprocess(prob, next(iter(postprocess_grid(SegmentConfig()))), SegmentConfig())[0]
     metric.score_volume(pred[:8, :8, :8], labels[:8, :8, :8])  # compile or load the kernels outside the timing
     ours, ours_s = timed(metric.score_volume, pred, labels)
-    cpus = metric._cpus
-    metric._cpus = lambda: 1
+    cpus = metric.usable_cpus
+    metric.usable_cpus = lambda: 1
     _, ours_1_s = timed(metric.score_volume, pred, labels)
-    metric._cpus = cpus
+    metric.usable_cpus = cpus
     (ref, _counts), ref_s = timed(reference_score, pred, labels, module)
     diff = max(abs(getattr(ours, k) - v) for k, v in ref.items())
     print(f"one {size}³ scroll-like volume (prediction: the plain 0.5 threshold, {int(pred.sum())} voxels):")

@@ -15,7 +15,10 @@ volumes:
    an axis encloses (:func:`nx46vx.segment.plug_holes`), which covers the 1st place's 1-voxel holes (its 2×2×2
    lookup) and small holes; its larger height-map patches per sheet have no counterpart here;
 4. + closing (one 6-connected step over the whole mask; the 1st place closed each sheet on its own);
-5. + fill holes (enclosed cavities, :func:`scipy.ndimage.binary_fill_holes`).
+5. + fill holes (enclosed cavities, :func:`scipy.ndimage.binary_fill_holes`);
+6. + tunnels repaired (ours, :func:`nx46vx.topology.repair_tunnels`: in each TopoScore tile, films of at most
+   ``segment.tunnel_film_voxels`` across holes added, every other tunnel cut where the probability is lowest; it
+   stands where the 1st place's height-map patches did, and leaves no tunnel at all).
 
 A row says what the step is worth on validation and on test; the pipeline keeps a step only where validation says so
 (:func:`nx46vx.segment.tune_postprocess`).
@@ -47,7 +50,8 @@ def steps(seg: SegmentConfig) -> list[tuple[str, dict]]:
     """The ablation's rows: a name and the :class:`PostParams` fields (besides the threshold) in force from that row on."""
     rows = [("none", dict(min_component=0, fill_holes=False)), ("+ small components removed", dict(min_component=seg.min_component_voxels)),
             (f"+ holes plugged (<= {seg.plug_holes_voxels} voxels, in-plane)", dict(plug_holes=seg.plug_holes_voxels)), ("+ closing", dict(closing=1)),
-            ("+ fill holes", dict(fill_holes=True))]
+            ("+ fill holes", dict(fill_holes=True)),
+            (f"+ tunnels repaired (films <= {seg.tunnel_film_voxels} voxels)", dict(repair_tunnels=True, max_film=seg.tunnel_film_voxels))]
     cumulative, out = {}, []
     for name, change in rows:
         cumulative = {**cumulative, **change}

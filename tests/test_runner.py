@@ -166,6 +166,19 @@ def test_the_reserve_counts_the_metrics_cost_over_the_tuning_grid() -> None:
     assert governor.state()["score_s_per_mvoxel"] == pytest.approx(0.1)
 
 
+def test_the_reserve_counts_the_tunnel_repair_on_validation_and_test_voxels() -> None:
+    """Every repairing grid point and every test volume pays the repair: the reserve keeps time for it at the configured
+    guess until it is measured, then at the measured cost (later measurements only raise it)."""
+    budget = BudgetConfig(total_s=100_000, reserve_per_volume_s=50, reserve_safety=2.0, score_s_per_mvoxel=0.0, repair_s_per_mvoxel=0.6)
+    governor = Governor(budget, n_test=3, clock=VirtualClock(tick=0.0))
+    assert governor.reserve() == pytest.approx(50 * 3 * 2.0)
+    governor.repair_voxels = 10**6 * 9 + 3 * 10**6  # nine repairing points on one Mvoxel of validation, three Mvoxels of test
+    assert governor.reserve() == pytest.approx((50 * 3 + 0.6 * 12) * 2.0)
+    governor.measured_repair_cost(0.3 / 1e6)
+    governor.measured_repair_cost(0.2 / 1e6)
+    assert governor.reserve() == pytest.approx((50 * 3 + 0.3 * 12) * 2.0) and governor.state()["repair_s_per_mvoxel"] == pytest.approx(0.3)
+
+
 def test_a_search_without_a_finished_fit_teaches_nothing() -> None:
     """The ensemble teacher (and the prior it feeds) is dropped, with the reason, while no candidate has finished a fit."""
     from types import SimpleNamespace

@@ -194,8 +194,11 @@ class SegmentConfig:
     probabilities). Probability maps are cut by 3-D hysteresis with
     thresholds chosen on validation; when hysteresis keeps less than
     ``min_ratio`` of the voxels, the top ``fallback_percent`` % are kept instead.
-    ``plug_holes_voxels``: the largest hole enclosed in an axial plane that the
-    post-processing grid tries plugging (0 = never; :func:`nx46vx.segment.plug_holes`).
+    ``repair_tunnels``: the post-processing grid tries every threshold also with the
+    tunnels of each TopoScore tile repaired (:func:`nx46vx.topology.repair_tunnels`):
+    films across holes of up to ``tunnel_film_voxels`` voxels added, the other tunnels
+    cut. Off, it tries hole filling and plugging instead: ``plug_holes_voxels`` is the
+    largest hole enclosed in an axial plane it plugs (0 = never; :func:`nx46vx.segment.plug_holes`).
     ``export_probabilities`` also writes ``probabilities/<id>.tif`` (uint8, p·255)
     beside the submission, for blending with other notebooks. ``window_batch``: the
     windows per forward pass of sliding-window inference (a setting, not derived from
@@ -211,6 +214,8 @@ class SegmentConfig:
     fallback_percent: float = 5.0
     validation_volumes: int = 4
     plug_holes_voxels: int = 32
+    repair_tunnels: bool = True
+    tunnel_film_voxels: int = 32
     export_probabilities: bool = False
     window_batch: int = 4
 
@@ -223,7 +228,8 @@ class BudgetConfig:
     ``features_share``, the search ``search_share`` (each counted from its start),
     distillation the rest and every second they leave unused. ``feature_s_per_mvoxel`` predicts the feature cost of a volume
     until one has been measured, ``score_s_per_mvoxel`` the competition metric's (the post-processing tuning scores
-    every grid point on every validation volume) until the student's first validation measures it.
+    every grid point on every validation volume) until the student's first validation measures it,
+    ``repair_s_per_mvoxel`` the tunnel repair's (``segment.repair_tunnels``) until it is timed beside the metric.
     """
 
     total_s: float = 0.0
@@ -234,6 +240,7 @@ class BudgetConfig:
     search_share: float = 0.45
     feature_s_per_mvoxel: float = 2.0
     score_s_per_mvoxel: float = 0.5
+    repair_s_per_mvoxel: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -543,6 +550,7 @@ RANGES: dict[str, Range] = {
     "segment.fallback_percent": _r(0, 100, low_open=True),
     "segment.validation_volumes": NON_NEGATIVE,
     "segment.plug_holes_voxels": NON_NEGATIVE,
+    "segment.tunnel_film_voxels": NON_NEGATIVE,
     "segment.window_batch": _r(1, 256),
     "budget.total_s": NON_NEGATIVE,
     "budget.margin_s": NON_NEGATIVE,
@@ -552,6 +560,7 @@ RANGES: dict[str, Range] = {
     "budget.search_share": FRACTION,
     "budget.feature_s_per_mvoxel": POSITIVE,
     "budget.score_s_per_mvoxel": NON_NEGATIVE,
+    "budget.repair_s_per_mvoxel": NON_NEGATIVE,
     "checkpoint.every_iters": AT_LEAST_ONE,
     "checkpoint.keep_last": AT_LEAST_ONE,
     "output.quota_gb": POSITIVE,

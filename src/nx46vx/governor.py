@@ -82,7 +82,10 @@ class Governor:
         self.n_val = 0  # validation volumes the segmenter choice runs every source on
         self.tuning_voxels = 0  # voxels the post-processing tuning scores: validation voxels × grid points
         self.score_s_per_voxel = budget.score_s_per_mvoxel / 1e6
+        self.repair_voxels = 0  # voxels the tunnel repair runs on: validation voxels × repairing grid points + the test voxels
+        self.repair_s_per_voxel = budget.repair_s_per_mvoxel / 1e6
         self._score_measured = False
+        self._repair_measured = False
         self._measured = False
         self.phase_elapsed: dict[str, float] = {}
         self.previous_elapsed: dict[str, float] = {}
@@ -109,11 +112,12 @@ class Governor:
 
         (Per volume cost × (test volumes + validation volumes: the post-processing is tuned
         on them, on the student's maps from its last validation and the cheaper sources'
-        maps) + the metric's cost per voxel × the voxels one source's tuning scores)
-        × ``reserve_safety``.
+        maps) + the metric's cost per voxel × the voxels one source's tuning scores + the
+        tunnel repair's cost per voxel × the voxels it runs on) × ``reserve_safety``.
         """
         volumes = self.per_volume_s * (max(1, self.n_test) + self.n_val)
-        reserve = (volumes + self.score_s_per_voxel * self.tuning_voxels) * self.budget.reserve_safety
+        tuning = self.score_s_per_voxel * self.tuning_voxels + self.repair_s_per_voxel * self.repair_voxels
+        reserve = (volumes + tuning) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
 
     def account(self, point: str) -> None:
@@ -170,6 +174,12 @@ class Governor:
             self.score_s_per_voxel = max(self.score_s_per_voxel, seconds_per_voxel) if self._score_measured else seconds_per_voxel
             self._score_measured = True
 
+    def measured_repair_cost(self, seconds_per_voxel: float) -> None:
+        """Size the tunnel repair's part of the reserve from its measured cost (as :meth:`measured_volume_cost`)."""
+        if seconds_per_voxel > 0:
+            self.repair_s_per_voxel = max(self.repair_s_per_voxel, seconds_per_voxel) if self._repair_measured else seconds_per_voxel
+            self._repair_measured = True
+
     def training_deadline(self) -> float:
         """Session seconds after which training must stop (infinite when unlimited)."""
         if self.budget.total_s <= 0:
@@ -197,6 +207,7 @@ class Governor:
             "training_deadline_s": None if self.training_deadline() == inf else round(self.training_deadline(), 3),
             "reserve_s": round(self.reserve(), 3),
             "score_s_per_mvoxel": round(self.score_s_per_voxel * 1e6, 4),
+            "repair_s_per_mvoxel": round(self.repair_s_per_voxel * 1e6, 4),
             "phase": self._phase,
             "stop_reason": self.stop_reason,
         }

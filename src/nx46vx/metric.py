@@ -133,7 +133,8 @@ def surface_dice(pred: np.ndarray, truth: "np.ndarray | Truth", *, tolerance: fl
 
 #: 26-connectivity: the metric's components (VOI), and the clean-up's.
 CONN26 = np.ones((3, 3, 3), dtype=bool)
-_CONN6 = ndimage.generate_binary_structure(3, 1)
+#: 6-connectivity: the foreground's in the TopoScore's cubical complex (V-construction).
+CONN6 = ndimage.generate_binary_structure(3, 1)
 
 
 def variation_of_information(pred: np.ndarray, truth: "np.ndarray | Truth") -> tuple[float, float]:
@@ -175,18 +176,18 @@ def betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
     """
     if not mask.any():
         return 0, 0, 0
-    b0 = int(ndimage.label(mask, structure=_CONN6)[1])
+    b0 = int(ndimage.label(mask, structure=CONN6)[1])
     padded = np.pad(~mask, 1, constant_values=True)
     b2 = int(ndimage.label(padded, structure=CONN26)[1]) - 1  # minus the outside
     chi = int(euler_number(mask, connectivity=1))
     return b0, b0 + b2 - chi, b2
 
 
-def _tiles(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+def tiles(shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
     """The 2×2×2 tiles of the TopoScore (per axis ``n - n // 2`` then ``n // 2`` voxels), empty ones left out."""
     halves = [(slice(0, s - s // 2), slice(s - s // 2, s)) for s in shape]
-    tiles = [(a, b, c) for a in halves[0] for b in halves[1] for c in halves[2]]
-    return [t for t in tiles if all(sl.stop > sl.start for sl in t)]
+    boxes = [(a, b, c) for a in halves[0] for b in halves[1] for c in halves[2]]
+    return [t for t in boxes if all(sl.stop > sl.start for sl in t)]
 
 
 def topo_counts(pred: np.ndarray, truth: "np.ndarray | Truth") -> np.ndarray:
@@ -198,14 +199,15 @@ def topo_counts(pred: np.ndarray, truth: "np.ndarray | Truth") -> np.ndarray:
         Row k: ``(m_k, p_k, g_k)``.
     """
     pred, truth_mask = np.asarray(pred, dtype=bool), _truth(truth).mask
-    tiles = _tiles(pred.shape)
+    boxes = tiles(pred.shape)
     # inverted: the foreground is the sublevel set at 0; the kernels release the GIL, so tiles run side by side
-    with ThreadPoolExecutor(max_workers=max(1, min(len(tiles), _cpus()))) as pool:
-        parts = list(pool.map(lambda tile: matching_counts(~pred[tile], ~truth_mask[tile]), tiles))
+    with ThreadPoolExecutor(max_workers=max(1, min(len(boxes), usable_cpus()))) as pool:
+        parts = list(pool.map(lambda tile: matching_counts(~pred[tile], ~truth_mask[tile]), boxes))
     return np.sum(parts, axis=0, dtype=np.int64) if parts else np.zeros((3, 3), np.int64)
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

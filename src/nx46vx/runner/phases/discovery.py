@@ -19,7 +19,7 @@ from ...config import RunConfig
 from ...discovery import TestVolume, TrainPair, discover
 from ... import distill
 from ...errors import DependencyError, DistillationNotExecuted, MemoryLimitError, ModelFolderError, Nx46Error, TestSetError, VolumeError, VolumeShapeError
-from ...segment import ENSEMBLE, intensity_baseline, tuning_points
+from ...segment import ENSEMBLE, intensity_baseline, repair_points, tuning_points
 from ...telemetry import ensure_memory
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, TRAIN_BYTES_PER_VOXEL, inspect_volume, read_volume, volume_key, volume_shape
 from ..masks import mask_intact, publish_submission, write_mask
@@ -141,6 +141,7 @@ class DiscoveryPhase:
         ctx.governor.n_val = min(len(state.val_pairs), config.segment.validation_volumes)
         scored = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in state.val_pairs[: ctx.governor.n_val])  # checked above
         ctx.governor.tuning_voxels = scored * tuning_points(config.segment)
+        ctx.governor.repair_voxels = scored * repair_points(config.segment) + (state.test_voxels if config.segment.repair_tunnels else 0)
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
         self.data_key = digest(sorted(manifest))
         ctx.event("DATASET_DISCOVERY", self.name, {

@@ -24,6 +24,7 @@ from ...metric import Truth, score_volume
 from ...patches import make_batch
 from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window
 from ...student import architecture
+from ...topology import repair_tunnels
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
 from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
@@ -249,17 +250,26 @@ class DistillationPhase:
 
     def _measure(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, val: list[Validation], costs: StepCosts) -> None:
         """A checkpoint, and a post-processing grid point timed on the ensemble teacher's validation maps, now: their seconds size the
-        schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation)."""
+        schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation;
+        with ``segment.repair_tunnels`` the tunnel repair's, on the same masks, which the test volumes pay too)."""
         self._checkpoint(ctx, student, costs)
         maps, governor, seg = state.teacher_val_probs.get(ENSEMBLE), ctx.governor, ctx.config.segment
         truths = validation_truths(ctx, state) if maps else []
         if not maps or len(maps) != len(truths):
             return
+        voxels = max(1, sum(prob.size for prob in maps))
         before, t0 = governor.score_s_per_voxel, governor.clock()
-        for prob, truth in zip(maps, truths):
-            score_volume(postprocess(prob, plain_params(seg), seg)[0], truth)
-        governor.measured_score_cost((governor.clock() - t0) / max(1, sum(prob.size for prob in maps)))
+        masks = [postprocess(prob, plain_params(seg), seg)[0] for prob in maps]
+        for mask, truth in zip(masks, truths):
+            score_volume(mask, truth)
+        governor.measured_score_cost((governor.clock() - t0) / voxels)
         costs.validation += (governor.score_s_per_voxel - before) * sum(image.size for image, _, _ in val)
+        if seg.repair_tunnels:
+            repair_tunnels(np.ones((2, 2, 2), np.float32), np.ones((2, 2, 2), np.uint8), max_film=1)  # compiles the kernels, or loads them, untimed
+            t0 = governor.clock()
+            for prob, mask in zip(maps, masks):
+                repair_tunnels(prob, mask, max_film=seg.tunnel_film_voxels)
+            governor.measured_repair_cost((governor.clock() - t0) / voxels)
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any, *,
                validation_s: float) -> str | None:

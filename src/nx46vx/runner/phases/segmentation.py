@@ -166,6 +166,9 @@ class SegmentationPhase:
             keep_going = self._tuning_budget(ctx, state, max(scored.seconds_per_voxel.values()))
             scored.planned[name] = len(list(postprocess_grid(seg))) if grid is None else len(grid)
             scored.params[name], scored.scores[name], scored.tuned[name] = tune_postprocess(list(zip(maps[name], labels)), seg, grid=grid, keep_going=keep_going)
+        for name, params in scored.params.items():
+            if params.repair_tunnels:  # its test volumes pay the tunnel repair besides the inference
+                scored.seconds_per_voxel[name] = scored.seconds_per_voxel.get(name, 0.0) + ctx.governor.repair_s_per_voxel
 
     def _report(self, ctx: "RunContext", state: "RunState", labels: list[Any], scored: "Scored") -> None:
         """``VALIDATION_REPORT``: the candidates' scores and the teachers' (a teacher that is no candidate scored at the plain point only:
