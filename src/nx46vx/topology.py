@@ -116,6 +116,17 @@ def _is_simple(region: np.ndarray, j: int, offsets: np.ndarray, object6: bool) -
 LEVELS = 1024
 
 
+@nb.njit(inline="always", **_JIT)
+def _enqueue(j: int, level: int, head: np.ndarray, tail: np.ndarray, after: np.ndarray, queued: np.ndarray) -> None:
+    """Append flat voxel ``j`` to the first-in-first-out list of ``level``."""
+    queued[j], after[j] = True, -1
+    if tail[level] < 0:
+        head[level] = j
+    else:
+        after[tail[level]] = j
+    tail[level] = j
+
+
 @nb.njit(**_JIT)
 def _grow(levels: np.ndarray, allowed: np.ndarray, region: np.ndarray, frontier: np.ndarray, offsets: np.ndarray, object6: bool) -> None:
     """Add to ``region`` (flat, in place) the ``allowed`` voxels that are simple when their turn comes, lowest level first.
@@ -130,13 +141,8 @@ def _grow(levels: np.ndarray, allowed: np.ndarray, region: np.ndarray, frontier:
     lowest = LEVELS
     for j in frontier:
         if allowed[j] and not region[j] and not queued[j]:
-            queued[j], level, after[j] = True, levels[j], -1
-            if tail[level] < 0:
-                head[level] = j
-            else:
-                after[tail[level]] = j
-            tail[level] = j
-            lowest = min(lowest, level)
+            _enqueue(j, levels[j], head, tail, after, queued)
+            lowest = min(lowest, levels[j])
     while lowest < LEVELS:
         j = head[lowest]
         if j < 0:
@@ -152,13 +158,8 @@ def _grow(levels: np.ndarray, allowed: np.ndarray, region: np.ndarray, frontier:
         for i in range(27):
             k = j + offsets[i]
             if allowed[k] and not region[k] and not queued[k]:
-                queued[k], level, after[k] = True, levels[k], -1
-                if tail[level] < 0:
-                    head[level] = k
-                else:
-                    after[tail[level]] = k
-                tail[level] = k
-                lowest = min(lowest, level)
+                _enqueue(k, levels[k], head, tail, after, queued)
+                lowest = min(lowest, levels[k])
 
 
 def _flat(shape: tuple[int, ...]) -> np.ndarray:
