@@ -192,6 +192,13 @@ def films(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
     prob : ndarray float (z, y, x)
     mask : ndarray bool (z, y, x)
     """
+    labels, tail = _labelled_films(prob, mask)
+    return ~tail[labels]
+
+
+def _labelled_films(prob: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the background's growth leaves, labelled by 26-components (z, y, x), and per label whether it is no film
+    (label 0, and the tails: see below), bool (count + 1,)."""
     mask = np.pad(mask.astype(bool), 1)  # the padding is neither background nor allowed: no growth leaves the box
     box = np.zeros(mask.shape, bool)
     box[1:-1, 1:-1, 1:-1] = True
@@ -210,7 +217,7 @@ def films(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
     for axis in range(3):
         tail[labels.take([0, -1], axis=axis).ravel()] = True
     tail[0] = True
-    return ~tail[labels]
+    return labels, tail
 
 
 def cut_tunnels(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -250,8 +257,7 @@ def repair_tunnels(prob: np.ndarray, mask: np.ndarray, *, max_film: int) -> np.n
 def _repair_tile(prob: np.ndarray, mask: np.ndarray, max_film: int) -> np.ndarray:
     """One tile's repair: small films added, then the rest cut; bool, the tile's shape."""
     if max_film > 0 and mask.any():
-        labels, count = ndimage.label(films(prob, mask), structure=CONN26)
-        small = np.bincount(labels.ravel(), minlength=count + 1) <= max_film
-        small[0] = False
+        labels, tail = _labelled_films(prob, mask)
+        small = (np.bincount(labels.ravel(), minlength=tail.size) <= max_film) & ~tail
         mask = mask | small[labels]
     return cut_tunnels(prob, mask)
