@@ -537,6 +537,37 @@ def test_governor_returns_inside_budget(budget: int, demo_data: Path, tmp_path: 
     assert (later.cursor["epoch"], later.cursor["candidate"], later.cursor["iter"]) > (c["epoch"], c["candidate"], c["iter"])
 
 
+def test_the_schedule_is_revised_once_on_the_steps_after_the_warm_up(demo_data: Path, tmp_path: Path) -> None:
+    """Warm-up steps cost 3 s, later ones 1 s: five steps after the layout the schedule is laid out again on them (about
+    three times as many steps), the revision is stored by a checkpoint at once, and the revised schedule is trained to its end."""
+    from nx46vx.governor import VirtualClock
+
+    class QuickeningClock(VirtualClock):
+        def charge(self, point: str) -> None:
+            super().charge(point)
+            self.steps = getattr(self, "steps", 0) + (point == "distill_step")
+            if self.steps == 5:  # the warm-up's steps
+                self.costs["distill_step"] = 1.0
+
+    clock = QuickeningClock(tick=0.001, costs={"distill_step": 3.0})
+    overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
+    laid_out, revised = [e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE"]
+    assert (laid_out["reason"], revised["reason"]) == ("budget", "revised")
+    assert laid_out["seconds_per_step"] == pytest.approx(3.0, abs=0.05) and revised["seconds_per_step"] == pytest.approx(1.0, abs=0.05)
+    assert revised["schedule_steps"] > 2 * laid_out["schedule_steps"]
+    names = [e["event"] for e in events]
+    at = names.index("DISTILLATION_SCHEDULE", names.index("DISTILLATION_SCHEDULE") + 1)
+    written = next(e["data"]["step"] for e in events[at:] if e["event"] == "DISTILLATION_CHECKPOINT_WRITTEN")
+    steps_before = [e["data"]["step"] for e in events[:at] if e["event"] == "DISTILLATION_BATCH_END"]
+    assert written == steps_before[-1] == 10  # the decision is stored with the step it was made after
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert (end["steps"], end["schedule_steps"], end["stopped"]) == (revised["schedule_steps"], revised["schedule_steps"], None)
+    saved = ckpt.load_payload(ckpt.latest_committed(tmp_path / "out" / "checkpoints"), "distillation")
+    assert saved["student"]["schedule_steps"] == revised["schedule_steps"]
+
+
 def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(demo_data: Path, tmp_path: Path) -> None:
     """Steps get 4x dearer after the schedule is laid out: the loop stops early, and the weights it trained last are scored."""
     from nx46vx.governor import VirtualClock
@@ -545,7 +576,7 @@ def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(d
         def charge(self, point: str) -> None:
             super().charge(point)
             self.steps = getattr(self, "steps", 0) + (point == "distill_step")
-            if self.steps == 8:  # after the 5 warm-up steps and the schedule
+            if self.steps == 10:  # after the 5 warm-up steps, the schedule and its revision 5 steps later
                 self.costs["distill_step"] = 4.0
 
     clock = SlowingClock(tick=0.001, costs={"distill_step": 1.0})
@@ -554,10 +585,10 @@ def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(d
     assert clock.now < 300 and _masks(result.submission)
     events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
     names = [e["event"] for e in events]
-    schedule = next(e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE")
+    schedule = [e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE"][-1]
     flush = names.index("PRETIMEOUT_FLUSH")
     stopped_at = events[flush]["data"]["distill_step"]
-    assert 8 < stopped_at < schedule["schedule_steps"]  # the schedule was not finished
+    assert schedule["reason"] == "revised" and 10 < stopped_at < schedule["schedule_steps"]  # the schedule was not finished
     assert names[flush - 1] == "DISTILLATION_VALIDATION" and events[flush - 1]["data"]["step"] == stopped_at
     end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
     assert end["steps"] == stopped_at and end["stopped"] == "phase_share"
@@ -664,7 +695,7 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
 
 
 def test_the_blend_is_the_mean_of_the_students_and_the_ensembles_maps(reference: dict, demo_data: Path, tmp_path: Path) -> None:
-    """The blend is validated and tuned on the whole grid first (the other sources on the leader's point); chosen, it segments
+    """The blend and the student are validated and tuned on the whole grid (the linear models on the leader's point); chosen, the blend segments
     the test volumes with the mean of the student's map and the search ensemble's."""
     from nx46vx.config import FeatureConfig
     from nx46vx.segment import postprocess_grid, probability
@@ -672,8 +703,8 @@ def test_the_blend_is_the_mean_of_the_students_and_the_ensembles_maps(reference:
     events = _events(reference["out"] / "journal.jsonl")
     report = next(e["data"] for e in events if e["event"] == "VALIDATION_REPORT")
     grid = len(list(postprocess_grid(nx46vx.RunConfig().segment)))
-    assert report["tuned_points"]["blend"] == grid and "blend" in report["scores"]
-    assert all(1 <= report["tuned_points"][name] <= 2 for name in ("student", "ensemble", "search_model"))  # the plain point and the blend's
+    assert report["tuned_points"]["blend"] == report["tuned_points"]["student"] == grid and "blend" in report["scores"]
+    assert all(1 <= report["tuned_points"][name] <= 2 for name in ("ensemble", "search_model"))  # the plain point and the leader's
     out = _copy_of(reference, tmp_path)
     nx46vx.run([demo_data], output=out, profile="demo", overrides=FAST + ["segment.method=blend", "segment.export_probabilities=true"])
     choice = next(e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")

@@ -118,7 +118,7 @@ def test_the_grid_tries_each_threshold_with_and_without_the_repair() -> None:
     assert grid[1] == PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False, repair_tunnels=True, max_film=config.tunnel_film_voxels)
     assert len(twins) == 6 and all(PostParams(**{**p.to_dict(), "repair_tunnels": False, "max_film": 0}) in grid for p in twins)
     assert len(grid) == 14 and not any(p.fill_holes or p.plug_holes for p in grid)  # the repair stands in for filling and plugging
-    assert repair_points(config) == 6 + 3
+    assert repair_points(config) == 2 * 6 + 2  # the blend's and the student's whole grids, the leader's point for the two linear models
     off = SegmentConfig(min_component_voxels=8, repair_tunnels=False)
     assert not any(p.repair_tunnels for p in postprocess_grid(off)) and repair_points(off) == 0
     assert len(list(postprocess_grid(off))) == 20 and any(p.plug_holes for p in postprocess_grid(off))

@@ -1,8 +1,10 @@
-"""The student's cost model (steps, validations, inference) and its budgeted learning-rate schedule (decided once, journaled, stored).
+"""The student's cost model (steps, validations, inference) and its budgeted learning-rate schedule (laid out after the
+warm-up, revised once, each decision journaled and stored).
 
 Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
 the caller to measure one validation and one checkpoint and journals the decision,
-and :func:`seconds_per_window`, which times the student's network once.
+:func:`revise_schedule`, which journals its revision, and :func:`seconds_per_window`,
+which times the student's network once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class StepCosts:
     validation: float = 0.0
     checkpoint: float = 0.0
     durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
+    revise_at: int | None = None  # the step after which the schedule laid out in this session is revised (None: no revision due)
+    laid_out: int = 0  # the steps of this session timed before the schedule was laid out
 
     def step_s(self, now: float) -> float:
         return (now - self.started - self.extra) / self.steps if self.steps else 0.0
@@ -69,18 +73,15 @@ def steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[
 
 def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *,
                      measure: Callable[[], None]) -> None:
-    """Lay the learning-rate schedule out over the steps the budget grants: decided once, journaled, stored.
+    """Lay the learning-rate schedule out over the steps the budget grants: journaled, stored, revised once.
 
     After the warm-up, the measured seconds per step and per checkpoint
     (``measure()`` writes one now, adding its seconds to ``costs``) and the seconds
     per validation (``costs.validation``: priced before the first step, or measured
-    since) give the steps that fit the phase's time left, with
-    :data:`SCHEDULE_SPARE` spare (a schedule that overruns stops early, its last
-    weights validated, so the spare only absorbs noise). Validations take at most
-    :data:`VALIDATION_SHARE` of the training time (never closer than
-    ``distill.val_every``: on a CPU one validation can cost as much as dozens of
-    steps) and are spread evenly, the last at the schedule's end, so none is spent on
-    weights a few steps from the final ones.
+    since) give the steps that fit the phase's time left (:func:`_plan`). The first
+    steps can be slower than the rest while the prefetch queue and the volume cache
+    fill, so ``distill.warmup_steps`` steps later :func:`revise_schedule` lays it out
+    again once on their median.
     """
     governor = ctx.governor
     if cfg.steps > 0 or governor.remaining() == float("inf"):
@@ -89,10 +90,42 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
         return
     if student.step < cfg.warmup_steps or costs.steps < 2:
         return
-    step_s = max(costs.typical_step_s(governor.clock()), 1e-9)
+    step_s = costs.typical_step_s(governor.clock())
     measure()
+    _plan(ctx, phase, student, cfg, costs, step_s=step_s, reason="budget")
+    costs.revise_at, costs.laid_out = student.step + cfg.warmup_steps, len(costs.durations)
+
+
+def revise_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
+    """Lay the schedule out again on the median of the steps since :func:`lay_out_schedule`, once, when ``costs.revise_at`` is
+    reached; True when it did (the caller stores the decision: a checkpoint).
+
+    A demo run laid its schedule out on 0.52 s per warm-up step, then stepped at 0.41 s and
+    ended its training 21 s before the deadline; a schedule planned too long stops early with
+    its learning rate still high. A resumed session keeps the schedule it restored.
+    """
+    if costs.revise_at is None or student.step < costs.revise_at:
+        return False
+    step_s = float(np.median(costs.durations[costs.laid_out:]))
+    costs.revise_at = None
+    _plan(ctx, phase, student, cfg, costs, step_s=step_s, reason="revised")
+    return True
+
+
+def _plan(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, step_s: float, reason: str) -> None:
+    """Set ``student.schedule_steps`` and ``student.val_every`` to the steps that fit the phase's time left at ``step_s`` seconds a step,
+    and journal them (``DISTILLATION_SCHEDULE``).
+
+    :data:`SCHEDULE_SPARE` of the time is left unplanned (a schedule that overruns stops
+    early, its last weights validated, so the spare only absorbs noise). Validations take at
+    most :data:`VALIDATION_SHARE` of the training time (never closer than
+    ``distill.val_every``: on a CPU one validation can cost as much as dozens of steps) and
+    are spread evenly, the last at the schedule's end, so none is spent on weights a few
+    steps from the final ones.
+    """
+    step_s = max(step_s, 1e-9)
     validation_s, checkpoint_s = costs.validation, costs.checkpoint
-    left = governor.phase_time_left(phase)
+    left = ctx.governor.phase_time_left(phase)
     # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
     seconds = (1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s
     fit = lambda every: steps_that_fit(seconds, done=student.step, step_s=step_s, every=((every, validation_s), (cfg.checkpoint_every, checkpoint_s)))  # noqa: E731
@@ -101,7 +134,7 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
     every = max(every, math.ceil(total / max(1, total // every)))  # as many validations, evenly spaced up to the end
     student.val_every = every
     student.schedule_steps = student.step + max(1, fit(every))
-    ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": "budget", "seconds_per_step": round(step_s, 6),
+    ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": reason, "seconds_per_step": round(step_s, 6),
                                                "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
                                                "val_every": student.val_every, "time_left_s": round(left, 3)})
 

@@ -26,7 +26,7 @@ from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_win
 from ...student import architecture
 from ...topology import repair_tunnels
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
-from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference
+from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference, revise_schedule
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
 
@@ -318,11 +318,13 @@ class DistillationPhase:
                 costs.steps += 1
                 costs.durations.append(governor.clock() - started)
                 bar.update(1)
+                revised = revise_schedule(ctx, self.name, student, cfg, costs)  # a decision: stored by the checkpoint below
+                bar.total = student.schedule_steps
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if validates(student.step):
                     self._validate(ctx, student, val, cfg, costs=costs)
                 self.done = finished
-                if student.step % cfg.checkpoint_every == 0 or finished:
+                if revised or student.step % cfg.checkpoint_every == 0 or finished:
                     self._checkpoint(ctx, student, costs)
                 ctx.reporter.report()
         finally:

@@ -20,7 +20,7 @@ from ... import reports
 from ...config import SEGMENT_METHODS, RunConfig
 from ...errors import Nx46Error
 from ...metric import score_volume
-from ...segment import (BASELINE, BLEND, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, TUNING_ORDER, PostParams, blend, choose_segmenter, intensity_baseline, plain_params, postprocess,
+from ...segment import (BASELINE, BLEND, ENSEMBLE, PREFERENCE, SEARCH_MODEL, STUDENT, TUNING_ORDER, WHOLE_GRID, PostParams, blend, choose_segmenter, intensity_baseline, plain_params, postprocess,
                         postprocess_grid, short_grid, tune_postprocess)
 from ...telemetry import ensure_memory, mask_stats
 from ...volumes import SEGMENT_BYTES_PER_VOXEL, read_volume
@@ -140,10 +140,11 @@ class SegmentationPhase:
     def _score_sources(self, ctx: "RunContext", state: "RunState", sources: dict[str, Source], names: list[str], labels: list[Any], scored: "Scored") -> None:
         """Each candidate's validation maps (the blend's from its parts'), then its post-processing tuning, into ``scored``.
 
-        The first candidate of :data:`~nx46vx.segment.TUNING_ORDER` is tuned on the whole grid, each later one on
-        :func:`~nx46vx.segment.short_grid` with the leader's point (the time a cheaper model's grid would take goes to
-        the student's training instead). A source's maps stop when the rest of them and the test volumes, segmented by
-        it or by the dearest source so far, would not fit; the blend's parts are held until it is scored.
+        In the order of :data:`~nx46vx.segment.TUNING_ORDER`, the candidates of :data:`~nx46vx.segment.WHOLE_GRID`
+        are tuned on the whole grid, each other one on :func:`~nx46vx.segment.short_grid` with the leader's point (the
+        time a linear model's grid would take goes to the student's training instead). A source's maps stop when the
+        rest of them and the test volumes, segmented by it or by the dearest source so far, would not fit; the blend's
+        parts are held until it is scored.
         """
         seg, maps, costs = ctx.config.segment, {}, {}
         parts = {STUDENT, ENSEMBLE} & set(sources) if BLEND in names else set()
@@ -162,7 +163,7 @@ class SegmentationPhase:
         scored.seconds_per_voxel.update({n: costs[n] for n in names if n in costs})
         for name in (n for n in TUNING_ORDER if n in names and n in maps):
             leader = max(scored.params, key=scored.scores.__getitem__, default=None)
-            grid = None if leader is None else short_grid(seg, scored.params[leader])
+            grid = None if leader is None or name in WHOLE_GRID else short_grid(seg, scored.params[leader])
             keep_going = self._tuning_budget(ctx, state, max(scored.seconds_per_voxel.values()))
             scored.planned[name] = len(list(postprocess_grid(seg))) if grid is None else len(grid)
             scored.params[name], scored.scores[name], scored.tuned[name] = tune_postprocess(list(zip(maps[name], labels)), seg, grid=grid, keep_going=keep_going)
