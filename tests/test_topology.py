@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from nx46vx.config import SegmentConfig
 from nx46vx.metric import CONN6, CONN26, betti_numbers, score_volume, tiles, topo_counts
-from nx46vx.segment import PostParams, postprocess, postprocess_grid, repair_points
+from nx46vx.segment import PostParams, postprocess, postprocess_grid, repair_points, tune_postprocess
 from nx46vx.topology import _flat, _is_simple, cut_tunnels, films, repair_tunnels
 
 
@@ -110,18 +110,32 @@ def test_an_empty_or_full_mask_is_returned_as_it_is() -> None:
     assert repair_tunnels(prob, np.ones(prob.shape, bool), max_film=32).dtype == np.uint8
 
 
+def test_a_repaired_twin_that_ties_wins_the_tuning() -> None:
+    """On a validation volume whose masks have no tunnel, the repair changes nothing and the twins tie: the repaired one is chosen."""
+    prob = np.zeros((24, 24, 24), np.float32)
+    prob[11:13, 3:21, 3:21] = 0.95  # a plate: no tunnel, no cavity
+    label = (prob > 0).astype(np.uint8)
+    grid = [PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False),
+            PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False, repair_tunnels=True, max_film=32)]
+    config = SegmentConfig(min_component_voxels=8)
+    best, score, tried = tune_postprocess([(prob, label)], config, grid=grid)
+    assert tried == 2 and best == grid[1] and score == pytest.approx(1.0)
+    best, _, _ = tune_postprocess([(prob, label)], config, grid=grid[::-1])
+    assert best == grid[1]  # in either order
+
+
 def test_the_grid_tries_each_threshold_with_and_without_the_repair() -> None:
     config = SegmentConfig(min_component_voxels=8)
     grid = list(postprocess_grid(config))
     twins = [p for p in grid if p.repair_tunnels]
     assert grid[0] == PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False)  # the plain point first
     assert grid[1] == PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False, repair_tunnels=True, max_film=config.tunnel_film_voxels)
-    assert len(twins) == 6 and all(PostParams(**{**p.to_dict(), "repair_tunnels": False, "max_film": 0}) in grid for p in twins)
-    assert len(grid) == 14 and not any(p.fill_holes or p.plug_holes for p in grid)  # the repair stands in for filling and plugging
-    assert repair_points(config) == 2 * 6 + 2  # the blend's and the student's whole grids, the leader's point for the two linear models
+    assert len(twins) == 5 and all(PostParams(**{**p.to_dict(), "repair_tunnels": False, "max_film": 0}) in grid for p in twins)
+    assert len(grid) == 12 and not any(p.fill_holes or p.plug_holes for p in grid)  # the repair stands in for filling and plugging
+    assert repair_points(config) == 2 * 5 + 2  # the blend's and the student's whole grids, the leader's point for the two linear models
     off = SegmentConfig(min_component_voxels=8, repair_tunnels=False)
     assert not any(p.repair_tunnels for p in postprocess_grid(off)) and repair_points(off) == 0
-    assert len(list(postprocess_grid(off))) == 20 and any(p.plug_holes for p in postprocess_grid(off))
+    assert len(list(postprocess_grid(off))) == 17 and any(p.plug_holes for p in postprocess_grid(off))
 
 
 def test_postprocess_repairs_last() -> None:
