@@ -45,8 +45,7 @@ class StepCosts:
     validation: float = 0.0
     checkpoint: float = 0.0
     durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
-    revise_at: int | None = None  # the step after which the schedule laid out in this session is revised (None: no revision due)
-    laid_out: int = 0  # the steps of this session timed before the schedule was laid out
+    laid_out: int | None = None  # the steps of this session timed before it laid the schedule out (None: no revision due)
 
     def step_s(self, now: float) -> float:
         return (now - self.started - self.extra) / self.steps if self.steps else 0.0
@@ -93,21 +92,21 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
     step_s = costs.typical_step_s(governor.clock())
     measure()
     _plan(ctx, phase, student, cfg, costs, step_s=step_s, reason="budget")
-    costs.revise_at, costs.laid_out = student.step + cfg.warmup_steps, len(costs.durations)
+    costs.laid_out = len(costs.durations)
 
 
 def revise_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
-    """Lay the schedule out again on the median of the steps since :func:`lay_out_schedule`, once, when ``costs.revise_at`` is
-    reached; True when it did (the caller stores the decision: a checkpoint).
+    """Lay the schedule out again on the median of the steps since :func:`lay_out_schedule`, once, when ``distill.warmup_steps``
+    of them are timed; True when it did (the caller stores the decision: a checkpoint).
 
     A demo run laid its schedule out on 0.52 s per warm-up step, then stepped at 0.41 s and
     ended its training 21 s before the deadline; a schedule planned too long stops early with
     its learning rate still high. A resumed session keeps the schedule it restored.
     """
-    if costs.revise_at is None or student.step < costs.revise_at:
+    if costs.laid_out is None or len(costs.durations) - costs.laid_out < cfg.warmup_steps:
         return False
     step_s = float(np.median(costs.durations[costs.laid_out:]))
-    costs.revise_at = None
+    costs.laid_out = None
     _plan(ctx, phase, student, cfg, costs, step_s=step_s, reason="revised")
     return True
 

@@ -319,7 +319,8 @@ class DistillationPhase:
                 costs.durations.append(governor.clock() - started)
                 bar.update(1)
                 revised = revise_schedule(ctx, self.name, student, cfg, costs)  # a decision: stored by the checkpoint below
-                bar.total = student.schedule_steps
+                if revised:
+                    bar.total = student.schedule_steps
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if validates(student.step):
                     self._validate(ctx, student, val, cfg, costs=costs)
