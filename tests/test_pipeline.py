@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -566,6 +567,42 @@ def test_the_schedule_is_revised_once_on_the_steps_after_the_warm_up(demo_data: 
     assert (end["steps"], end["schedule_steps"], end["stopped"]) == (revised["schedule_steps"], revised["schedule_steps"], None)
     saved = ckpt.load_payload(ckpt.latest_committed(tmp_path / "out" / "checkpoints"), "distillation")
     assert saved["student"]["schedule_steps"] == revised["schedule_steps"]
+
+
+def test_the_schedule_is_extended_when_a_validation_shrinks_the_reserve(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's test inference is priced at 40 s before it trains (a hiccup): the schedule is laid out short. Its first
+    validation measures the inference anew, the price is replaced, the reserve shrinks, and the schedule is extended over
+    the time it frees; the extension is stored by a checkpoint at once and trained to its end, and the segmenter choice
+    prices the student as last measured."""
+    import importlib
+
+    from nx46vx.governor import VirtualClock
+
+    distillation = importlib.import_module("nx46vx.runner.phases.distillation")
+    price = distillation.price_inference
+
+    def dear(ctx, state, student, cfg, val_shapes):  # type: ignore[no-untyped-def]
+        priced = price(ctx, state, student, cfg, val_shapes)
+        return dataclasses.replace(priced, test_s_per_voxel=40.0 / max(1, state.test_voxels))
+
+    monkeypatch.setattr(distillation, "price_inference", dear)
+    clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
+    overrides = FAST + ["distill.steps=0", "distill.val_every=20", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
+    assert next(e["data"] for e in events if e["event"] == "DISTILLATION_INFERENCE")["predicted_test_s"] == pytest.approx(40.0)
+    schedules = [e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE"]
+    assert [s["reason"] for s in schedules][:3] == ["budget", "revised", "extended"] and {s["reason"] for s in schedules[3:]} <= {"extended"}
+    assert schedules[2]["schedule_steps"] > schedules[1]["schedule_steps"] + 20  # the 40 s price × 1.3 safety, at 1 s a step
+    names = [e["event"] for e in events]
+    at = len(names) - 1 - names[::-1].index("DISTILLATION_SCHEDULE")
+    assert names[at - 1] == "DISTILLATION_VALIDATION"  # extended on what a validation measured
+    written = next(e["data"]["step"] for e in events[at:] if e["event"] == "DISTILLATION_CHECKPOINT_WRITTEN")
+    assert written == events[at - 1]["data"]["step"]  # the decision is stored with the step it was made after
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert (end["steps"], end["schedule_steps"], end["stopped"]) == (schedules[-1]["schedule_steps"],) * 2 + (None,)
+    choice = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "SEGMENTER_CHOICE")
+    assert choice["excluded_for_time"] == [] and choice["predicted_test_seconds"]["student"] < 1.0  # priced as last measured
 
 
 def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(demo_data: Path, tmp_path: Path) -> None:

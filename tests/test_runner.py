@@ -161,14 +161,16 @@ def test_the_reserve_counts_the_metrics_cost_over_the_tuning_grid() -> None:
     assert governor.reserve() == pytest.approx((50 * 5 + 0.5 * 2 * 320**3 * 20 / 1e6) * 2.0)
     governor.measured_score_cost(0.1 / 1e6)  # the first measurement replaces the prior
     assert governor.score_s_per_voxel == pytest.approx(0.1 / 1e6)
-    governor.measured_score_cost(0.05 / 1e6)  # later ones only raise it
-    assert governor.score_s_per_voxel == pytest.approx(0.1 / 1e6)
-    assert governor.state()["score_s_per_mvoxel"] == pytest.approx(0.1)
+    governor.measured_score_cost(0.05 / 1e6)  # the latest replaces it (the student's validations come last)
+    assert governor.score_s_per_voxel == pytest.approx(0.05 / 1e6)
+    assert governor.state()["score_s_per_mvoxel"] == pytest.approx(0.05)
+    governor.measured_score_cost(0.0)  # no measurement
+    assert governor.score_s_per_voxel == pytest.approx(0.05 / 1e6)
 
 
 def test_the_reserve_counts_the_tunnel_repair_on_validation_and_test_voxels() -> None:
     """Every repairing grid point and every test volume pays the repair: the reserve keeps time for it at the configured
-    guess until it is measured, then at the measured cost (later measurements only raise it)."""
+    guess until it is measured, then at the latest measured cost."""
     budget = BudgetConfig(total_s=100_000, reserve_per_volume_s=50, reserve_safety=2.0, score_s_per_mvoxel=0.0, repair_s_per_mvoxel=0.6)
     governor = Governor(budget, n_test=3, clock=VirtualClock(tick=0.0))
     assert governor.reserve() == pytest.approx(50 * 3 * 2.0)
@@ -176,7 +178,26 @@ def test_the_reserve_counts_the_tunnel_repair_on_validation_and_test_voxels() ->
     assert governor.reserve() == pytest.approx((50 * 3 + 0.6 * 12) * 2.0)
     governor.measured_repair_cost(0.3 / 1e6)
     governor.measured_repair_cost(0.2 / 1e6)
-    assert governor.reserve() == pytest.approx((50 * 3 + 0.3 * 12) * 2.0) and governor.state()["repair_s_per_mvoxel"] == pytest.approx(0.3)
+    assert governor.reserve() == pytest.approx((50 * 3 + 0.2 * 12) * 2.0) and governor.state()["repair_s_per_mvoxel"] == pytest.approx(0.2)
+
+
+def test_the_reserve_keeps_the_dearest_segmenters_latest_price() -> None:
+    """Each segmenter's latest measured cost replaces its last one (a price taken during a hiccup does not stay); the reserve
+    is sized by the dearest of them, and by the configured guess only until a first measurement."""
+    budget = BudgetConfig(total_s=100_000, reserve_per_volume_s=50, reserve_safety=2.0, score_s_per_mvoxel=0.0, repair_s_per_mvoxel=0.0)
+    governor = Governor(budget, n_test=2, clock=VirtualClock(tick=0.0))
+    assert governor.reserve() == pytest.approx(50 * 2 * 2.0)
+    voxels = 2 * 10**6  # two test volumes of one Mvoxel
+    governor.measured_volume_cost(1e-6, voxels, source="features")
+    assert governor.per_volume_s == pytest.approx(1.0)
+    governor.measured_volume_cost(8e-6, voxels, source="student")  # priced during a hiccup
+    assert governor.per_volume_s == pytest.approx(8.0)
+    governor.measured_volume_cost(3e-6, voxels, source="student")  # its validation measures it anew
+    assert governor.per_volume_s == pytest.approx(3.0) and governor.reserve() == pytest.approx(3.0 * 2 * 2.0)
+    governor.measured_volume_cost(0.5e-6, voxels, source="student")  # now cheaper than the features: the dearest counts
+    assert governor.per_volume_s == pytest.approx(1.0)
+    governor.measured_volume_cost(0.0, voxels, source="features")  # no measurement
+    assert governor.per_volume_s == pytest.approx(1.0)
 
 
 def test_a_search_without_a_finished_fit_teaches_nothing() -> None:
@@ -381,3 +402,33 @@ def test_the_schedule_spreads_its_validations_evenly_up_to_its_end() -> None:
     assert total % every == 0 or total % every >= every // 2  # no validation a few steps before the final one
     # every step and validation fits the time left, and no whole further validation interval would
     assert (total - 10) * 1.0 + validations * 30.0 <= left < (total - 10 + every) * 1.0 + (validations + 1) * 30.0
+
+
+def test_the_schedule_is_extended_only_when_more_steps_fit() -> None:
+    """:func:`extend_schedule` lengthens a schedule this session laid out on its budget when the time left fits more steps;
+    never shortens one, never while the revision is due, never a restored or finished one."""
+    from types import SimpleNamespace
+
+    from nx46vx.runner.schedule import StepCosts, extend_schedule
+
+    governor = Governor(BudgetConfig(total_s=1000, margin_s=0, reserve_per_volume_s=100, reserve_safety=1.0, features_share=0.0, search_share=0.0),
+                        n_test=1, clock=VirtualClock(tick=0.0))
+    governor.enter("distillation")
+    events: list[tuple] = []
+    ctx = SimpleNamespace(governor=governor, event=lambda *args: events.append(args))
+    cfg = SimpleNamespace(val_every=100, checkpoint_every=100)
+    student = SimpleNamespace(step=100, schedule_steps=960, val_every=100)
+    costs = StepCosts(0.0, validation=0.0, checkpoint=0.0, durations=[1.0] * 100, budgeted=True)
+    # 900 s left at 1 s a step, 3 % of it spare: 873 more steps fit, 13 more than planned (under 2 % of the schedule)
+    assert not extend_schedule(ctx, "distillation", student, cfg, costs) and not events
+    student.schedule_steps = 900
+    assert extend_schedule(ctx, "distillation", student, cfg, costs)
+    assert student.schedule_steps == 973 and events[-1][2]["reason"] == "extended"
+    extended = student.schedule_steps
+    governor.measured_volume_cost(300 / 1e6, 10**6, source="student")  # the reserve grows: never shorter
+    assert not extend_schedule(ctx, "distillation", student, cfg, costs) and student.schedule_steps == extended
+    governor.measured_volume_cost(1 / 1e6, 10**6, source="student")
+    for changed in (dict(budgeted=False), dict(laid_out=5)):  # a restored schedule, a revision due
+        assert not extend_schedule(ctx, "distillation", student, cfg, StepCosts(0.0, durations=[1.0] * 100, **changed))
+    student.step = student.schedule_steps  # finished
+    assert not extend_schedule(ctx, "distillation", student, cfg, costs)

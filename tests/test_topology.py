@@ -124,6 +124,25 @@ def test_a_repaired_twin_that_ties_wins_the_tuning() -> None:
     assert best == grid[1]  # in either order
 
 
+def test_a_repaired_point_within_the_margin_of_the_best_wins_the_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The best unrepaired point gives way to the best repaired one within REPAIR_MARGIN under it, not to one further under;
+    the score returned is the chosen point's."""
+    from types import SimpleNamespace
+
+    import nx46vx.segment as segment
+
+    grid = [PostParams(high=h, low=h, min_component=8, fill_holes=False, repair_tunnels=r, max_film=32) for h in (0.5, 0.7) for r in (False, True)]
+    monkeypatch.setattr(segment, "postprocess", lambda prob, params, config: (grid.index(params), None))
+    pairs = [(np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8))]
+    config = SegmentConfig(min_component_voxels=8)
+    for scores, chosen in (((0.80, 0.78, 0.84, 0.836), 3), ((0.80, 0.836, 0.84, 0.70), 1), ((0.80, 0.78, 0.84, 0.834), 2),
+                           ((0.80, 0.85, 0.84, 0.70), 1)):
+        monkeypatch.setattr(segment, "score_volume", lambda mask, truth, scores=scores: SimpleNamespace(score=scores[mask]))
+        best, score, tried = tune_postprocess(pairs, config, grid=grid)
+        assert (best, score, tried) == (grid[chosen], pytest.approx(scores[chosen]), 4)
+    assert segment.REPAIR_MARGIN == 0.005
+
+
 def test_the_grid_tries_each_threshold_with_and_without_the_repair() -> None:
     config = SegmentConfig(min_component_voxels=8)
     grid = list(postprocess_grid(config))

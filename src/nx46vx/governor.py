@@ -61,6 +61,33 @@ class VirtualClock:
         self.now += self.costs.get(point, 0.0)
 
 
+class MeasuredCost:
+    """A cost the reserve is sized by: the configured guess until measured, then the dearest source's latest measurement.
+
+    A source's new measurement replaces its last one, so a machine hiccup while one was timed
+    (or a validation timed beside the batch threads) does not inflate the reserve for the rest
+    of the run; across sources the dearest counts, since any of them may segment.
+
+    Parameters
+    ----------
+    guess : float
+        The configured value, until a first measurement.
+    """
+
+    def __init__(self, guess: float) -> None:
+        self.guess = guess
+        self.latest: dict[str, float] = {}
+
+    def measured(self, value: float, *, source: str = "") -> None:
+        """Record ``source``'s latest measurement (a non-positive value is none)."""
+        if value > 0:
+            self.latest[source] = value
+
+    @property
+    def value(self) -> float:
+        return max(self.latest.values()) if self.latest else self.guess
+
+
 class Governor:
     """Session clock, phase clocks and the stop flag.
 
@@ -78,15 +105,12 @@ class Governor:
         self.n_test = n_test
         self.clock = clock
         self.started = clock()
-        self.per_volume_s = budget.reserve_per_volume_s
+        self.volume_cost = MeasuredCost(budget.reserve_per_volume_s)  # seconds per test volume, per segmenter
         self.n_val = 0  # validation volumes the segmenter choice runs every source on
         self.tuning_voxels = 0  # voxels the post-processing tuning scores: validation voxels × grid points
-        self.score_s_per_voxel = budget.score_s_per_mvoxel / 1e6
+        self.score_cost = MeasuredCost(budget.score_s_per_mvoxel / 1e6)  # the metric's seconds per voxel
         self.repair_voxels = 0  # voxels the tunnel repair runs on: validation voxels × repairing grid points + the test voxels
-        self.repair_s_per_voxel = budget.repair_s_per_mvoxel / 1e6
-        self._score_measured = False
-        self._repair_measured = False
-        self._measured = False
+        self.repair_cost = MeasuredCost(budget.repair_s_per_mvoxel / 1e6)  # the tunnel repair's seconds per voxel
         self.phase_elapsed: dict[str, float] = {}
         self.previous_elapsed: dict[str, float] = {}
         self._phase: str | None = None
@@ -160,25 +184,35 @@ class Governor:
             return True
         return self.elapsed() >= self.phase_deadline(phase)
 
-    def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int) -> None:
-        """Size the reserve from a measured feature/inference cost: the first measurement replaces the configured
-        guess, later ones only raise it (the dearest segmenter sets what segmentation may need)."""
+    @property
+    def per_volume_s(self) -> float:
+        """Seconds segmenting one test volume may take: the dearest segmenter's latest measurement, else the configured guess."""
+        return self.volume_cost.value
+
+    @property
+    def score_s_per_voxel(self) -> float:
+        """The competition metric's seconds per voxel (with a grid point's clean-up): the latest measurement, else the guess."""
+        return self.score_cost.value
+
+    @property
+    def repair_s_per_voxel(self) -> float:
+        """The tunnel repair's seconds per voxel: the latest measurement, else the configured guess."""
+        return self.repair_cost.value
+
+    def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int, *, source: str) -> None:
+        """Size the reserve from segmenter ``source``'s measured feature/inference cost (:class:`MeasuredCost`: its latest
+        measurement replaces its last one; the dearest segmenter sets what segmentation may need)."""
         if test_voxels > 0 and seconds_per_voxel > 0:
-            cost = max(seconds_per_voxel * test_voxels / max(1, self.n_test), 0.05)
-            self.per_volume_s = max(self.per_volume_s, cost) if self._measured else cost
-            self._measured = True
+            self.volume_cost.measured(max(seconds_per_voxel * test_voxels / max(1, self.n_test), 0.05), source=source)
 
     def measured_score_cost(self, seconds_per_voxel: float) -> None:
-        """Size the tuning part of the reserve from the competition metric's measured cost (as :meth:`measured_volume_cost`)."""
-        if seconds_per_voxel > 0:
-            self.score_s_per_voxel = max(self.score_s_per_voxel, seconds_per_voxel) if self._score_measured else seconds_per_voxel
-            self._score_measured = True
+        """Size the tuning part of the reserve from the competition metric's latest measured cost (the student's
+        validations come last, on the kind of masks most of the tuning's grid points score)."""
+        self.score_cost.measured(seconds_per_voxel)
 
     def measured_repair_cost(self, seconds_per_voxel: float) -> None:
-        """Size the tunnel repair's part of the reserve from its measured cost (as :meth:`measured_volume_cost`)."""
-        if seconds_per_voxel > 0:
-            self.repair_s_per_voxel = max(self.repair_s_per_voxel, seconds_per_voxel) if self._repair_measured else seconds_per_voxel
-            self._repair_measured = True
+        """Size the tunnel repair's part of the reserve from its latest measured cost."""
+        self.repair_cost.measured(seconds_per_voxel)
 
     def training_deadline(self) -> float:
         """Session seconds after which training must stop (infinite when unlimited)."""

@@ -1,10 +1,10 @@
 """The student's cost model (steps, validations, inference) and its budgeted learning-rate schedule (laid out after the
-warm-up, revised once, each decision journaled and stored).
+warm-up, revised once, extended when the reserve shrinks, each decision journaled and stored).
 
 Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
 the caller to measure one validation and one checkpoint and journals the decision,
-:func:`revise_schedule`, which journals its revision, and :func:`seconds_per_window`,
-which times the student's network once.
+:func:`revise_schedule` and :func:`extend_schedule`, which journal theirs, and
+:func:`seconds_per_window`, which times the student's network once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 VALIDATION_SHARE = 0.15
 #: The share of the distillation time left after the warm-up that the schedule leaves unplanned (step-time noise).
 SCHEDULE_SPARE = 0.03
+#: The least an extension adds, as a share of the schedule: a few steps are not worth raising the learning rate again.
+EXTEND_MIN_SHARE = 0.02
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class StepCosts:
     checkpoint: float = 0.0
     durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
     laid_out: int | None = None  # the steps of this session timed before it laid the schedule out (None: no revision due)
+    budgeted: bool = False  # this session laid the schedule out on its budget (a restored or fixed schedule is kept)
 
     def step_s(self, now: float) -> float:
         return (now - self.started - self.extra) / self.steps if self.steps else 0.0
@@ -92,7 +95,7 @@ def lay_out_schedule(ctx: "RunContext", phase: str, student: distill.DistillStat
     step_s = costs.typical_step_s(governor.clock())
     measure()
     _plan(ctx, phase, student, cfg, costs, step_s=step_s, reason="budget")
-    costs.laid_out = len(costs.durations)
+    costs.laid_out, costs.budgeted = len(costs.durations), True
 
 
 def revise_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
@@ -111,6 +114,26 @@ def revise_schedule(ctx: "RunContext", phase: str, student: distill.DistillState
     return True
 
 
+def extend_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
+    """After a validation, lay the schedule out again over the phase's time left when it fits at least
+    :data:`EXTEND_MIN_SHARE` more steps than planned; True when it did (the caller stores the decision: a checkpoint).
+
+    The reserve shrinks as the student's validations measure its inference and the metric
+    (a price taken during a hiccup, or per voxel of a volume smaller than a window, is
+    replaced): a schedule planned on the larger reserve would end with the training deadline
+    still far off. Never shorter (an overrunning schedule is stopped by the deadline, its last
+    weights validated), not while the revision is due, and only a schedule this session laid out on its budget.
+    """
+    if not costs.budgeted or costs.laid_out is not None or student.schedule_steps is None or student.step >= student.schedule_steps:
+        return False
+    step_s = float(np.median(costs.durations))
+    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s)
+    if steps - student.schedule_steps < max(1.0, EXTEND_MIN_SHARE * student.schedule_steps):
+        return False
+    _set(ctx, phase, student, costs, steps=steps, every=every, step_s=step_s, left=left, reason="extended")
+    return True
+
+
 def _plan(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, step_s: float, reason: str) -> None:
     """Set ``student.schedule_steps`` and ``student.val_every`` to the steps that fit the phase's time left at ``step_s`` seconds a step,
     and journal them (``DISTILLATION_SCHEDULE``).
@@ -122,6 +145,13 @@ def _plan(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any
     are spread evenly, the last at the schedule's end, so none is spent on weights a few
     steps from the final ones.
     """
+    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s)
+    _set(ctx, phase, student, costs, steps=steps, every=every, step_s=step_s, left=left, reason=reason)
+
+
+def _fit(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, step_s: float) -> tuple[int, int, float]:
+    """The schedule's length and validation spacing that fit the phase's time left at ``step_s`` seconds a step (see :func:`_plan`),
+    and that time left."""
     step_s = max(step_s, 1e-9)
     validation_s, checkpoint_s = costs.validation, costs.checkpoint
     left = ctx.governor.phase_time_left(phase)
@@ -131,11 +161,15 @@ def _plan(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any
     every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
     total = student.step + max(1, fit(every))
     every = max(every, math.ceil(total / max(1, total // every)))  # as many validations, evenly spaced up to the end
-    student.val_every = every
-    student.schedule_steps = student.step + max(1, fit(every))
-    ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": student.schedule_steps, "reason": reason, "seconds_per_step": round(step_s, 6),
-                                               "seconds_per_validation": round(validation_s, 6), "seconds_per_checkpoint": round(checkpoint_s, 6),
-                                               "val_every": student.val_every, "time_left_s": round(left, 3)})
+    return student.step + max(1, fit(every)), every, left
+
+
+def _set(ctx: "RunContext", phase: str, student: distill.DistillState, costs: StepCosts, *, steps: int, every: int, step_s: float, left: float, reason: str) -> None:
+    """Store the schedule on the student and journal it (``DISTILLATION_SCHEDULE``)."""
+    student.val_every, student.schedule_steps = every, steps
+    ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": steps, "reason": reason, "seconds_per_step": round(step_s, 6),
+                                               "seconds_per_validation": round(costs.validation, 6), "seconds_per_checkpoint": round(costs.checkpoint, 6),
+                                               "val_every": every, "time_left_s": round(left, 3)})
 
 
 def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> float:
@@ -162,9 +196,11 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
 
 @dataclasses.dataclass(frozen=True)
 class InferencePrice:
-    """The student's inference, priced before it trains: seconds per window, per test voxel (its prior apart), of one validation."""
+    """The student's inference, priced before it trains: seconds per window, its windows over the test volumes (flips
+    included), seconds per test voxel (its prior apart), seconds of one validation."""
 
     window_s: float
+    test_windows: int
     test_s_per_voxel: float
     validation_s: float
 
@@ -177,10 +213,10 @@ def price_inference(ctx: "RunContext", state: "RunState", student: distill.Disti
     seg = ctx.config.segment
     window_s = seconds_per_window(ctx, student, cfg)
     tests = [state.shapes[t.id] for t in state.discovery.test if t.id in state.shapes and t.id not in state.rejected_tests]
-    test_s = inference_seconds(tests, window_s, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=seg.flip_tta)
+    test_windows = sum(window_count(shape, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=seg.flip_tta) for shape in tests)
     scoring_s = ctx.governor.score_s_per_voxel * sum(int(np.prod(shape)) for shape in val_shapes)
     validation_s = inference_seconds(val_shapes, window_s, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) + scoring_s
-    return InferencePrice(window_s, test_s / max(1, state.test_voxels), validation_s)
+    return InferencePrice(window_s, test_windows, window_s * test_windows / max(1, state.test_voxels), validation_s)
 
 
 def inference_seconds(shapes: Sequence[Sequence[int]], window_s: float, *, patch: int, overlap: float, flip_tta: bool) -> float:

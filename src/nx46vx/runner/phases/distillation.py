@@ -22,11 +22,11 @@ from ...config import RunConfig
 from ...errors import DependencyError, ModelFolderError
 from ...metric import Truth, score_volume
 from ...patches import make_batch
-from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window
+from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window, window_count
 from ...student import architecture
 from ...topology import repair_tunnels
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
-from ..schedule import MapsBudget, StepCosts, lay_out_schedule, price_inference, revise_schedule
+from ..schedule import MapsBudget, StepCosts, extend_schedule, lay_out_schedule, price_inference, revise_schedule
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
 
@@ -90,10 +90,11 @@ class DistillationPhase:
         self.prior: dict[str, Any] | None = None  # the ensemble that makes the student's prior input (predict rebuilds it)
         self.target_ids: list[str] = []  # the training volumes the teachers' maps covered: replayed with the student
         self._test_voxels = 0
-        self._test_s_per_voxel = 0.0  # the student's predicted test inference, its prior's cost apart
+        self._test_windows = 0  # the student's windows over the test volumes (flips included)
+        self._test_s_per_voxel = 0.0  # the student's test inference per voxel, its prior's cost apart: priced, then as last measured
         self._prior_seconds_per_voxel = 0.0
         self._validated_step: int | None = None  # the step whose weights this session validated last
-        self._best_maps: tuple[list[np.ndarray], float] | None = None  # the best weights' validation maps and seconds per voxel
+        self._best_maps: list[np.ndarray] | None = None  # the best weights' validation maps
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
@@ -198,7 +199,7 @@ class DistillationPhase:
             return self._skip_for_time(ctx, state, "no validation and step fit the phase's time left", predicted_validation_s=round(validation_s, 3))
         maps = student_maps(ctx, state, teachers, cfg, budget=budget, replay=replay)
         self._prior_seconds_per_voxel = maps.prior_seconds_per_voxel  # segmenting with the student computes the prior too
-        ctx.governor.measured_volume_cost(self._test_s_per_voxel + maps.prior_seconds_per_voxel, state.test_voxels)
+        ctx.governor.measured_volume_cost(self._test_s_per_voxel + maps.prior_seconds_per_voxel, state.test_voxels, source=STUDENT)
         if maps.cut is not None:
             return self._skip_for_time(ctx, state, maps.cut)
         self.target_ids, targets, priors, coverage, pairs = maps.target_ids, maps.targets, maps.priors, maps.coverage, maps.pairs
@@ -214,7 +215,8 @@ class DistillationPhase:
         self._best_maps = None
         stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0)
         if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:
-            state.validation_probs[STUDENT] = self._best_maps  # the segmenter choice scores the same maps: not computed twice
+            # the segmenter choice scores the same maps (not computed twice) at the latest price: it does not depend on the weights
+            state.validation_probs[STUDENT] = (self._best_maps, self._test_s_per_voxel + self._prior_seconds_per_voxel)
         self._best_maps = None
         if student.step == 0 and stopped is None:
             raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
@@ -231,10 +233,10 @@ class DistillationPhase:
         after the first one it overran)."""
         governor = ctx.governor
         price = price_inference(ctx, state, student, cfg, [image.shape for image, _ in val[: cfg.val_volumes]])
-        self._test_voxels, self._test_s_per_voxel = state.test_voxels, price.test_s_per_voxel
+        self._test_voxels, self._test_windows, self._test_s_per_voxel = state.test_voxels, price.test_windows, price.test_s_per_voxel
         if len(val[: cfg.val_volumes]) == len(val) and not ctx.config.segment.flip_tta:
             governor.n_val = 0  # the choice tunes on the student's maps from its last validation: none is made again
-        governor.measured_volume_cost(price.test_s_per_voxel, state.test_voxels)
+        governor.measured_volume_cost(price.test_s_per_voxel, state.test_voxels, source=STUDENT)
         ctx.event("DISTILLATION_INFERENCE", self.name, {"seconds_per_window": round(price.window_s, 6), "predicted_test_s": round(price.test_s_per_voxel * state.test_voxels, 3),
                                                        "predicted_validation_s": round(price.validation_s, 3), "reserve_s": round(governor.reserve(), 3),
                                                        "phase_time_left_s": _finite(governor.phase_time_left(self.name))})
@@ -319,11 +321,13 @@ class DistillationPhase:
                 costs.durations.append(governor.clock() - started)
                 bar.update(1)
                 revised = revise_schedule(ctx, self.name, student, cfg, costs)  # a decision: stored by the checkpoint below
-                if revised:
-                    bar.total = student.schedule_steps
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if validates(student.step):
                     self._validate(ctx, student, val, cfg, costs=costs)
+                    # the validation re-measured the student's inference and the metric: the reserve may have shrunk
+                    revised = extend_schedule(ctx, self.name, student, cfg, costs) or revised
+                if revised:
+                    bar.total = student.schedule_steps
                 self.done = finished
                 if revised or student.step % cfg.checkpoint_every == 0 or finished:
                     self._checkpoint(ctx, student, costs)
@@ -381,9 +385,11 @@ class DistillationPhase:
         governor.account("distill_validation")
         voxels = max(1, sum(image.size for image, _, _ in val))
         governor.measured_score_cost(scoring_s / voxels)
-        per_voxel = inference_s / voxels + self._prior_seconds_per_voxel
         if not as_prior:
-            governor.measured_volume_cost(per_voxel, self._test_voxels)
+            # a window costs the same however much of it a volume fills (an 80³ volume is one 96³ window): priced per window
+            windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) for image, _, _ in val)
+            self._test_s_per_voxel = inference_s / max(1, windows) * self._test_windows / max(1, self._test_voxels)
+            governor.measured_volume_cost(self._test_s_per_voxel + self._prior_seconds_per_voxel, self._test_voxels, source=STUDENT)
         if costs is not None:
             costs.validation = governor.clock() - t0
             costs.extra += costs.validation
@@ -392,7 +398,6 @@ class DistillationPhase:
         if not as_prior:
             self._validated_step = student.step
         if improved:
-            # the untrained student's maps are its prior's: priced at what running it costs
-            self._best_maps = (probs, self._test_s_per_voxel + self._prior_seconds_per_voxel) if as_prior else (probs, per_voxel)
+            self._best_maps = probs
         ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
                                                         "scored": "prior" if as_prior else "network"})

@@ -127,7 +127,7 @@ class FeaturesPhase:
         self._decide(ctx, chosen, skipped, predicted_total, replay)
         ctx.io_seconds += load_s
         if voxels_done:
-            governor.measured_volume_cost(seconds / voxels_done, state.test_voxels)
+            governor.measured_volume_cost(seconds / voxels_done, state.test_voxels, source="features")  # what the search model and ensemble segment with
         return {"cache_hits": cache.hits, "attached_hits": cache.attached_hits, "cache_misses": cache.misses, "cache_corrupt": cache.corrupt, "computed": cache.misses, "load_s": load_s, "features_s": seconds}
 
     def _decide(self, ctx: "RunContext", chosen: list[str], skipped: list[str], predicted_s: float, replay: bool) -> None:
