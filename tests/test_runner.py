@@ -389,7 +389,7 @@ def test_the_schedule_spreads_its_validations_evenly_up_to_its_end() -> None:
     governor.enter("distillation")
     journal: list[tuple[str, dict]] = []
     ctx = SimpleNamespace(governor=governor, event=lambda name, _phase, data: journal.append((name, data)))
-    student = SimpleNamespace(step=10, schedule_steps=None, val_every=None)
+    student = SimpleNamespace(step=10, schedule_steps=None, val_every=None, val_from=0)
     cfg = DistillConfig(steps=0, warmup_steps=10, val_every=10, checkpoint_every=10**6)
     costs = StepCosts(started=0.0, steps=10, durations=[1.0] * 10, validation=30.0)
     measured: list[bool] = []
@@ -417,7 +417,7 @@ def test_the_schedule_is_extended_only_when_more_steps_fit() -> None:
     events: list[tuple] = []
     ctx = SimpleNamespace(governor=governor, event=lambda *args: events.append(args))
     cfg = SimpleNamespace(val_every=100, checkpoint_every=100)
-    student = SimpleNamespace(step=100, schedule_steps=960, val_every=100)
+    student = SimpleNamespace(step=100, schedule_steps=960, val_every=100, val_from=0)
     costs = StepCosts(0.0, validation=0.0, checkpoint=0.0, durations=[1.0] * 100, budgeted=True)
     # 900 s left at 1 s a step, 3 % of it spare: 873 more steps fit, 13 more than planned (under 2 % of the schedule)
     assert not extend_schedule(ctx, "distillation", student, cfg, costs) and not events
@@ -432,3 +432,32 @@ def test_the_schedule_is_extended_only_when_more_steps_fit() -> None:
         assert not extend_schedule(ctx, "distillation", student, cfg, StepCosts(0.0, durations=[1.0] * 100, **changed))
     student.step = student.schedule_steps  # finished
     assert not extend_schedule(ctx, "distillation", student, cfg, costs)
+
+
+def test_an_extended_schedule_spreads_its_validations_from_the_step_it_was_extended_at() -> None:
+    """The validation that triggered an extension is the origin of the new spacing: the next one is a whole interval later
+    (not at the next multiple of the new spacing), the last one at the new end, all of them within the time left; the
+    origin is stored with the schedule."""
+    from types import SimpleNamespace
+
+    from nx46vx import distill
+    from nx46vx.runner.schedule import StepCosts, extend_schedule
+
+    clock = VirtualClock(tick=0.0)
+    governor = Governor(BudgetConfig(total_s=1000, margin_s=0, reserve_per_volume_s=100, reserve_safety=1.0, features_share=0.0, search_share=0.0),
+                        n_test=1, clock=clock)
+    governor.enter("distillation")
+    clock.now = 281.0
+    ctx = SimpleNamespace(governor=governor, event=lambda *args: None)
+    cfg = SimpleNamespace(val_every=10, checkpoint_every=10**6)
+    network = torch.nn.Linear(1, 1)
+    student = distill.DistillState(network, torch.optim.AdamW(network.parameters()), None, step=281, schedule_steps=520, val_every=281)
+    costs = StepCosts(0.0, validation=20.0, checkpoint=0.0, durations=[1.0] * 281, budgeted=True)
+    assert distill.validates_after(student, 281, default_every=cfg.val_every)  # the validation before the extension
+    assert extend_schedule(ctx, "distillation", student, cfg, costs)
+    total, every = student.schedule_steps, student.val_every
+    assert student.val_from == 281 and every >= math.ceil(20.0 / (0.15 * 1.0)) and total > 520
+    after = [s for s in range(282, total + 1) if distill.validates_after(student, s, default_every=cfg.val_every)]
+    assert after[0] == 281 + every and after[-1] == total and (total - 281) % every == 0  # evenly spread up to the end
+    assert (total - 281) * 1.0 + len(after) * 20.0 <= 0.97 * governor.phase_time_left("distillation")
+    assert distill.state_dict(student)["val_from"] == 281

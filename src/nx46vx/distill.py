@@ -188,8 +188,8 @@ class DistillState:
     """The student and everything its training needs to continue exactly.
 
     ``schedule_steps`` is the length the learning-rate schedule is laid out over
-    and ``val_every`` the steps between validations (both decided once, from the
-    budget, and stored; ``val_every`` None = ``distill.val_every``); ``best`` the
+    and ``val_every`` the steps between validations, counted from step ``val_from``
+    (decided from the budget and stored; ``val_every`` None = ``distill.val_every``); ``best`` the
     best-on-validation weights with their score and step (what segmentation uses);
     ``intensity`` how its input is normalised (an nnU-Net model's for a student started from one).
     """
@@ -201,6 +201,7 @@ class DistillState:
     schedule_steps: int | None = None
     best: dict[str, Any] | None = None
     val_every: int | None = None
+    val_from: int = 0
     intensity: Intensity = PERCENTILE
 
 
@@ -370,6 +371,14 @@ def train_step(
     return out | {"lr": float(lr), "teacher_weight": float(teacher_weight), "grad_norm": float(grad_norm)}
 
 
+def validates_after(state: DistillState, step: int, *, default_every: int) -> bool:
+    """Whether the student is validated after step ``step``: every ``val_every`` steps counted from ``val_from``
+    (``default_every`` while the schedule has not set it), and after the schedule's last step."""
+    every = state.val_every or default_every
+    periodic = step > state.val_from and (step - state.val_from) % every == 0
+    return periodic or (state.schedule_steps is not None and step >= state.schedule_steps)
+
+
 def keep_if_best(state: DistillState, score: float) -> bool:
     """Remember the current weights when ``score`` beats the best so far; True when it did."""
     if state.best is not None and score <= state.best["score"]:
@@ -396,6 +405,7 @@ def state_dict(state: DistillState) -> dict[str, Any]:
         "step": state.step,
         "schedule_steps": state.schedule_steps,
         "val_every": state.val_every,
+        "val_from": state.val_from,
         "best": state.best,
         "intensity": asdict(state.intensity),
     }
@@ -410,6 +420,7 @@ def load_state_dict(state: DistillState, saved: dict[str, Any]) -> None:
     state.schedule_steps = None if saved["schedule_steps"] is None else int(saved["schedule_steps"])
     state.best = saved["best"]
     state.val_every = None if saved.get("val_every") is None else int(saved["val_every"])
+    state.val_from = int(saved.get("val_from", 0))
     state.intensity = saved_intensity(saved)
 
 
@@ -456,4 +467,5 @@ __all__ = [
     "student_digest",
     "student_network",
     "train_step",
+    "validates_after",
 ]

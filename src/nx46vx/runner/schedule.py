@@ -58,14 +58,15 @@ class StepCosts:
         return float(np.median(self.durations)) if self.durations else self.step_s(now)
 
 
-def steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[tuple[int, float]]) -> int:
-    """The most steps after step ``done`` that fit in ``seconds``, with the work every ``n`` steps, ``(n, its seconds)``, that they pass.
+def steps_that_fit(seconds: float, *, done: int, step_s: float, every: Sequence[tuple[int, float, int]]) -> int:
+    """The most steps after step ``done`` that fit in ``seconds``, with the work every ``n`` steps counted from step ``origin``
+    (``(n, its seconds, origin)``, ``origin`` ≤ ``done``) that they pass.
 
     The work after the last step is the caller's (it runs however the steps fall).
     """
 
     def cost(n: int) -> float:
-        return n * step_s + sum(work * ((done + n - 1) // k - done // k) for k, work in every if k > 0)
+        return n * step_s + sum(work * ((done + n - 1 - origin) // k - (done - origin) // k) for k, work, origin in every if k > 0)
 
     n = max(0, int(seconds / step_s))  # an upper bound: the periodic work only adds
     while n > 0 and cost(n) > seconds:
@@ -127,10 +128,11 @@ def extend_schedule(ctx: "RunContext", phase: str, student: distill.DistillState
     if not costs.budgeted or costs.laid_out is not None or student.schedule_steps is None or student.step >= student.schedule_steps:
         return False
     step_s = float(np.median(costs.durations))
-    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s)
+    # the student was validated at this step: the validations are spread anew from it
+    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s, origin=student.step)
     if steps - student.schedule_steps < max(1.0, EXTEND_MIN_SHARE * student.schedule_steps):
         return False
-    _set(ctx, phase, student, costs, steps=steps, every=every, step_s=step_s, left=left, reason="extended")
+    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason="extended")
     return True
 
 
@@ -145,31 +147,33 @@ def _plan(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any
     are spread evenly, the last at the schedule's end, so none is spent on weights a few
     steps from the final ones.
     """
-    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s)
-    _set(ctx, phase, student, costs, steps=steps, every=every, step_s=step_s, left=left, reason=reason)
+    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s, origin=student.val_from)
+    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.val_from, step_s=step_s, left=left, reason=reason)
 
 
-def _fit(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, step_s: float) -> tuple[int, int, float]:
-    """The schedule's length and validation spacing that fit the phase's time left at ``step_s`` seconds a step (see :func:`_plan`),
-    and that time left."""
+def _fit(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, step_s: float,
+         origin: int) -> tuple[int, int, float]:
+    """The schedule's length and the spacing of validations counted from step ``origin`` that fit the phase's time left at
+    ``step_s`` seconds a step (see :func:`_plan`), and that time left."""
     step_s = max(step_s, 1e-9)
     validation_s, checkpoint_s = costs.validation, costs.checkpoint
     left = ctx.governor.phase_time_left(phase)
     # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
     seconds = (1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s
-    fit = lambda every: steps_that_fit(seconds, done=student.step, step_s=step_s, every=((every, validation_s), (cfg.checkpoint_every, checkpoint_s)))  # noqa: E731
+    fit = lambda every: steps_that_fit(seconds, done=student.step, step_s=step_s, every=((every, validation_s, origin), (cfg.checkpoint_every, checkpoint_s, 0)))  # noqa: E731
     every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
-    total = student.step + max(1, fit(every))
-    every = max(every, math.ceil(total / max(1, total // every)))  # as many validations, evenly spaced up to the end
+    span = student.step + max(1, fit(every)) - origin
+    every = max(every, math.ceil(span / max(1, span // every)))  # as many validations, evenly spaced up to the end
     return student.step + max(1, fit(every)), every, left
 
 
-def _set(ctx: "RunContext", phase: str, student: distill.DistillState, costs: StepCosts, *, steps: int, every: int, step_s: float, left: float, reason: str) -> None:
+def _set(ctx: "RunContext", phase: str, student: distill.DistillState, costs: StepCosts, *, steps: int, every: int, origin: int,
+         step_s: float, left: float, reason: str) -> None:
     """Store the schedule on the student and journal it (``DISTILLATION_SCHEDULE``)."""
-    student.val_every, student.schedule_steps = every, steps
+    student.val_every, student.val_from, student.schedule_steps = every, origin, steps
     ctx.event("DISTILLATION_SCHEDULE", phase, {"schedule_steps": steps, "reason": reason, "seconds_per_step": round(step_s, 6),
                                                "seconds_per_validation": round(costs.validation, 6), "seconds_per_checkpoint": round(costs.checkpoint, 6),
-                                               "val_every": every, "time_left_s": round(left, 3)})
+                                               "val_every": every, "val_from": origin, "time_left_s": round(left, 3)})
 
 
 def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> float:

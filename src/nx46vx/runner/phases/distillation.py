@@ -293,8 +293,6 @@ class DistillationPhase:
         stopped, costs = None, StepCosts(governor.clock(), validation=validation_s)
         self._validated_step = None
         trainer = data_parallel_trainer(ctx, student, cfg)
-        # whether the step numbered ``step`` is followed by a validation: every val_every steps, and after the last one
-        validates = lambda step: bool(val) and (step % (student.val_every or cfg.val_every) == 0 or (student.schedule_steps is not None and step >= student.schedule_steps))  # noqa: E731
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
@@ -322,7 +320,7 @@ class DistillationPhase:
                 bar.update(1)
                 revised = revise_schedule(ctx, self.name, student, cfg, costs)  # a decision: stored by the checkpoint below
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
-                if validates(student.step):
+                if val and distill.validates_after(student, student.step, default_every=cfg.val_every):
                     self._validate(ctx, student, val, cfg, costs=costs)
                     # the validation re-measured the student's inference and the metric: the reserve may have shrunk
                     revised = extend_schedule(ctx, self.name, student, cfg, costs) or revised
