@@ -605,6 +605,33 @@ def test_the_schedule_is_extended_when_a_validation_shrinks_the_reserve(demo_dat
     assert choice["excluded_for_time"] == [] and choice["predicted_test_seconds"]["student"] < 1.0  # priced as last measured
 
 
+def test_the_metrics_compilation_does_not_price_the_metric(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first run on a machine compiles the metric's kernels at their first call (~14 s on 2 cores): here 60 s of the
+    virtual clock. The metric and a validation are priced by their work alone, so the reserve stays small and the
+    schedule fills the budget (priced by its compilation, the metric cost 100x its work, the reserve took most of a
+    600 s run, and the student trained 400 steps instead of 1200)."""
+    from nx46vx import betti
+    from nx46vx.governor import VirtualClock
+
+    clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
+    kernel, calls = betti._tile_counts, []
+
+    def first_call_compiles(f, g):  # type: ignore[no-untyped-def]
+        clock.now += 60.0 * (not calls)
+        calls.append(f.shape)
+        return kernel(f, g)
+
+    monkeypatch.setattr(betti, "_tile_counts", first_call_compiles)
+    overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=600", "budget.margin_s=5", "search.max_epochs=1"]
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = _events(tmp_path / "out" / "journal.jsonl")
+    schedule = next(e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE" and e["data"]["reason"] == "budget")
+    segmentation = next(e["data"] for e in events if e["event"] == "TIME_BUDGET_STATE" and e["phase"] == "segmentation")
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert calls and schedule["seconds_per_validation"] < 5.0 and segmentation["score_s_per_mvoxel"] < 5.0
+    assert end["stopped"] is None and end["steps"] > 300, (schedule, segmentation, end)
+
+
 def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(demo_data: Path, tmp_path: Path) -> None:
     """Steps get 4x dearer after the schedule is laid out: the loop stops early, and the weights it trained last are scored."""
     from nx46vx.governor import VirtualClock

@@ -233,6 +233,12 @@ def cut_tunnels(prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return region.reshape(padded.shape)[1:-1, 1:-1, 1:-1]
 
 
+def compile_kernels() -> None:
+    """Compile :func:`repair_tunnels`' kernels now (or load them from numba's cache), on a 2×2×2 volume: a caller that
+    times the repair then times its work, not a one-off compilation."""
+    repair_tunnels(np.ones((2, 2, 2), np.float32), np.ones((2, 2, 2), np.uint8), max_film=1)
+
+
 def repair_tunnels(prob: np.ndarray, mask: np.ndarray, *, max_film: int) -> np.ndarray:
     """``mask`` without tunnels or cavities in any TopoScore tile (module doc), uint8 {0, 1} (z, y, x).
 
