@@ -35,7 +35,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -457,6 +457,15 @@ def repair_points(config: SegmentConfig) -> int:
 REPAIR_MARGIN = 0.005
 
 
+def prefer_repaired(points: Sequence[tuple[Any, float, bool]]) -> tuple[Any, float]:
+    """The best of ``(key, score, repaired)`` points (the first of equals); when it is unrepaired, the best repaired point
+    within :data:`REPAIR_MARGIN` of it instead. Serves the tuning (grid points) and the segmenter choice (sources)."""
+    best = max(points, key=lambda point: point[1])
+    near = [point for point in points if point[2] and point[1] >= best[1] - REPAIR_MARGIN - 1e-12]
+    key, score, _ = max(near, key=lambda point: point[1]) if near and not best[2] else best
+    return key, score
+
+
 def tune_postprocess(
     pairs: Sequence[tuple[np.ndarray, "np.ndarray | Truth"]], config: SegmentConfig, *, keep_going: Callable[[int], bool] = lambda _i: True,
     grid: Sequence[PostParams] | None = None,
@@ -479,10 +488,7 @@ def tune_postprocess(
         scored.append((params, float(np.mean([score_volume(postprocess(prob, params, config)[0], truth).score for (prob, _), truth in zip(pairs, truths)]))))
     if not scored:
         return PostParams(), -math.inf, 0
-    best, best_score = max(scored, key=lambda point: point[1])
-    repaired = [point for point in scored if point[0].repair_tunnels and point[1] >= best_score - REPAIR_MARGIN - 1e-12]
-    if not best.repair_tunnels and repaired:
-        best, best_score = max(repaired, key=lambda point: point[1])
+    best, best_score = prefer_repaired([(params, score, params.repair_tunnels) for params, score in scored])
     return best, best_score, len(scored)
 
 
@@ -514,8 +520,11 @@ def choose_segmenter(
     test_voxels: int,
     safety: float,
     time_left: float,
+    repaired: Collection[str] = (),
 ) -> SegmenterChoice:
-    """The best-scoring segmenter whose predicted cost on the test volumes fits the time left.
+    """The best-scoring segmenter whose predicted cost on the test volumes fits the time left; when its tuned
+    post-processing leaves the tunnels, a segmenter whose tuning repairs them and that scores within
+    :data:`REPAIR_MARGIN` of it is chosen instead (:func:`prefer_repaired`, as the tuning's grid points).
 
     Parameters
     ----------
@@ -531,6 +540,8 @@ def choose_segmenter(
         Factor on the predicted cost.
     time_left : float
         Seconds available (``inf`` when unlimited).
+    repaired : collection of str
+        The segmenters whose tuned post-processing repairs tunnels.
 
     When nothing fits, the baseline (or else the cheapest) is chosen: a submission
     must exist before the deadline.
@@ -539,5 +550,6 @@ def choose_segmenter(
     feasible = [k for k in names if predicted.get(k, 0.0) <= time_left]
     if not feasible:
         feasible = [BASELINE if BASELINE in names else min(names, key=lambda k: predicted.get(k, 0.0))]
-    chosen = max(feasible, key=lambda k: (scores.get(k, -1.0), -PREFERENCE.index(k)))
+    # in preference order, so that the first of equal scores is the preferred segmenter
+    chosen, _ = prefer_repaired([(k, scores.get(k, -1.0), k in repaired) for k in sorted(feasible, key=PREFERENCE.index)])
     return SegmenterChoice(chosen, predicted, sorted(set(names) - set(feasible)))

@@ -121,7 +121,8 @@ class SegmentationPhase:
             ctx.event("VALIDATION_UNAVAILABLE", self.name, {"reason": reason, "order": order})
         state.validation, state.validation_truths, state.validation_probs = None, None, {}  # test segmentation needs none of them
         time_left = governor.remaining() - governor.margin()
-        choice = choose_segmenter(names, scored.scores, scored.seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety, time_left=time_left)
+        choice = choose_segmenter(names, scored.scores, scored.seconds_per_voxel, test_voxels=state.test_voxels, safety=ctx.config.budget.reserve_safety,
+                                  time_left=time_left, repaired=[name for name, params in scored.params.items() if params.repair_tunnels])
         record = {
             "chosen": choice.chosen,
             "by": "validation score" if scored.scores else "preference order",
