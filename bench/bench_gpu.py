@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,6 +48,17 @@ SMOKE = ["distill.arch=resenc", "distill.width=8", "distill.depth=3", "distill.b
 def student_settings(overrides: list[str], device: torch.device):
     """The distillation settings ``kaggle-train`` (with ``overrides``) resolves on ``device``."""
     return distill.resolve(load_config("kaggle-train", overrides=overrides).distill, device)
+
+
+def seconds(work: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``work()``, the GPU's queue drained before and after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def train_rate(overrides: list[str], *, steps: int, cap_gb: float) -> dict:
@@ -73,14 +85,7 @@ def train_rate(overrides: list[str], *, steps: int, cap_gb: float) -> dict:
     try:
         for s in range(3):
             step(s)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for s in range(3, steps + 3):
-            step(s)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out["steps_per_s"] = steps / (time.perf_counter() - start)
+        out["steps_per_s"] = steps / seconds(lambda: [step(s) for s in range(3, steps + 3)], device)
     except torch.cuda.OutOfMemoryError as error:
         out["error"] = f"out of memory: {str(error).splitlines()[0]}"
     out.update(arch=cfg.arch, patch=cfg.patch, batch=cfg.batch, fp16=state.scaler is not None)
@@ -97,18 +102,12 @@ def inference_seconds(overrides: list[str], *, size: int) -> dict:
     cfg = distill.resolve(config.distill, device)
     network = distill.student_network(distill.init_state(cfg, seed=0, device=device))
     volume = make_volume((size, size, size), np.random.default_rng(1), style="real").image
-    out: dict = {"window": distill.window(cfg), "overlap": config.segment.overlap, "window_batch": config.segment.window_batch}
+    window, batch = distill.window(cfg), config.segment.window_batch
+    out: dict = {"window": window, "overlap": config.segment.overlap, "window_batch": batch}
+    sliding_window(volume[:window, :window, :window], network, patch=window, device=device, batch=batch)  # warm-up
     for tta in (False, True):
-        corner = volume[tuple(slice(0, distill.window(cfg)) for _ in range(3))]
-        sliding_window(corner, network, patch=distill.window(cfg), device=device, batch=config.segment.window_batch)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        sliding_window(volume, network, patch=distill.window(cfg), overlap=config.segment.overlap, flip_tta=tta, device=device,
-                       batch=config.segment.window_batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out["tta_s" if tta else "plain_s"] = time.perf_counter() - start
+        out["tta_s" if tta else "plain_s"] = seconds(
+            lambda: sliding_window(volume, network, patch=window, overlap=config.segment.overlap, flip_tta=tta, device=device, batch=batch), device)
     return out
 
 
