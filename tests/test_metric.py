@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -101,3 +105,11 @@ def test_voi_matches_cc3d_and_skimage(seed: int) -> None:
     lb = cc3d.connected_components(b.astype(np.uint8), connectivity=26)
     ref = sum(skvoi(la[union], lb[union]))
     assert sum(variation_of_information(b, a)) == pytest.approx(ref, abs=1e-6)
+
+
+def test_the_metric_kernels_compile_once_each(tmp_path) -> None:
+    """Every fresh session (each Kaggle session) compiles the metric's kernels before it scores; a constant flag or
+    size passed from one kernel to another compiles the callee once per value (12.6 s instead of 7.3 s on 2 cores)."""
+    code = "from nx46vx import betti; betti.compile_kernels(); print(len(betti._reduce.signatures), len(betti._dim2_pass.signatures))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "1"]

@@ -207,15 +207,16 @@ def _cofaces(s: int, nx: int, ny: int, nz: int) -> tuple:
 
 @nb.njit(**_JIT)
 def _dim2_pass(squares: np.ndarray, zeros: np.ndarray, cubes: np.ndarray, cubes_c: np.ndarray, keyed_f: np.ndarray,
-               keyed_g: np.ndarray, nx: int, ny: int, nz: int, comparison: bool) -> tuple:
+               keyed_g: np.ndarray, nx: int, ny: int, nz: int) -> tuple:
     """One image's dual union-find through its squares in decreasing ``(value, index)`` order.
 
     ``squares`` holds the image's square values and ``zeros`` its value-0 square ids
-    (ascending). For an input (``comparison`` false) the comparison's union-find is
+    (ascending). For an input (``keyed_f`` and ``keyed_g`` empty) the comparison's union-find is
     linked along the same merges, and each finite pair marks the comparison's younger
-    root in ``keyed`` (returned). For the comparison, a finite pair whose dying cube both
-    inputs marked counts as matched. Returns ``(keyed, finite or matched pairs, cleared squares)``.
+    root in ``keyed`` (returned). For the comparison (given both inputs' ``keyed``), a finite pair
+    whose dying cube both inputs marked counts as matched. Returns ``(keyed, finite or matched pairs, cleared squares)``.
     """
+    comparison = keyed_f.size > 0  # from the arguments: a constant flag would compile one specialisation per value
     parent = np.arange(cubes.size, dtype=np.int32)
     parent_c = np.arange(cubes.size if not comparison else 1, dtype=np.int32)
     keyed = np.zeros(cubes.size if not comparison else 0, np.bool_)
@@ -276,12 +277,23 @@ def _edge_value(vals: np.ndarray, e: int, nyz: int, nz: int) -> int:
     return max(vals[v], vals[v + (nyz if t == 0 else (nz if t == 1 else 1))])
 
 
+@nb.njit(**_JIT)
+def _grown(values: np.ndarray, used: int, size: int) -> np.ndarray:
+    """A new int64 array of ``size`` entries starting with ``values[:used]``.
+
+    An element loop, not a slice assignment: the slice's shape check compiles numba's error formatting (~3 s of a
+    first run's compilation, paid by every fresh Kaggle session).
+    """
+    out = np.empty(size, np.int64)
+    for i in range(used):
+        out[i] = values[i]
+    return out
+
+
 @nb.njit(inline="always", **_JIT)
 def _heap_push(heap: np.ndarray, size: int, key: int) -> np.ndarray:
     if size == heap.size:
-        grown = np.empty(2 * heap.size, np.int64)
-        grown[:size] = heap[:size]
-        heap = grown
+        heap = _grown(heap, heap.size, 2 * heap.size)  # heap.size, not size: a constant size would compile one specialisation per value
     i = size
     heap[i] = key
     while i > 0:
@@ -329,12 +341,14 @@ def _pop_pivot(heap: np.ndarray, size: int) -> tuple:
 
 
 @nb.njit(**_JIT)
-def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: np.ndarray, value_1: bool,
+def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: np.ndarray, columns: int,
             ny: int, nz: int) -> np.ndarray:
     """Column reduction of the squares' boundaries; the pivot edge of every reduced column (-1: zero or not reduced).
 
     Columns are the squares not in ``skip`` in ``(value, index)`` order of ``squares``:
-    the value-0 ones (``zeros``), then, if ``value_1``, those of value 1. Rows are edges in
+    the value-0 ones (``zeros``), then, when ``columns`` = ``zeros.size + squares.size`` (not
+    ``zeros.size``), those of value 1 (a count, not a flag: a constant flag would compile
+    one specialisation per value). Rows are edges in
     ``(value, index)`` order of ``row_vals`` (keys ``value·n_ids + id``, values 0 or 1).
     """
     nyz = ny * nz
@@ -346,7 +360,7 @@ def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: 
     store = np.empty(1024, np.int64)
     used = 0
     heap = np.empty(64, np.int64)
-    for k in range(zeros.size + (n_ids if value_1 else 0)):
+    for k in range(columns):
         if k < zeros.size:
             s = zeros[k]
         else:
@@ -388,9 +402,7 @@ def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: 
             continue
         # store the reduced column: its pivot, then what is left in the heap (equal pairs cancelled)
         if used + 1 + size > store.size:
-            grown = np.empty(max(2 * store.size, used + 1 + size), np.int64)
-            grown[:used] = store[:used]
-            store = grown
+            store = _grown(store, used, max(2 * store.size, used + 1 + size))
         start[s] = used
         store[used] = pivot
         used += 1
@@ -411,7 +423,7 @@ def _reduce(squares: np.ndarray, zeros: np.ndarray, row_vals: np.ndarray, skip: 
 def _births1(closes: np.ndarray, vals: np.ndarray, squares: np.ndarray, zeros: np.ndarray, cleared: np.ndarray, ny: int, nz: int) -> np.ndarray:
     """Birth edges of an input's finite dimension-1 pairs: the value-0 loop-closing edges (``closes``) no value-0 square kills."""
     births = closes.copy()
-    low = _reduce(squares, zeros, vals, cleared, False, ny, nz)
+    low = _reduce(squares, zeros, vals, cleared, zeros.size, ny, nz)
     for k in range(zeros.size):
         e = low[zeros[k]]
         if e >= 0:
@@ -423,9 +435,10 @@ def _births1(closes: np.ndarray, vals: np.ndarray, squares: np.ndarray, zeros: n
 def _dim1_matched(c: np.ndarray, f: np.ndarray, g: np.ndarray, squares_c: np.ndarray, zeros_c: np.ndarray,
                   birth_f: np.ndarray, birth_g: np.ndarray, cleared_c: np.ndarray, ny: int, nz: int) -> int:
     nyz = ny * nz
-    low_c = _reduce(squares_c, zeros_c, c, cleared_c, True, ny, nz)
-    im_f = _reduce(squares_c, zeros_c, f, cleared_c, True, ny, nz)
-    im_g = _reduce(squares_c, zeros_c, g, cleared_c, True, ny, nz)
+    columns = zeros_c.size + squares_c.size  # the value-1 squares too
+    low_c = _reduce(squares_c, zeros_c, c, cleared_c, columns, ny, nz)
+    im_f = _reduce(squares_c, zeros_c, f, cleared_c, columns, ny, nz)
+    im_g = _reduce(squares_c, zeros_c, g, cleared_c, columns, ny, nz)
     matched = 0
     for s in range(low_c.size):
         e = low_c[s]
@@ -454,9 +467,9 @@ def _tile_counts(f3: np.ndarray, g3: np.ndarray) -> np.ndarray:
     if min(nx, min(ny, nz)) >= 2:
         cubes_c = _cube_values(c3)
         none = np.zeros(0, np.bool_)
-        keyed_f, counts[2, 1], cleared_f = _dim2_pass(squares_f, zeros_f, _cube_values(f3), cubes_c, none, none, nx, ny, nz, False)
-        keyed_g, counts[2, 2], cleared_g = _dim2_pass(squares_g, zeros_g, _cube_values(g3), cubes_c, none, none, nx, ny, nz, False)
-        _, counts[2, 0], cleared_c = _dim2_pass(squares_c, zeros_c, cubes_c, cubes_c, keyed_f, keyed_g, nx, ny, nz, True)
+        keyed_f, counts[2, 1], cleared_f = _dim2_pass(squares_f, zeros_f, _cube_values(f3), cubes_c, none, none, nx, ny, nz)
+        keyed_g, counts[2, 2], cleared_g = _dim2_pass(squares_g, zeros_g, _cube_values(g3), cubes_c, none, none, nx, ny, nz)
+        _, counts[2, 0], cleared_c = _dim2_pass(squares_c, zeros_c, cubes_c, cubes_c, keyed_f, keyed_g, nx, ny, nz)
     else:
         cleared_f = cleared_g = cleared_c = np.zeros(squares_c.size, np.bool_)
     birth_f = _births1(closes_f, f, squares_f, zeros_f, cleared_f, ny, nz)
@@ -468,7 +481,7 @@ def _tile_counts(f3: np.ndarray, g3: np.ndarray) -> np.ndarray:
 
 def compile_kernels() -> None:
     """Compile the kernels now (or load them from numba's cache), on a 2×2×2 pair: a caller that times the metric then
-    times its work, not a one-off compilation (~14 s on 2 CPU cores, which priced the metric 100× too dear)."""
+    times its work, not a one-off compilation (~7 s on 2 CPU cores; timed, it priced the metric 100× too dear)."""
     matching_counts(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 2), np.uint8))
 
 
