@@ -672,7 +672,7 @@ def test_the_segmenter_choice_reuses_the_students_validation_maps(demo_data: Pat
     report = next(e["data"] for e in events if e["event"] == "VALIDATION_REPORT")
     assert best["scored"] == "network" and report["params"]["student"] and result.segmenter == "student"
     assert len(calls) == len(list((demo_data / "test_images").glob("*.tif")))  # none on the validation volumes
-    assert report["tuned_points"]["student"] == len(list(postprocess_grid(nx46vx.RunConfig().segment))) == 12 and report["scores"]["student"] >= best["score"]  # the plain point is on the grid
+    assert report["tuned_points"]["student"] == len(list(postprocess_grid(nx46vx.RunConfig().segment))) == 8 and report["scores"]["student"] >= best["score"]  # the plain point is on the grid
 
 
 def test_many_volumes_under_a_tiny_budget_get_a_feature_subset(tmp_path: Path) -> None:

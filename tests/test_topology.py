@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from nx46vx.config import SegmentConfig
 from nx46vx.metric import CONN6, CONN26, betti_numbers, score_volume, tiles, topo_counts
-from nx46vx.segment import PostParams, postprocess, postprocess_grid, repair_points, tune_postprocess
+from nx46vx.segment import THRESHOLDS, PostParams, postprocess, postprocess_grid, repair_points, tune_postprocess
 from nx46vx.topology import _flat, _is_simple, cut_tunnels, films, repair_tunnels
 
 
@@ -143,14 +143,16 @@ def test_a_repaired_point_within_the_margin_of_the_best_wins_the_tuning(monkeypa
     assert segment.REPAIR_MARGIN == 0.005
 
 
-def test_the_grid_tries_each_threshold_with_and_without_the_repair() -> None:
+def test_the_grid_tries_the_plain_threshold_with_and_without_the_repair_and_the_others_repaired() -> None:
     config = SegmentConfig(min_component_voxels=8)
     grid = list(postprocess_grid(config))
-    twins = [p for p in grid if p.repair_tunnels]
+    repaired = [p for p in grid if p.repair_tunnels]
     assert grid[0] == PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False)  # the plain point first
     assert grid[1] == PostParams(high=0.5, low=0.5, min_component=8, fill_holes=False, repair_tunnels=True, max_film=config.tunnel_film_voxels)
-    assert len(twins) == 5 and all(PostParams(**{**p.to_dict(), "repair_tunnels": False, "max_film": 0}) in grid for p in twins)
-    assert len(grid) == 12 and not any(p.fill_holes or p.plug_holes for p in grid)  # the repair stands in for filling and plugging
+    assert [(p.high, p.low) for p in repaired] == list(THRESHOLDS)
+    unrepaired_thresholds = [(p.high, p.low) for p in grid if not p.repair_tunnels and p.min_component == 8 and not p.closing]
+    assert unrepaired_thresholds == [(0.5, 0.5)]  # the repair's own test: the other thresholds' twins never changed the choice
+    assert len(grid) == 8 and not any(p.fill_holes or p.plug_holes for p in grid)  # the repair stands in for filling and plugging
     assert repair_points(config) == 2 * 5 + 2  # the blend's and the student's whole grids, the leader's point for the two linear models
     off = SegmentConfig(min_component_voxels=8, repair_tunnels=False)
     assert not any(p.repair_tunnels for p in postprocess_grid(off)) and repair_points(off) == 0
