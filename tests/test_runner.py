@@ -96,6 +96,9 @@ def test_the_segmenter_choice_prefers_a_repairing_segmenter_within_the_margin() 
     assert choose(scores, [STUDENT, ENSEMBLE]) == STUDENT  # the best repaired one within the margin
     assert choose({**scores, BLEND: 0.8403}, [STUDENT]) == STUDENT and choose({**scores, BLEND: 0.8403}, []) == STUDENT  # ties: preference
     assert choose(scores, [STUDENT], time_left=0.5) == BLEND  # the student's 1 s does not fit
+    moved = choose_segmenter(names, scores, cost, test_voxels=10**6, safety=1.0, time_left=float("inf"), repaired=[STUDENT])
+    assert (moved.chosen, moved.best_scored) == (STUDENT, BLEND)  # the journal says the margin moved the choice
+    assert choose_segmenter(names, scores, cost, test_voxels=10**6, safety=1.0, time_left=float("inf"), repaired=[]).best_scored is None
 
 
 def test_quota_counts_writes_and_refuses_past_the_limit(tmp_path: Path) -> None:

@@ -515,6 +515,7 @@ class SegmenterChoice:
     chosen: str
     predicted_test_seconds: dict[str, float]
     excluded_for_time: list[str]
+    best_scored: str | None = None  # the best-scoring segmenter that fits, when REPAIR_MARGIN chose another
 
 
 def choose_segmenter(
@@ -556,5 +557,7 @@ def choose_segmenter(
     if not feasible:
         feasible = [BASELINE if BASELINE in names else min(names, key=lambda k: predicted.get(k, 0.0))]
     # in preference order, so that the first of equal scores is the preferred segmenter
-    chosen, _ = prefer_repaired([(k, scores.get(k, -1.0), k in repaired) for k in sorted(feasible, key=PREFERENCE.index)])
-    return SegmenterChoice(chosen, predicted, sorted(set(names) - set(feasible)))
+    ranked = [(k, scores.get(k, -1.0), k in repaired) for k in sorted(feasible, key=PREFERENCE.index)]
+    chosen, _ = prefer_repaired(ranked)
+    best = max(ranked, key=lambda point: point[1])[0]
+    return SegmenterChoice(chosen, predicted, sorted(set(names) - set(feasible)), best_scored=best if best != chosen else None)

@@ -125,7 +125,8 @@ class SegmentationPhase:
                                   time_left=time_left, repaired=[name for name, params in scored.params.items() if params.repair_tunnels])
         record = {
             "chosen": choice.chosen,
-            "by": "validation score" if scored.scores else "preference order",
+            "by": ("preference order" if not scored.scores else "validation score" if choice.best_scored is None
+                   else f"validation score: repairs within segment.REPAIR_MARGIN of {choice.best_scored}"),
             "validation_scores": scored.scores,
             "params": None if choice.chosen == BASELINE else scored.params.get(choice.chosen, plain_params(seg)).to_dict(),
             "predicted_test_seconds": choice.predicted_test_seconds,
