@@ -388,3 +388,21 @@ def test_a_cpu_student_predicts_in_windows_twice_its_patch_unless_set() -> None:
     assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128, inference_patch=48), cpu)) == 48
     assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128), gpu)) == 128
     assert distill.window(distill.resolve(DistillConfig(arch="plain", patch=32), cpu)) == 32  # an explicit network is taken as set
+
+
+def test_later_weights_within_the_margin_of_the_best_score_are_kept() -> None:
+    """The schedule's later weights replace the kept ones unless they score more than LATER_WEIGHTS_MARGIN under the best
+    score so far (measured from the best, so a slow decline does not drift); the weights of step 0 only when beaten."""
+    state = distill.init_state(CFG, seed=0, device=CPU)
+    margin = distill.LATER_WEIGHTS_MARGIN
+    assert distill.keep_if_best(state, 0.80) == (True, True)  # step 0: the prior (or a start model)
+    state.step = 100
+    assert distill.keep_if_best(state, 0.80 - 1e-4) == (False, False)  # step 0's weights are replaced only when beaten
+    assert distill.keep_if_best(state, 0.81) == (True, True) and state.best["step"] == 100
+    state.step = 200
+    assert distill.keep_if_best(state, 0.81 - margin / 2) == (False, True) and (state.best["step"], state.best["top"]) == (200, 0.81)
+    state.step = 300
+    assert distill.keep_if_best(state, 0.81 - margin * 0.9) == (False, True)  # within the margin of the best, not of the kept weights
+    state.step = 400
+    assert distill.keep_if_best(state, 0.81 - margin * 1.1) == (False, False) and state.best["step"] == 300
+    assert torch.equal(distill.student_network(state).state_dict()[next(iter(state.best["weights"]))], next(iter(state.best["weights"].values())))

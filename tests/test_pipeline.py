@@ -668,7 +668,7 @@ def test_the_segmenter_choice_reuses_the_students_validation_maps(demo_data: Pat
     monkeypatch.setattr(sources, "sliding_window", lambda vol, *a, **k: calls.append(vol.shape) or original(vol, *a, **k))
     result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["search.max_epochs=1", "segment.method=student", "distill.teacher_input=false"])
     events = _events(tmp_path / "out" / "journal.jsonl")
-    best = [e["data"] for e in events if e["event"] == "DISTILLATION_VALIDATION" and e["data"]["improved"]][-1]
+    best = [e["data"] for e in events if e["event"] == "DISTILLATION_VALIDATION" and e["data"]["kept"]][-1]
     report = next(e["data"] for e in events if e["event"] == "VALIDATION_REPORT")
     assert best["scored"] == "network" and report["params"]["student"] and result.segmenter == "student"
     assert len(calls) == len(list((demo_data / "test_images").glob("*.tif")))  # none on the validation volumes
@@ -755,7 +755,7 @@ def test_predict_outside_a_run_and_exported_probabilities(reference: dict, demo_
     submitted = _masks(out / "submission.zip")[exported[0].name]
     assert outside.mask.any() and np.array_equal(outside.mask, submitted)
     first = next(e["data"] for e in _events(reference["out"] / "journal.jsonl") if e["event"] == "DISTILLATION_VALIDATION")
-    assert (first["step"], first["scored"], first["improved"]) == (0, "prior", True)  # the untrained student is the ensemble: the score to beat
+    assert (first["step"], first["scored"], first["improved"], first["kept"]) == (0, "prior", True, True)  # the untrained student is the ensemble: the score to beat
 
 
 def test_the_blend_is_the_mean_of_the_students_and_the_ensembles_maps(reference: dict, demo_data: Path, tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ class DistillationPhase:
         self._test_s_per_voxel = 0.0  # the student's test inference per voxel, its prior's cost apart: priced, then as last measured
         self._prior_seconds_per_voxel = 0.0
         self._validated_step: int | None = None  # the step whose weights this session validated last
-        self._best_maps: list[np.ndarray] | None = None  # the best weights' validation maps
+        self._best_maps: list[np.ndarray] | None = None  # the kept weights' validation maps
         self._saved: dict[str, Any] | None = None
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
@@ -360,10 +360,10 @@ class DistillationPhase:
         ctx.progress.set(self.name, student.step / max(1, student.schedule_steps or cfg.max_steps))
 
     def _validate(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, *, as_prior: bool = False, costs: StepCosts | None = None) -> None:
-        """Score the current weights by the competition metric on the validation volumes; keep them when best.
+        """Score the current weights by the competition metric on the validation volumes; keep them as :func:`~nx46vx.distill.keep_if_best` decides.
 
         The inference time measured here sizes the segmentation reserve (the student is the dearest segmenter);
-        the best weights' maps are kept for the segmenter choice.
+        the kept weights' maps are kept for the segmenter choice.
         ``as_prior``: the untrained student of ``distill.teacher_input`` (zero heads) predicts its prior, so the
         prior maps are scored instead of running the network (equal up to float rounding in the blend): the
         first best is the ensemble itself, and later weights are kept only when they beat it.
@@ -394,10 +394,10 @@ class DistillationPhase:
             costs.validation = governor.clock() - t0
             costs.extra += costs.validation
         score = float(np.mean(scores))
-        improved = distill.keep_if_best(student, score)
+        improved, kept = distill.keep_if_best(student, score)
         if not as_prior:
             self._validated_step = student.step
-        if improved:
+        if kept:
             self._best_maps = probs
-        ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "best_score": student.best["score"], "best_step": student.best["step"],
+        ctx.event("DISTILLATION_VALIDATION", self.name, {"step": student.step, "score": score, "improved": improved, "kept": kept, "best_score": student.best["score"], "best_step": student.best["step"],
                                                         "scored": "prior" if as_prior else "network"})
