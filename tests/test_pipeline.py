@@ -784,6 +784,36 @@ def test_the_blend_is_the_mean_of_the_students_and_the_ensembles_maps(reference:
         assert np.abs(np.round(mean * 255).astype(int) - exported).max() <= 1
 
 
+def test_the_reserve_holds_the_blends_test_volumes(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blend segments with the student and the ensemble: whenever the student's test volumes are priced into the reserve,
+    so are the blend's, at the student's cost plus the ensemble's measured on its validation maps; with the student as the
+    only segmenter allowed, the student's alone."""
+    from nx46vx.governor import Governor, VirtualClock
+
+    priced: list[tuple[str, float]] = []
+    measured = Governor.measured_volume_cost
+
+    def record(self: Governor, seconds_per_voxel: float, test_voxels: int, *, source: str) -> None:
+        priced.append((source, seconds_per_voxel))
+        measured(self, seconds_per_voxel, test_voxels, source=source)
+
+    monkeypatch.setattr(Governor, "measured_volume_cost", record)
+    overrides = FAST + ["distill.teacher_input=false", "budget.total_s=100000"]
+    clock = VirtualClock(tick=0.001, costs={"validation_volume": 2.0, "distill_step": 1.0})
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    val_ids = next(e["data"] for e in _events(tmp_path / "out" / "journal.jsonl") if e["event"] == "DATASET_DISCOVERY")["split"]["val_ids"]
+    val_voxels = sum(tifffile.imread(demo_data / "train_images" / f"{i}.tif").size for i in val_ids)
+    student = [s for source, s in priced if source == "student"]
+    blend = [s for source, s in priced if source == "blend"]
+    assert len(student) >= 3 and len(blend) == len(student) - 1  # the price before the ensemble's maps, then every measurement
+    ensemble_s = [b - s for s, b in zip(student[1:], blend)]
+    assert ensemble_s == pytest.approx([ensemble_s[0]] * len(ensemble_s))  # measured once, on its validation maps
+    assert ensemble_s[0] == pytest.approx(2.0 * len(val_ids) / val_voxels, rel=0.05)  # 2 s a validation volume (+ the clock's ticks)
+    priced.clear()
+    nx46vx.run([demo_data], output=tmp_path / "student", profile="demo", overrides=overrides + ["segment.method=student"], clock=VirtualClock(tick=0.001))
+    assert {source for source, _ in priced} == {"features", "student"}
+
+
 def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path) -> None:
     """A segmenter whose measured cost would not fit the budget left is not chosen; the journal says why."""
     result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["budget.reserve_safety=1e9", "budget.total_s=3600"])

@@ -217,7 +217,9 @@ class StudentMaps:
 
     ``pairs``: the training volumes its batches draw from; ``target_ids``: the ones the
     maps covered (stored with the student, replayed on resume); ``cut``: why the maps it
-    needs did not fit the time (it then does not train).
+    needs did not fit the time (it then does not train). ``ensemble_seconds_per_voxel``:
+    the ensemble teacher's validation maps' cost (0 without that teacher), the prior's
+    cost (``prior_seconds_per_voxel``) when the student takes it as an input.
     """
 
     targets: dict[str, np.ndarray]
@@ -227,6 +229,7 @@ class StudentMaps:
     pairs: list[TrainPair]
     prior_seconds_per_voxel: float = 0.0
     cut: str | None = None
+    ensemble_seconds_per_voxel: float = 0.0
 
 
 def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teacher], cfg: DistillConfig, *, budget: "MapsBudget | None",
@@ -239,21 +242,24 @@ def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teache
     an input of every patch), so a cut there is :attr:`StudentMaps.cut`.
     """
     state.teacher_val_probs = {}
-    prior_s = 0.0
+    ensemble_s = 0.0
     for teacher in teachers:
         probs, seconds_per_voxel = validation_probabilities(ctx, state, teacher.spec, teacher.predict, keep=True, fits=budget and budget.whole)
         state.teacher_val_probs[teacher.spec] = probs if probs and all(pr is not None for pr in probs) else None
-        if teacher.spec == ENSEMBLE and cfg.teacher_input:
-            prior_s = seconds_per_voxel
-            if probs is None:
-                return StudentMaps({}, {}, {}, [], [], prior_s, cut="the ensemble's validation maps (the student's prior input) did not fit")
+        if teacher.spec == ENSEMBLE:
+            ensemble_s = seconds_per_voxel
+            if cfg.teacher_input and probs is None:
+                return StudentMaps({}, {}, {}, [], [], ensemble_s, cut="the ensemble's validation maps (the student's prior input) did not fit",
+                                   ensemble_seconds_per_voxel=ensemble_s)
+    prior_s = ensemble_s if cfg.teacher_input else 0.0
     order = streams.generator(ctx.config.seed, streams.TEACHER_SUBSET).permutation(len(state.train_pairs))
     subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes] if replay is None or state.train_pairs[i].id in replay]
     targets, priors, coverage, visited = teacher_maps(ctx, state.volume_keys, teachers, subset, phase="distillation",
                                                       fits=budget and (budget.whole if cfg.teacher_input else budget.partial))
     # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
     # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
-    maps = StudentMaps(targets, priors, coverage, [p.id for p in subset[:visited]], subset if cfg.teacher_input else list(state.train_pairs), prior_s)
+    maps = StudentMaps(targets, priors, coverage, [p.id for p in subset[:visited]], subset if cfg.teacher_input else list(state.train_pairs), prior_s,
+                       ensemble_seconds_per_voxel=ensemble_s)
     if cfg.teacher_input and visited < len(subset):
         maps.cut = f"the ensemble's maps of {visited} of {len(subset)} training volumes fit (the prior needs every one)"
     elif cfg.teacher_input and sum(p.id in priors for p in subset) != len(state.train_pairs):

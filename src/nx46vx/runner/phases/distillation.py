@@ -22,7 +22,7 @@ from ...config import RunConfig
 from ...errors import DependencyError, ModelFolderError
 from ...metric import Truth, score_volume
 from ...patches import make_batch
-from ...segment import ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window, window_count
+from ...segment import BLEND, ENSEMBLE, STUDENT, plain_params, postprocess, sliding_window, window_count
 from ...student import architecture
 from ... import betti, topology
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
@@ -31,6 +31,7 @@ from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_ma
 from .base import digest, plain
 
 if TYPE_CHECKING:
+    from ...governor import Governor
     from ...nnunet import NnUNetModel
     from ...parallel import DataParallelTrainer
     from ..context import RunContext
@@ -93,6 +94,7 @@ class DistillationPhase:
         self._test_windows = 0  # the student's windows over the test volumes (flips included)
         self._test_s_per_voxel = 0.0  # the student's test inference per voxel, its prior's cost apart: priced, then as last measured
         self._prior_seconds_per_voxel = 0.0
+        self._blend_extra_s_per_voxel = 0.0  # the ensemble's pass the blend adds to the student's, when the blend may segment
         self._validated_step: int | None = None  # the step whose weights this session validated last
         self._best_maps: list[np.ndarray] | None = None  # the kept weights' validation maps
         self._saved: dict[str, Any] | None = None
@@ -199,7 +201,10 @@ class DistillationPhase:
             return self._skip_for_time(ctx, state, "no validation and step fit the phase's time left", predicted_validation_s=round(validation_s, 3))
         maps = student_maps(ctx, state, teachers, cfg, budget=budget, replay=replay)
         self._prior_seconds_per_voxel = maps.prior_seconds_per_voxel  # segmenting with the student computes the prior too
-        ctx.governor.measured_volume_cost(self._test_s_per_voxel + maps.prior_seconds_per_voxel, state.test_voxels, source=STUDENT)
+        # the blend segments with the student and the ensemble: the ensemble's pass on top, unless it is the prior already
+        blends = ctx.config.segment.method in ("auto", "blend") and unusable_ensemble(state) is None and not cfg.teacher_input
+        self._blend_extra_s_per_voxel = maps.ensemble_seconds_per_voxel if blends else 0.0
+        self._measured_test_cost(ctx.governor)
         if maps.cut is not None:
             return self._skip_for_time(ctx, state, maps.cut)
         self.target_ids, targets, priors, coverage, pairs = maps.target_ids, maps.targets, maps.priors, maps.coverage, maps.pairs
@@ -241,6 +246,14 @@ class DistillationPhase:
                                                        "predicted_validation_s": round(price.validation_s, 3), "reserve_s": round(governor.reserve(), 3),
                                                        "phase_time_left_s": _finite(governor.phase_time_left(self.name))})
         return price.validation_s
+
+    def _measured_test_cost(self, governor: "Governor") -> None:
+        """The student's test volumes at its latest measured cost join the reserve, and so do the blend's when it may segment
+        (``BLEND``: a blend that wins on validation but no longer fits is as lost as an excluded student)."""
+        student_s = self._test_s_per_voxel + self._prior_seconds_per_voxel
+        governor.measured_volume_cost(student_s, self._test_voxels, source=STUDENT)
+        if self._blend_extra_s_per_voxel > 0:
+            governor.measured_volume_cost(student_s + self._blend_extra_s_per_voxel, self._test_voxels, source=BLEND)
 
     def _skip_for_time(self, ctx: "RunContext", state: "RunState", why: str, **data: Any) -> dict[str, Any]:
         """Stop before training: what was planned did not fit (``DISTILLATION_SKIPPED``); a restored student stays saved as it was."""
@@ -389,7 +402,7 @@ class DistillationPhase:
             # a window costs the same however much of it a volume fills (an 80³ volume is one 96³ window): priced per window
             windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) for image, _, _ in val)
             self._test_s_per_voxel = inference_s / max(1, windows) * self._test_windows / max(1, self._test_voxels)
-            governor.measured_volume_cost(self._test_s_per_voxel + self._prior_seconds_per_voxel, self._test_voxels, source=STUDENT)
+            self._measured_test_cost(governor)
         if costs is not None:
             costs.validation = governor.clock() - t0
             costs.extra += costs.validation

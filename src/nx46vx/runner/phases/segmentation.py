@@ -189,11 +189,12 @@ class SegmentationPhase:
             ctx.event("TUNING_CUT", self.name, {"tried": cut, "grid": {k: scored.planned[k] for k in cut}})
 
     def _name_planning_failure(self, ctx: "RunContext", state: "RunState", record: dict[str, Any]) -> None:
-        """A trained student left out for time is a planning failure (its inference was reserved before it trained): ``PLANNING_FAILURE``."""
+        """A trained student, or the blend of it, left out for time is a planning failure (their inference was reserved before
+        the student trained): ``PLANNING_FAILURE``."""
         excluded = [n for n in (STUDENT, BLEND) if n in record["excluded_for_time"]]
-        if state.student is not None and state.student.step > 0 and STUDENT in excluded:
-            log.warning("planning failure: the trained student was excluded for time (%s)", excluded)
-            ctx.event("PLANNING_FAILURE", self.name, {"what": "a trained student excluded for time", "excluded": excluded,
+        if state.student is not None and state.student.step > 0 and excluded:
+            log.warning("planning failure: excluded for time with a trained student: %s", excluded)
+            ctx.event("PLANNING_FAILURE", self.name, {"what": "a trained student or its blend excluded for time", "excluded": excluded,
                                                       "predicted_test_seconds": {n: record["predicted_test_seconds"].get(n) for n in excluded},
                                                       "validation_cut_for_time": record["validation_cut_for_time"], "time_left_s": record["time_left_s"], **ctx.governor.state()})
 
