@@ -483,3 +483,27 @@ def test_an_extended_schedule_spreads_its_validations_from_the_step_it_was_exten
     assert after[0] == 281 + every and after[-1] == total and (total - 281) % every == 0  # evenly spread up to the end
     assert (total - 281) * 1.0 + len(after) * 20.0 <= 0.97 * governor.phase_time_left("distillation")
     assert distill.state_dict(student)["val_from"] == 281
+
+
+def test_settling_the_prefetcher_waits_for_the_batches_under_way() -> None:
+    """A validation times what sizes the reserve: :meth:`Prefetcher.settle` returns only once no batch is being made, and the
+    batches it waited for are the ones :meth:`Prefetcher.get` then returns (made once each)."""
+    import time
+
+    from nx46vx.runner.training_data import Prefetcher
+
+    made: list[int] = []
+
+    def make(step: int) -> dict[str, torch.Tensor]:
+        time.sleep(0.02)
+        made.append(step)
+        return {"step": torch.tensor(step)}
+
+    batches = Prefetcher(make, workers=2)
+    try:
+        assert int(batches.get(0)["step"]) == 0  # submits steps 0..4
+        batches.settle()
+        assert sorted(made) == [0, 1, 2, 3, 4] and all(future.done() for future in batches._pending.values())
+        assert [int(batches.get(step)["step"]) for step in (1, 2)] == [1, 2] and sorted(made)[:5] == [0, 1, 2, 3, 4]
+    finally:
+        batches.close()

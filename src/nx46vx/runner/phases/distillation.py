@@ -307,10 +307,19 @@ class DistillationPhase:
         stopped, costs = None, StepCosts(governor.clock(), validation=validation_s)
         self._validated_step = None
         trainer = data_parallel_trainer(ctx, student, cfg)
+
+        def validate() -> None:
+            batches.settle()  # it times the inference and the metric that size the reserve: not beside batches being made
+            self._validate(ctx, student, val, cfg, costs=costs)
+
+        def measure() -> None:
+            batches.settle()
+            self._measure(ctx, state, student, val, costs)
+
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
                 if student.schedule_steps is None:
-                    lay_out_schedule(ctx, self.name, student, cfg, costs, measure=lambda: self._measure(ctx, state, student, val, costs))
+                    lay_out_schedule(ctx, self.name, student, cfg, costs, measure=measure)
                     bar.total = student.schedule_steps
                     if student.schedule_steps is not None and student.step >= student.schedule_steps:
                         break
@@ -322,7 +331,7 @@ class DistillationPhase:
                     # not after a signal: that stop is immediate
                     if val and student.step > 0 and self._validated_step != student.step and governor.stop_reason is None \
                             and governor.elapsed() + costs.validation <= governor.phase_deadline(self.name):
-                        self._validate(ctx, student, val, cfg, costs=costs)
+                        validate()
                     ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
                     state.unfinished.append(self.name)
                     ctx.checkpointer.write("pretimeout_flush")
@@ -335,7 +344,7 @@ class DistillationPhase:
                 revised = revise_schedule(ctx, self.name, student, cfg, costs)  # a decision: stored by the checkpoint below
                 finished = student.schedule_steps is not None and student.step >= student.schedule_steps
                 if val and distill.validates_after(student, student.step, default_every=cfg.val_every):
-                    self._validate(ctx, student, val, cfg, costs=costs)
+                    validate()
                     # the validation re-measured the student's inference and the metric: the reserve may have shrunk
                     revised = extend_schedule(ctx, self.name, student, cfg, costs) or revised
                 if revised:
