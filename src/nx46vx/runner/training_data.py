@@ -224,8 +224,8 @@ class StudentMaps:
     ``pairs``: the training volumes its batches draw from; ``target_ids``: the ones the
     maps covered (stored with the student, replayed on resume); ``cut``: why the maps it
     needs did not fit the time (it then does not train). ``ensemble_seconds_per_voxel``:
-    the ensemble teacher's validation maps' cost (0 without that teacher), the prior's
-    cost (``prior_seconds_per_voxel``) when the student takes it as an input.
+    the ensemble teacher's validation maps' cost (0 without that teacher): the prior's
+    when the student takes it as an input, the blend's pass on top of the student's.
     """
 
     targets: dict[str, np.ndarray]
@@ -233,9 +233,8 @@ class StudentMaps:
     coverage: dict[str, float]
     target_ids: list[str]
     pairs: list[TrainPair]
-    prior_seconds_per_voxel: float = 0.0
-    cut: str | None = None
     ensemble_seconds_per_voxel: float = 0.0
+    cut: str | None = None
 
 
 def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teacher], cfg: DistillConfig, *, budget: "MapsBudget | None",
@@ -255,17 +254,14 @@ def student_maps(ctx: "RunContext", state: "RunState", teachers: Sequence[Teache
         if teacher.spec == ENSEMBLE:
             ensemble_s = seconds_per_voxel
             if cfg.teacher_input and probs is None:
-                return StudentMaps({}, {}, {}, [], [], ensemble_s, cut="the ensemble's validation maps (the student's prior input) did not fit",
-                                   ensemble_seconds_per_voxel=ensemble_s)
-    prior_s = ensemble_s if cfg.teacher_input else 0.0
+                return StudentMaps({}, {}, {}, [], [], ensemble_s, cut="the ensemble's validation maps (the student's prior input) did not fit")
     order = streams.generator(ctx.config.seed, streams.TEACHER_SUBSET).permutation(len(state.train_pairs))
     subset = [state.train_pairs[i] for i in order[: cfg.teacher_volumes] if replay is None or state.train_pairs[i].id in replay]
     targets, priors, coverage, visited = teacher_maps(ctx, state.volume_keys, teachers, subset, phase="distillation",
                                                       fits=budget and (budget.whole if cfg.teacher_input else budget.partial))
     # with the prior as an input every patch needs the ensemble's map: student_config only keeps the setting when the
     # maps cover every training volume, so the subset is all of them (in the seeded order the batches index)
-    maps = StudentMaps(targets, priors, coverage, [p.id for p in subset[:visited]], subset if cfg.teacher_input else list(state.train_pairs), prior_s,
-                       ensemble_seconds_per_voxel=ensemble_s)
+    maps = StudentMaps(targets, priors, coverage, [p.id for p in subset[:visited]], subset if cfg.teacher_input else list(state.train_pairs), ensemble_s)
     if cfg.teacher_input and visited < len(subset):
         maps.cut = f"the ensemble's maps of {visited} of {len(subset)} training volumes fit (the prior needs every one)"
     elif cfg.teacher_input and sum(p.id in priors for p in subset) != len(state.train_pairs):

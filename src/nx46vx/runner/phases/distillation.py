@@ -200,7 +200,7 @@ class DistillationPhase:
         if budget is not None and not budget.partial(0.0, 0):
             return self._skip_for_time(ctx, state, "no validation and step fit the phase's time left", predicted_validation_s=round(validation_s, 3))
         maps = student_maps(ctx, state, teachers, cfg, budget=budget, replay=replay)
-        self._prior_seconds_per_voxel = maps.prior_seconds_per_voxel  # segmenting with the student computes the prior too
+        self._prior_seconds_per_voxel = maps.ensemble_seconds_per_voxel if cfg.teacher_input else 0.0  # segmenting with the student computes the prior too
         # the blend segments with the student and the ensemble: the ensemble's pass on top, unless it is the prior already
         blends = ctx.config.segment.method in ("auto", "blend") and unusable_ensemble(state) is None and not cfg.teacher_input
         self._blend_extra_s_per_voxel = maps.ensemble_seconds_per_voxel if blends else 0.0
