@@ -658,6 +658,44 @@ def test_an_overrunning_student_schedule_stops_with_its_last_weights_validated(d
     assert end["steps"] == stopped_at and end["stopped"] == "phase_share"
 
 
+def test_a_stop_after_a_slow_validation_refits_the_schedule_when_the_next_one_frees_the_time(demo_data: Path, tmp_path: Path,
+                                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """One validation late in the schedule, in a slow spell (its inference 10 s a volume more), prices the student's test
+    volumes dear: the reserve grows and the deadline stops the steps before the schedule's end. The stop's own validation
+    re-measures the inference, the reserve shrinks, and the schedule is laid out again from that step over the time it
+    frees (stored by a checkpoint at once); the steps go on to the new end instead of stopping there."""
+    import importlib
+
+    from nx46vx.governor import VirtualClock
+
+    distillation = importlib.import_module("nx46vx.runner.phases.distillation")
+    window, validations, slow = distillation.sliding_window, [], []
+    clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
+
+    def slow_once(volume, *args, **kwargs):  # type: ignore[no-untyped-def]
+        validations.append(clock.now)
+        if clock.now >= 290.0 and len(slow) < 2:  # both volumes of the first validation after 290 s (of a ~390 s schedule)
+            slow.append(clock.now)
+            clock.now += 10.0
+        return window(volume, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "sliding_window", slow_once)
+    overrides = FAST + ["distill.steps=0", "distill.val_every=20", "budget.total_s=400", "budget.margin_s=5", "search.max_epochs=1"]
+    result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    assert clock.now < 400 and _masks(result.submission)
+    events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
+    names = [e["event"] for e in events]
+    steps = [e["data"]["step"] for e in events if e["event"] == "DISTILLATION_VALIDATION" and e["data"]["scored"] == "network"]
+    assert len(slow) == 2 and len(validations) == 2 * len(steps)  # the two volumes of one validation were slow
+    schedules = [e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE"]
+    assert "refitted" in [s["reason"] for s in schedules] and "PRETIMEOUT_FLUSH" not in names, [s["reason"] for s in schedules]
+    at = names.index("DISTILLATION_SCHEDULE", next(i for i, e in enumerate(events) if e["event"] == "DISTILLATION_SCHEDULE" and e["data"]["reason"] == "refitted") - 1)
+    assert names[at - 1] == "DISTILLATION_VALIDATION"  # refitted on what the stop's validation measured
+    assert names[at + 1] == "DISTILLATION_CHECKPOINT_WRITTEN" and events[at + 1]["data"]["step"] == events[at - 1]["data"]["step"]
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert (end["steps"], end["schedule_steps"], end["stopped"]) == (schedules[-1]["schedule_steps"],) * 2 + (None,)
+
+
 def test_the_segmenter_choice_reuses_the_students_validation_maps(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The best weights' maps from the last validation are what the choice tunes on: the student runs only on the test volumes."""
     import nx46vx.runner.sources as sources

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -454,6 +455,38 @@ def test_the_schedule_is_extended_only_when_more_steps_fit() -> None:
         assert not extend_schedule(ctx, "distillation", student, cfg, StepCosts(0.0, durations=[1.0] * 100, **changed))
     student.step = student.schedule_steps  # finished
     assert not extend_schedule(ctx, "distillation", student, cfg, costs)
+
+
+def test_a_refitted_schedule_may_be_shorter_and_needs_room_for_a_few_steps() -> None:
+    """:func:`refit_schedule` lays a schedule out again from this step over the time left, shorter than planned too (its
+    learning rate then anneals to the new end); never when fewer than :data:`EXTEND_MIN_SHARE` of it (two steps at least)
+    fit, never a restored schedule or one whose revision is due."""
+    from types import SimpleNamespace
+
+    from nx46vx.runner.schedule import EXTEND_MIN_SHARE, StepCosts, refit_schedule
+
+    clock = VirtualClock(tick=0.0)
+    governor = Governor(BudgetConfig(total_s=1000, margin_s=0, reserve_per_volume_s=100, reserve_safety=1.0, features_share=0.0, search_share=0.0),
+                        n_test=1, clock=clock)
+    governor.enter("distillation")
+    clock.now = 700.0
+    events: list[tuple] = []
+    ctx = SimpleNamespace(governor=governor, event=lambda *args: events.append(args))
+    cfg = SimpleNamespace(val_every=100, checkpoint_every=10**6)
+    student = SimpleNamespace(step=700, schedule_steps=960, val_every=100, val_from=0)
+    costs = StepCosts(0.0, validation=0.0, checkpoint=0.0, durations=[1.0] * 700, budgeted=True)
+    for changed in (dict(budgeted=False), dict(laid_out=5)):  # a restored schedule, a revision due
+        assert not refit_schedule(ctx, "distillation", student, cfg, dataclasses.replace(costs, **changed))
+    assert not events
+    # 200 s left at 1 s a step, 3 % of it spare: 194 more steps, 66 fewer than planned
+    assert refit_schedule(ctx, "distillation", student, cfg, costs)
+    assert student.schedule_steps == 894 and student.val_from == 700 and events[-1][2]["reason"] == "refitted"
+    # the least worth going on for: 2 % of 894 steps (17.88); 17 s left fit 16 steps, 19 s 18 (the deadline is at 900 s)
+    assert EXTEND_MIN_SHARE == 0.02
+    clock.now = student.step = 883
+    assert not refit_schedule(ctx, "distillation", student, cfg, costs) and student.schedule_steps == 894
+    clock.now = student.step = 881
+    assert refit_schedule(ctx, "distillation", student, cfg, costs) and student.schedule_steps == 881 + 18
 
 
 def test_an_extended_schedule_spreads_its_validations_from_the_step_it_was_extended_at() -> None:

@@ -1,9 +1,10 @@
 """The student's cost model (steps, validations, inference) and its budgeted learning-rate schedule (laid out after the
-warm-up, revised once, extended when the reserve shrinks, each decision journaled and stored).
+warm-up, revised once, extended when the reserve shrinks, refitted when a deadline stop was premature, each decision
+journaled and stored).
 
 Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
 the caller to measure one validation and one checkpoint and journals the decision,
-:func:`revise_schedule` and :func:`extend_schedule`, which journal theirs, and
+:func:`revise_schedule`, :func:`extend_schedule` and :func:`refit_schedule`, which journal theirs, and
 :func:`seconds_per_window`, which times the student's network once.
 """
 
@@ -133,6 +134,28 @@ def extend_schedule(ctx: "RunContext", phase: str, student: distill.DistillState
     if steps - student.schedule_steps < max(1.0, EXTEND_MIN_SHARE * student.schedule_steps):
         return False
     _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason="extended")
+    return True
+
+
+def refit_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
+    """After the deadline stopped the steps and the stop's validation re-measured the reserve, lay the schedule out again
+    from this step over the phase's time left when at least :data:`EXTEND_MIN_SHARE` of it (two steps at least) fits;
+    True when it did (the caller stores the decision and goes on training).
+
+    A validation in a slow spell prices the student's inference high: the reserve it grows
+    moves the deadline in, and the steps stop with the learning rate still high (a demo run
+    stopped at step 167 of 242 and ended 20 s early, after the stop's own validation had
+    re-measured the reserve smaller). The schedule may come out shorter than planned: its
+    learning rate then anneals to the new end. Only a schedule this session laid out on its
+    budget, not while the revision is due.
+    """
+    if not costs.budgeted or costs.laid_out is not None or student.schedule_steps is None or not costs.durations:
+        return False
+    step_s = float(np.median(costs.durations))
+    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s, origin=student.step)
+    if steps - student.step < max(2.0, EXTEND_MIN_SHARE * student.schedule_steps):
+        return False
+    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason="refitted")
     return True
 
 

@@ -26,7 +26,7 @@ from ...segment import BLEND, ENSEMBLE, STUDENT, plain_params, postprocess, slid
 from ...student import architecture
 from ... import betti, topology
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
-from ..schedule import MapsBudget, StepCosts, extend_schedule, lay_out_schedule, price_inference, revise_schedule
+from ..schedule import MapsBudget, StepCosts, extend_schedule, lay_out_schedule, price_inference, refit_schedule, revise_schedule
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
 
@@ -332,6 +332,11 @@ class DistillationPhase:
                     if val and student.step > 0 and self._validated_step != student.step and governor.stop_reason is None \
                             and governor.elapsed() + costs.validation <= governor.phase_deadline(self.name):
                         validate()
+                        # it re-measured the inference and the metric: a reserve grown by a slow spell may shrink and free steps again
+                        if governor.stop_reason is None and refit_schedule(ctx, self.name, student, cfg, costs):
+                            stopped, bar.total = None, student.schedule_steps
+                            self._checkpoint(ctx, student, costs)  # the decision is stored with the step it was made after
+                            continue
                     ctx.event("PRETIMEOUT_FLUSH", self.name, {"distill_step": student.step, "reason": stopped, **governor.state()})
                     state.unfinished.append(self.name)
                     ctx.checkpointer.write("pretimeout_flush")
