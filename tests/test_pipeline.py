@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -569,23 +571,56 @@ def test_the_schedule_is_revised_once_on_the_steps_after_the_warm_up(demo_data: 
     assert saved["student"]["schedule_steps"] == revised["schedule_steps"]
 
 
-def test_the_schedule_is_extended_when_a_validation_shrinks_the_reserve(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The student's test inference is priced at 40 s before it trains (a hiccup): the schedule is laid out short. Its first
-    validation measures the inference anew, the price is replaced, the reserve shrinks, and the schedule is extended over
-    the time it frees; the extension is stored by a checkpoint at once and trained to its end, and the segmenter choice
-    prices the student as last measured."""
+def _dear_price(price: Callable[..., Any], *, test_s: float) -> Callable[..., Any]:
+    """:func:`~nx46vx.runner.schedule.price_inference` with the student's window priced so that its test volumes take ``test_s``."""
+
+    def dear(ctx, state, student, cfg, val_shapes):  # type: ignore[no-untyped-def]
+        priced = price(ctx, state, student, cfg, val_shapes)
+        return dataclasses.replace(priced, window_s=test_s / max(1, priced.test_windows), test_s_per_voxel=test_s / max(1, state.test_voxels))
+
+    return dear
+
+
+def test_a_window_timed_cheaper_before_the_schedule_replaces_the_price_before_training(demo_data: Path, tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's test inference is priced at 40 s before it trains (a slow spell); its window timed again when the schedule
+    is laid out costs what it does: the lower price replaces it in the reserve before the schedule is laid out on it, which
+    then fills the time without an extension."""
     import importlib
 
     from nx46vx.governor import VirtualClock
 
     distillation = importlib.import_module("nx46vx.runner.phases.distillation")
-    price = distillation.price_inference
+    monkeypatch.setattr(distillation, "price_inference", _dear_price(distillation.price_inference, test_s=40.0))
+    clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
+    overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = [e for e in _events(tmp_path / "out" / "journal.jsonl") if e["phase"] == "distillation"]
+    names = [e["event"] for e in events]
+    priced = next(e["data"] for e in events if e["event"] == "DISTILLATION_INFERENCE")
+    retimed = next(e["data"] for e in events if e["event"] == "DISTILLATION_INFERENCE_RETIMED")
+    assert priced["predicted_test_s"] == pytest.approx(40.0) and retimed["seconds_per_window"] < retimed["held_seconds_per_window"]
+    assert retimed["reserve_s"] < priced["reserve_s"] - 40.0  # 40 s × the 1.3 safety, less the few the re-timed window costs
+    assert names.index("DISTILLATION_INFERENCE_RETIMED") < names.index("DISTILLATION_SCHEDULE")  # laid out on the lower price
+    schedules = [e["data"] for e in events if e["event"] == "DISTILLATION_SCHEDULE"]
+    assert [s["reason"] for s in schedules] == ["budget", "revised"]
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert (end["steps"], end["schedule_steps"], end["stopped"]) == (schedules[-1]["schedule_steps"],) * 2 + (None,)
+    assert schedules[0]["time_left_s"] > priced["phase_time_left_s"] + 40.0  # the time the dear price held went to the steps
 
-    def dear(ctx, state, student, cfg, val_shapes):  # type: ignore[no-untyped-def]
-        priced = price(ctx, state, student, cfg, val_shapes)
-        return dataclasses.replace(priced, test_s_per_voxel=40.0 / max(1, state.test_voxels))
 
-    monkeypatch.setattr(distillation, "price_inference", dear)
+def test_the_schedule_is_extended_when_a_validation_shrinks_the_reserve(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's test inference is priced at 40 s before it trains, and its window timed again before the schedule is
+    laid out is no cheaper (a slow spell): the schedule is laid out short. Its first validation measures the inference
+    anew, the price is replaced, the reserve shrinks, and the schedule is extended over the time it frees; the extension is
+    stored by a checkpoint at once and trained to its end, and the segmenter choice prices the student as last measured."""
+    import importlib
+
+    from nx46vx.governor import VirtualClock
+
+    distillation = importlib.import_module("nx46vx.runner.phases.distillation")
+    monkeypatch.setattr(distillation, "price_inference", _dear_price(distillation.price_inference, test_s=40.0))
+    monkeypatch.setattr(distillation, "seconds_per_window", lambda *_a, **_k: math.inf)
     clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
     overrides = FAST + ["distill.steps=0", "distill.val_every=20", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
     nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)

@@ -5,7 +5,7 @@ journaled and stored).
 Pure arithmetic on measured seconds, apart from :func:`lay_out_schedule`, which asks
 the caller to measure one validation and one checkpoint and journals the decision,
 :func:`revise_schedule`, :func:`extend_schedule` and :func:`refit_schedule`, which journal theirs, and
-:func:`seconds_per_window`, which times the student's network once.
+:func:`seconds_per_window`, which times the student's network.
 """
 
 from __future__ import annotations
@@ -199,14 +199,15 @@ def _set(ctx: "RunContext", phase: str, student: distill.DistillState, costs: St
                                                "val_every": every, "val_from": origin, "time_left_s": round(left, 3)})
 
 
-def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> float:
+def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: Any, *, warm_up: bool = True) -> float:
     """Seconds :func:`~nx46vx.segment.sliding_window` takes per window of the student's network, timed now on one batch of windows.
 
     Before a step is trained, this prices the student's validations and its test
     inference: a row of ``segment.window_batch`` overlapping windows is normalised, run
     and blended as the test volumes' are (one forward pass; a window run alone costs
     more per window). Eval mode without gradients: the weights and every random stream
-    are left as they were.
+    are left as they were. ``warm_up``: run the row once untimed first (the first call
+    pays one-off allocations; a network already timed this way need not).
     """
     seg, patch = ctx.config.segment, distill.window(cfg)
     windows = max(1, seg.window_batch)
@@ -215,7 +216,8 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
     network = student.network.eval()
     run = lambda: sliding_window(row, network, patch=patch, overlap=seg.overlap, device=ctx.distill_device, batch=windows, prior=prior,  # noqa: E731
                                 intensity=student.intensity)
-    run()  # the first call pays one-off allocations
+    if warm_up:
+        run()
     t0 = ctx.governor.clock()
     run()
     return (ctx.governor.clock() - t0) / window_count(row.shape, patch=patch, overlap=seg.overlap, flip_tta=False)

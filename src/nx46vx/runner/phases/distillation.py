@@ -26,7 +26,7 @@ from ...segment import BLEND, ENSEMBLE, STUDENT, plain_params, postprocess, slid
 from ...student import architecture
 from ... import betti, topology
 from ..sources import search_probability, student_config, unusable_ensemble, validation_truths, validation_volumes
-from ..schedule import MapsBudget, StepCosts, extend_schedule, lay_out_schedule, price_inference, refit_schedule, revise_schedule
+from ..schedule import MapsBudget, StepCosts, extend_schedule, lay_out_schedule, price_inference, refit_schedule, revise_schedule, seconds_per_window
 from ..training_data import Prefetcher, VolumeCache, agreement_probe, student_maps
 from .base import digest, plain
 
@@ -92,7 +92,7 @@ class DistillationPhase:
         self.target_ids: list[str] = []  # the training volumes the teachers' maps covered: replayed with the student
         self._test_voxels = 0
         self._test_windows = 0  # the student's windows over the test volumes (flips included)
-        self._test_s_per_voxel = 0.0  # the student's test inference per voxel, its prior's cost apart: priced, then as last measured
+        self._window_s = 0.0  # the student's seconds per window (its prior's cost apart): priced, then as last measured
         self._prior_seconds_per_voxel = 0.0
         self._blend_extra_s_per_voxel = 0.0  # the ensemble's pass the blend adds to the student's, when the blend may segment
         self._validated_step: int | None = None  # the step whose weights this session validated last
@@ -238,7 +238,7 @@ class DistillationPhase:
         after the first one it overran)."""
         governor = ctx.governor
         price = price_inference(ctx, state, student, cfg, [image.shape for image, _ in val[: cfg.val_volumes]])
-        self._test_voxels, self._test_windows, self._test_s_per_voxel = state.test_voxels, price.test_windows, price.test_s_per_voxel
+        self._test_voxels, self._test_windows, self._window_s = state.test_voxels, price.test_windows, price.window_s
         if len(val[: cfg.val_volumes]) == len(val) and not ctx.config.segment.flip_tta:
             governor.n_val = 0  # the choice tunes on the student's maps from its last validation: none is made again
         governor.measured_volume_cost(price.test_s_per_voxel, state.test_voxels, source=STUDENT)
@@ -246,6 +246,11 @@ class DistillationPhase:
                                                        "predicted_validation_s": round(price.validation_s, 3), "reserve_s": round(governor.reserve(), 3),
                                                        "phase_time_left_s": _finite(governor.phase_time_left(self.name))})
         return price.validation_s
+
+    @property
+    def _test_s_per_voxel(self) -> float:
+        """The student's test inference per voxel (its prior's cost apart; flips counted in its windows)."""
+        return self._window_s * self._test_windows / max(1, self._test_voxels)
 
     def _measured_test_cost(self, governor: "Governor") -> None:
         """The student's test volumes at its latest measured cost join the reserve, and so do the blend's when it may segment
@@ -263,11 +268,14 @@ class DistillationPhase:
         self.student = state.student = None
         return {"skipped": why}
 
-    def _measure(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, val: list[Validation], costs: StepCosts) -> None:
-        """A checkpoint, and a post-processing grid point timed on the ensemble teacher's validation maps, now: their seconds size the
-        schedule (``costs``) and the tuning reserve (the metric's cost per voxel, until then the configured guess, also reprices a validation;
-        with ``segment.repair_tunnels`` the tunnel repair's, on the same masks, which the test volumes pay too)."""
+    def _measure(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, val: list[Validation], cfg: Any, costs: StepCosts) -> None:
+        """A checkpoint, the student's window timed again (:meth:`_retime_window`), and a post-processing grid point timed on the ensemble
+        teacher's validation maps, now: their seconds size the schedule (``costs``) and the tuning reserve (the metric's cost per voxel,
+        until then the configured guess, also reprices a validation; with ``segment.repair_tunnels`` the tunnel repair's, on the same
+        masks, which the test volumes pay too)."""
         self._checkpoint(ctx, student, costs)
+        if val:
+            self._retime_window(ctx, student, val, cfg, costs)
         maps, governor, seg = state.teacher_val_probs.get(ENSEMBLE), ctx.governor, ctx.config.segment
         truths = validation_truths(ctx, state) if maps else []
         if not maps or len(maps) != len(truths):
@@ -279,13 +287,34 @@ class DistillationPhase:
         for mask, truth in zip(masks, truths):
             score_volume(mask, truth)
         governor.measured_score_cost((governor.clock() - t0) / voxels)
-        costs.validation += (governor.score_s_per_voxel - before) * sum(image.size for image, _, _ in val)
+        costs.validation = max(0.0, costs.validation + (governor.score_s_per_voxel - before) * sum(image.size for image, _, _ in val))
         if seg.repair_tunnels:
             topology.compile_kernels()  # untimed, as the metric's
             t0 = governor.clock()
             for prob, mask in zip(maps, masks):
                 topology.repair_tunnels(prob, mask, max_film=seg.tunnel_film_voxels)
             governor.measured_repair_cost((governor.clock() - t0) / voxels)
+
+    def _retime_window(self, ctx: "RunContext", student: distill.DistillState, val: list[Validation], cfg: Any, costs: StepCosts) -> None:
+        """Time the student's window once more before the schedule is laid out; a lower price than the one holding replaces it, in
+        the test volumes' reserve and in a validation's price (``DISTILLATION_INFERENCE_RETIMED``).
+
+        One timing before any step prices the reserve the schedule is laid out on, and with a
+        single validation planned (at its end) nothing measures it again in time: a demo run
+        priced the window at 1.57 s (its validation and test volumes then took ~1.1 s a window),
+        and its training ended 17 s before a deadline the validation had moved out. The lower of
+        two timings holds (a slow spell only adds); every validation measures the inference anew.
+        """
+        window_s = seconds_per_window(ctx, student, cfg, warm_up=False)  # the first price ran it already
+        held_s = self._window_s
+        if window_s >= held_s:
+            return
+        windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=ctx.config.segment.overlap, flip_tta=False) for image, _, _ in val)
+        costs.validation = max(0.0, costs.validation - (held_s - window_s) * windows)
+        self._window_s = window_s
+        self._measured_test_cost(ctx.governor)
+        ctx.event("DISTILLATION_INFERENCE_RETIMED", self.name, {"seconds_per_window": round(window_s, 6), "held_seconds_per_window": round(held_s, 6),
+                                                               "predicted_validation_s": round(costs.validation, 3), "reserve_s": round(ctx.governor.reserve(), 3)})
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any, *,
                validation_s: float) -> str | None:
@@ -314,7 +343,7 @@ class DistillationPhase:
 
         def measure() -> None:
             batches.settle()
-            self._measure(ctx, state, student, val, costs)
+            self._measure(ctx, state, student, val, cfg, costs)
 
         try:
             while student.schedule_steps is None or student.step < student.schedule_steps:
@@ -415,7 +444,7 @@ class DistillationPhase:
         if not as_prior:
             # a window costs the same however much of it a volume fills (an 80³ volume is one 96³ window): priced per window
             windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) for image, _, _ in val)
-            self._test_s_per_voxel = inference_s / max(1, windows) * self._test_windows / max(1, self._test_voxels)
+            self._window_s = inference_s / max(1, windows)
             self._measured_test_cost(governor)
         if costs is not None:
             costs.validation = governor.clock() - t0
