@@ -571,6 +571,29 @@ def test_the_schedule_is_revised_once_on_the_steps_after_the_warm_up(demo_data: 
     assert saved["student"]["schedule_steps"] == revised["schedule_steps"]
 
 
+def test_the_agreement_probe_after_the_last_step_is_set_aside(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student's agreement with its teacher is probed before its first step and after its last: timed at 15 s the first
+    time, the second probe is planned for like the last validation, and the segmentation starts within the training deadline."""
+    from nx46vx import distill
+    from nx46vx.governor import VirtualClock
+
+    clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
+    agreement = distill.agreement
+
+    def slow(student, probe):  # type: ignore[no-untyped-def]
+        clock.now += 15.0
+        return agreement(student, probe)
+
+    monkeypatch.setattr(distill, "agreement", slow)
+    overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = _events(tmp_path / "out" / "journal.jsonl")
+    end = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")
+    assert end["agreement_probe_s"] >= 15.0 and end["agreement_after"] is not None and end["stopped"] is None
+    segmentation = next(e["data"] for e in events if e["event"] == "TIME_BUDGET_STATE" and e["phase"] == "segmentation")
+    assert segmentation["elapsed_s"] <= segmentation["training_deadline_s"]
+
+
 def _dear_price(price: Callable[..., Any], *, test_s: float) -> Callable[..., Any]:
     """:func:`~nx46vx.runner.schedule.price_inference` with the student's window priced so that its test volumes take ``test_s``."""
 

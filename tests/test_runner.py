@@ -487,6 +487,9 @@ def test_a_refitted_schedule_may_be_shorter_and_needs_room_for_a_few_steps() -> 
     assert not refit_schedule(ctx, "distillation", student, cfg, costs) and student.schedule_steps == 894
     clock.now = student.step = 881
     assert refit_schedule(ctx, "distillation", student, cfg, costs) and student.schedule_steps == 881 + 18
+    # the closing work after the last step (the agreement probe) is set aside like the last validation: 5 s, 5 steps fewer
+    clock.now = student.step = 700
+    assert refit_schedule(ctx, "distillation", student, cfg, dataclasses.replace(costs, closing=5.0)) and student.schedule_steps == 894 - 5
 
 
 def test_an_extended_schedule_spreads_its_validations_from_the_step_it_was_extended_at() -> None:

@@ -38,8 +38,8 @@ class StepCosts:
 
     A validation or a checkpoint costs far more than a step (a GPU student's
     checkpoint is ~1 GB): the check before a step adds a checkpoint (the pre-timeout
-    flush writes one in any case) and a validation (the weights trained last are
-    scored before any stop) to the step itself, instead of their average.
+    flush writes one in any case), a validation (the weights trained last are
+    scored before any stop) and the closing work to the step itself, instead of their average.
     """
 
     started: float
@@ -47,6 +47,7 @@ class StepCosts:
     extra: float = 0.0  # validation and checkpoint seconds since ``started``
     validation: float = 0.0
     checkpoint: float = 0.0
+    closing: float = 0.0  # what runs after the last step besides its validation and checkpoint: the agreement probe
     durations: list[float] = dataclasses.field(default_factory=list)  # each step's seconds, its batch included
     laid_out: int | None = None  # the steps of this session timed before it laid the schedule out (None: no revision due)
     budgeted: bool = False  # this session laid the schedule out on its budget (a restored or fixed schedule is kept)
@@ -182,7 +183,7 @@ def _fit(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any,
     validation_s, checkpoint_s = costs.validation, costs.checkpoint
     left = ctx.governor.phase_time_left(phase)
     # the validation and checkpoint after the last step run whatever the spacing: their time is set aside
-    seconds = (1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s
+    seconds = (1.0 - SCHEDULE_SPARE) * left - validation_s - checkpoint_s - costs.closing
     fit = lambda every: steps_that_fit(seconds, done=student.step, step_s=step_s, every=((every, validation_s, origin), (cfg.checkpoint_every, checkpoint_s, 0)))  # noqa: E731
     every = max(cfg.val_every, math.ceil(validation_s / (VALIDATION_SHARE * step_s)))
     span = student.step + max(1, fit(every)) - origin

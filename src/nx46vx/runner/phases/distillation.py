@@ -214,11 +214,14 @@ class DistillationPhase:
         val_priors = state.teacher_val_probs.get(ENSEMBLE) if cfg.teacher_input else None
         self.prior = ensemble_prior(ctx, state) if cfg.teacher_input else None
         probe = agreement_probe(ctx, state, val, teachers, cfg, val_priors, intensity=student.intensity)
+        t0 = ctx.governor.clock()
         before = distill.agreement(student, probe) if probe is not None else None
+        # the probe runs again after the last step: a kaggle-train run's took ~1.2 s after its deadline, and the blend missed its time by 0.2 s
+        probe_s = ctx.governor.clock() - t0 if probe is not None else 0.0
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
         validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
         self._best_maps = None
-        stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0)
+        stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0, closing_s=probe_s)
         if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:
             # the segmenter choice scores the same maps (not computed twice) at the latest price: it does not depend on the weights
             state.validation_probs[STUDENT] = (self._best_maps, self._test_s_per_voxel + self._prior_seconds_per_voxel)
@@ -228,7 +231,8 @@ class DistillationPhase:
         after = distill.agreement(student, probe) if probe is not None else None
         best = student.best or {}
         ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage, "train_volumes": len(pairs),
-                                                 "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads})
+                                                 "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads,
+                                                 "agreement_probe_s": round(probe_s, 3)})
         return {"steps": student.step}
 
     def _reserve_inference(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, cfg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -317,10 +321,10 @@ class DistillationPhase:
                                                                "predicted_validation_s": round(costs.validation, 3), "reserve_s": round(ctx.governor.reserve(), 3)})
 
     def _steps(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, volumes: VolumeCache, val: list[Validation], cfg: Any, *,
-               validation_s: float) -> str | None:
+               validation_s: float, closing_s: float) -> str | None:
         """Optimiser steps until the schedule ends or the governor stops them; returns the stop reason (None when finished).
 
-        ``validation_s`` prices a validation until one is measured."""
+        ``validation_s`` prices a validation until one is measured; ``closing_s`` what runs after the last step besides it."""
         governor = ctx.governor
         make = lambda step: make_batch(volumes, len(volumes), step, seed=ctx.config.seed, batch=cfg.batch, patch=cfg.patch,  # noqa: E731
                                        positive_fraction=cfg.positive_fraction, augmentations=cfg.augment, skeleton=cfg.skeleton_weight > 0, prior=cfg.teacher_input)
@@ -333,7 +337,7 @@ class DistillationPhase:
                 self._validate(ctx, student, val, cfg, as_prior=True)
             elif cfg.init:  # the untrained student is the nnU-Net model: fine-tuning keeps only weights that beat it
                 self._validate(ctx, student, val, cfg)
-        stopped, costs = None, StepCosts(governor.clock(), validation=validation_s)
+        stopped, costs = None, StepCosts(governor.clock(), validation=validation_s, closing=closing_s)
         self._validated_step = None
         trainer = data_parallel_trainer(ctx, student, cfg)
 
@@ -354,7 +358,7 @@ class DistillationPhase:
                         break
                 # a step is taken only when a validation still fits after it: whenever the loop stops, the weights it
                 # trained last are scored (segmentation uses the best validated ones)
-                need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if val else 0.0)
+                need = costs.step_s(governor.clock()) + costs.checkpoint + (costs.validation if val else 0.0) + costs.closing
                 if governor.phase_should_stop(self.name) or governor.elapsed() + need > governor.phase_deadline(self.name):
                     stopped = governor.stop_reason or "phase_share"
                     # not after a signal: that stop is immediate
