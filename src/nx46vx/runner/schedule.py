@@ -127,15 +127,10 @@ def extend_schedule(ctx: "RunContext", phase: str, student: distill.DistillState
     still far off. Never shorter (an overrunning schedule is stopped by the deadline, its last
     weights validated), not while the revision is due, and only a schedule this session laid out on its budget.
     """
-    if not costs.budgeted or costs.laid_out is not None or student.schedule_steps is None or student.step >= student.schedule_steps:
+    if student.schedule_steps is None or student.step >= student.schedule_steps:
         return False
-    step_s = float(np.median(costs.durations))
-    # the student was validated at this step: the validations are spread anew from it
-    steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s, origin=student.step)
-    if steps - student.schedule_steps < max(1.0, EXTEND_MIN_SHARE * student.schedule_steps):
-        return False
-    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason="extended")
-    return True
+    return _lay_out_from_here(ctx, phase, student, cfg, costs, reason="extended", beyond=student.schedule_steps,
+                              least=max(1.0, EXTEND_MIN_SHARE * student.schedule_steps))
 
 
 def refit_schedule(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts) -> bool:
@@ -150,13 +145,24 @@ def refit_schedule(ctx: "RunContext", phase: str, student: distill.DistillState,
     learning rate then anneals to the new end. Only a schedule this session laid out on its
     budget, not while the revision is due.
     """
-    if not costs.budgeted or costs.laid_out is not None or student.schedule_steps is None or not costs.durations:
+    if student.schedule_steps is None:
+        return False
+    return _lay_out_from_here(ctx, phase, student, cfg, costs, reason="refitted", beyond=student.step,
+                              least=max(2.0, EXTEND_MIN_SHARE * student.schedule_steps))
+
+
+def _lay_out_from_here(ctx: "RunContext", phase: str, student: distill.DistillState, cfg: Any, costs: StepCosts, *, reason: str,
+                       beyond: int, least: float) -> bool:
+    """Lay a schedule this session laid out on its budget out again from this step (the student was validated at it: the
+    validations are spread anew from it) when it then ends at least ``least`` steps after step ``beyond``, never while the
+    revision is due; True when it did."""
+    if not costs.budgeted or costs.laid_out is not None or not costs.durations:
         return False
     step_s = float(np.median(costs.durations))
     steps, every, left = _fit(ctx, phase, student, cfg, costs, step_s=step_s, origin=student.step)
-    if steps - student.step < max(2.0, EXTEND_MIN_SHARE * student.schedule_steps):
+    if steps - beyond < least:
         return False
-    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason="refitted")
+    _set(ctx, phase, student, costs, steps=steps, every=every, origin=student.step, step_s=step_s, left=left, reason=reason)
     return True
 
 
