@@ -53,6 +53,11 @@ def _finite(seconds: float) -> float | None:
     return None if seconds == float("inf") else round(seconds, 3)
 
 
+def _validation_windows(ctx: "RunContext", cfg: Any, val: list[Validation]) -> int:
+    """The student's sliding windows over the validation volumes (no flips): what a validation's inference is priced per."""
+    return sum(window_count(image.shape, patch=distill.window(cfg), overlap=ctx.config.segment.overlap, flip_tta=False) for image, _, _ in val)
+
+
 def data_parallel_trainer(ctx: "RunContext", student: distill.DistillState, cfg: Any) -> "DataParallelTrainer | None":
     """Helper processes for data-parallel training when more than one process is set or GPU visible (``DISTILLATION_PARALLEL``)."""
     from ...parallel import DataParallelTrainer, world_size
@@ -313,7 +318,7 @@ class DistillationPhase:
         held_s = self._window_s
         if window_s >= held_s:
             return
-        windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=ctx.config.segment.overlap, flip_tta=False) for image, _, _ in val)
+        windows = _validation_windows(ctx, cfg, val)
         costs.validation = max(0.0, costs.validation - (held_s - window_s) * windows)
         self._window_s = window_s
         self._measured_test_cost(ctx.governor)
@@ -447,8 +452,7 @@ class DistillationPhase:
         governor.measured_score_cost(scoring_s / voxels)
         if not as_prior:
             # a window costs the same however much of it a volume fills (an 80³ volume is one 96³ window): priced per window
-            windows = sum(window_count(image.shape, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=False) for image, _, _ in val)
-            self._window_s = inference_s / max(1, windows)
+            self._window_s = inference_s / max(1, _validation_windows(ctx, cfg, val))
             self._measured_test_cost(governor)
         if costs is not None:
             costs.validation = governor.clock() - t0
