@@ -36,7 +36,7 @@ import torch
 from nx46vx import distill
 from nx46vx.config import load_config
 from nx46vx.patches import TrainVolume, foreground_sample, make_batch
-from nx46vx.segment import normalised, sliding_window
+from nx46vx.segment import normalised, sliding_window, windows_per_pass
 from nx46vx.synthetic import make_competition, make_volume
 
 #: What ``--smoke`` sets on top of ``kaggle-train``: a ResEnc student small enough for a CPU.
@@ -102,7 +102,7 @@ def inference_seconds(overrides: list[str], *, size: int) -> dict:
     cfg = distill.resolve(config.distill, device)
     network = distill.student_network(distill.init_state(cfg, seed=0, device=device))
     volume = make_volume((size, size, size), np.random.default_rng(1), style="real").image
-    window, batch = distill.window(cfg), config.segment.window_batch
+    window, batch = distill.window(cfg), windows_per_pass(config.segment.window_batch, device)
     out: dict = {"window": window, "overlap": config.segment.overlap, "window_batch": batch}
     sliding_window(volume[:window, :window, :window], network, patch=window, device=device, batch=batch)  # warm-up
     for tta in (False, True):

@@ -16,7 +16,7 @@ from nx46vx.config import AUGMENTATIONS, DistillConfig, SegmentConfig
 from nx46vx.errors import DistillationNotExecuted
 from nx46vx.patches import TrainVolume, foreground_sample, make_batch
 from nx46vx.metric import betti_numbers, score_volume
-from nx46vx.segment import PostParams, blend, normalised, plug_holes, plain_params, postprocess, postprocess_grid, short_grid, sliding_window, tune_postprocess
+from nx46vx.segment import PostParams, blend, normalised, plug_holes, plain_params, postprocess, postprocess_grid, short_grid, sliding_window, tune_postprocess, windows_per_pass
 from nx46vx.synthetic import make_volume, write_tiff
 from nx46vx.volumes import file_sha256
 
@@ -336,7 +336,8 @@ def test_the_student_learns_thin_surfaces_on_scroll_data() -> None:
 
 
 def test_window_batch_is_a_setting_not_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The windows per pass come from ``segment.window_batch`` (default 4), whatever memory is free at the moment."""
+    """The windows per pass come from ``segment.window_batch`` (default 0: one on a CPU, four on an accelerator), whatever
+    memory is free at the moment."""
     from nx46vx import telemetry
     from nx46vx.config import load_config
     from nx46vx.errors import ConfigError
@@ -354,14 +355,21 @@ def test_window_batch_is_a_setting_not_the_free_memory(monkeypatch: pytest.Monke
         monkeypatch.setattr(telemetry, "free_memory", lambda _device, free=free: free)
         monkeypatch.setattr("nx46vx.segment.free_memory", lambda _device, free=free: free, raising=False)
         seen.clear()
-        maps.append(sliding_window(vol, Counting(), patch=16, overlap=0.5))
+        maps.append(sliding_window(vol, Counting(), patch=16, overlap=0.5, batch=4))
         assert max(seen) == 4 and sum(seen) == 4 * 4 * 2, free  # 4 × 4 × 2 windows of 16 at stride 8, four per pass
-    assert np.array_equal(*maps)
+    seen.clear()
+    maps.append(sliding_window(vol, Counting(), patch=16, overlap=0.5))  # the default on a CPU: one window per pass
+    assert seen == [1] * (4 * 4 * 2)
+    assert np.array_equal(maps[0], maps[1]) and np.array_equal(maps[0], maps[2])
+    for profile in ("demo", "kaggle-train", "kaggle-submit"):
+        assert load_config(profile).segment.window_batch == 0, profile
+    assert [windows_per_pass(0, torch.device(kind)) for kind in ("cpu", "cuda")] == [1, 4]
+    assert windows_per_pass(2, torch.device("cuda")) == windows_per_pass(2, torch.device("cpu")) == 2
     assert load_config("demo", overrides=["segment.window_batch=2"]).segment.window_batch == 2
     with pytest.raises(ConfigError, match="segment.window_batch"):
-        load_config("demo", overrides=["segment.window_batch=0"])
-    with pytest.raises(ValueError, match="at least 1"):
-        sliding_window(vol, Counting(), patch=16, batch=0)
+        load_config("demo", overrides=["segment.window_batch=-1"])
+    with pytest.raises(ValueError, match="0 \\(by device\\) or more"):
+        sliding_window(vol, Counting(), patch=16, batch=-1)
 
 
 def test_a_source_after_the_first_is_tuned_on_the_plain_point_and_the_leaders() -> None:

@@ -202,7 +202,9 @@ class SegmentConfig:
     ``export_probabilities`` also writes ``probabilities/<id>.tif`` (uint8, p·255)
     beside the submission, for blending with other notebooks. ``window_batch``: the
     windows per forward pass of sliding-window inference (a setting, not derived from
-    the free memory, so that the maps do not depend on the machine's state).
+    the free memory, so that the maps do not depend on the machine's state); 0 = by
+    device: one on a CPU, where a batch costs more per window, four on a GPU
+    (:func:`nx46vx.segment.windows_per_pass`).
     """
 
     method: str = "auto"
@@ -217,7 +219,7 @@ class SegmentConfig:
     repair_tunnels: bool = True
     tunnel_film_voxels: int = 32
     export_probabilities: bool = False
-    window_batch: int = 4
+    window_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -551,7 +553,7 @@ RANGES: dict[str, Range] = {
     "segment.validation_volumes": NON_NEGATIVE,
     "segment.plug_holes_voxels": NON_NEGATIVE,
     "segment.tunnel_film_voxels": NON_NEGATIVE,
-    "segment.window_batch": _r(1, 256),
+    "segment.window_batch": _r(0, 256),
     "budget.total_s": NON_NEGATIVE,
     "budget.margin_s": NON_NEGATIVE,
     "budget.reserve_per_volume_s": NON_NEGATIVE,

@@ -87,7 +87,7 @@ def load_teacher(
     ensemble_digest: str,
     patch: int,
     device: torch.device,
-    window_batch: int = 4,
+    window_batch: int = 0,
     flip_tta: bool = False,
 ) -> Teacher:
     """Load one teacher from its spec; raises DistillationNotExecuted when it cannot be loaded

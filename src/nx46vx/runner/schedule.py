@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .. import distill
-from ..segment import sliding_window, window_count, window_stride
+from ..segment import sliding_window, window_count, window_stride, windows_per_pass
 
 if TYPE_CHECKING:
     from ..governor import Governor
@@ -210,14 +210,14 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
     """Seconds :func:`~nx46vx.segment.sliding_window` takes per window of the student's network, timed now on one batch of windows.
 
     Before a step is trained, this prices the student's validations and its test
-    inference: a row of ``segment.window_batch`` overlapping windows is normalised, run
-    and blended as the test volumes' are (one forward pass; a window run alone costs
-    more per window). Eval mode without gradients: the weights and every random stream
+    inference: a row of one pass's overlapping windows (:func:`~nx46vx.segment.windows_per_pass`)
+    is normalised, run and blended as the test volumes' are (the cost per window depends
+    on the windows per pass). Eval mode without gradients: the weights and every random stream
     are left as they were. ``warm_up``: run the row once untimed first (the first call
     pays one-off allocations; a network already timed this way need not).
     """
     seg, patch = ctx.config.segment, distill.window(cfg)
-    windows = max(1, seg.window_batch)
+    windows = windows_per_pass(seg.window_batch, ctx.distill_device)
     row = np.zeros((patch, patch, patch + (windows - 1) * window_stride(patch, seg.overlap)), np.uint8)
     prior = np.zeros(row.shape, np.float32) if cfg.teacher_input else None
     network = student.network.eval()
