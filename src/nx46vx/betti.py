@@ -485,6 +485,10 @@ def compile_kernels() -> None:
     matching_counts(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 2), np.uint8))
 
 
+#: The kernel the others are compiled under: its signatures say whether this process has them, its cache whether the disk does.
+ENTRY_KERNEL = _tile_counts
+
+
 def matching_counts(image0: np.ndarray, image1: np.ndarray) -> np.ndarray:
     """Per dimension, (matched, finite pairs of image0, finite pairs of image1) of the Betti matching.
 

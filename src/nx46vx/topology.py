@@ -239,6 +239,11 @@ def compile_kernels() -> None:
     repair_tunnels(np.ones((2, 2, 2), np.float32), np.ones((2, 2, 2), np.uint8), max_film=1)
 
 
+#: The kernel :func:`repair_tunnels` compiles the others under: its signatures say whether this process has them, its cache
+#: whether the disk does.
+ENTRY_KERNEL = _grow
+
+
 def repair_tunnels(prob: np.ndarray, mask: np.ndarray, *, max_film: int) -> np.ndarray:
     """``mask`` without tunnels or cavities in any TopoScore tile (module doc), uint8 {0, 1} (z, y, x).
 

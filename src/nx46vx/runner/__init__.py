@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .. import _faults
 from ..config import RunConfig, load_config
 from .context import RunContext
+from .kernels import BEFORE_KERNELS, KernelCompilation
 from .phases import DiscoveryPhase, DistillationPhase, FeaturesPhase, PackagingPhase, Phase, RunResult, SearchPhase, SegmentationPhase, model_digest
 from .state import RunState
 
@@ -77,6 +78,12 @@ def run(
     )
     state = RunState()
     with ctx.session(state):
-        for phase in ctx.phases:
-            phase.run(ctx, state)
+        kernels = KernelCompilation.start()
+        try:
+            for phase in ctx.phases:
+                if phase.name not in BEFORE_KERNELS:
+                    kernels.join(ctx, phase.name)
+                phase.run(ctx, state)
+        finally:
+            kernels.stop()
     return ctx.phases[-1].result
