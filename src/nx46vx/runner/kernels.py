@@ -3,8 +3,8 @@
 On a machine that has not compiled them yet (every fresh Kaggle session) they take ~11 s
 of one core (:func:`nx46vx.betti.compile_kernels` ~9 s, :func:`nx46vx.topology.compile_kernels`
 ~1.5 s on 2 CPU cores), and they were compiled when the student's schedule was laid out: time
-taken from its training (a kaggle-train bench run: 13.8 s between its 20th step and its
-schedule, ~1 s without the compilation). The kernels are declared ``cache=True``, so a child
+taken from its training (a kaggle-train bench run: 13.8 s between its 20th step's checkpoint
+and its schedule; 2.4 s in the next run, the kernels cached). The kernels are declared ``cache=True``, so a child
 process that compiles them fills numba's on-disk cache while discovery, the features and the
 search run (a lower priority: it takes a core those leave idle), and this process then loads
 them from that cache (~0.2 s). Before the first phase that times the student's network or
