@@ -34,7 +34,7 @@ def test_ready_says_whether_a_kernel_is_compiled_here_or_cached_on_disk(tmp_path
     (tmp_path / "kernel_probe.py").write_text("import numba\n\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     probe = importlib.import_module("kernel_probe")
-    assert not ready(probe.twice)
+    assert not ready(probe.twice) and not ready(probe.twice.py_func)  # not compiled; a plain function (numba's JIT off) is not either
     assert probe.twice(3) == 6
     assert ready(probe.twice)
     # another process finds it on disk (numba's cache beside the source) without compiling it
@@ -46,7 +46,7 @@ def test_ready_says_whether_a_kernel_is_compiled_here_or_cached_on_disk(tmp_path
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split() == ["False", "False"]
 
 
-def test_no_child_starts_when_the_kernels_are_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_child_starts_when_the_kernels_are_ready_or_no_interpreter_can(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "ready", lambda kernel: True)
     compilation = KernelCompilation.start()
     assert compilation.process is None
@@ -54,6 +54,9 @@ def test_no_child_starts_when_the_kernels_are_ready(monkeypatch: pytest.MonkeyPa
     compilation.join(ctx, "distillation")
     compilation.join(ctx, "segmentation")  # once
     assert [(e, p, d["child"], d["returncode"]) for e, p, d in ctx.seen] == [("KERNELS_READY", "distillation", False, None)]
+    monkeypatch.setattr(kernels, "ready", lambda kernel: False)
+    monkeypatch.setattr(sys, "executable", "")  # an embedded interpreter: nothing to start a child with
+    assert KernelCompilation.start().process is None
 
 
 def test_a_child_that_fails_or_overruns_is_reported_and_stopped() -> None:

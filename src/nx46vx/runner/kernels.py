@@ -51,12 +51,12 @@ CHILD_CODE = (
 def ready(kernel: Any) -> bool:
     """Whether numba dispatcher ``kernel`` is compiled in this process, or its on-disk cache holds it for its current source
     and this CPU (read through numba's internals; when they are not as expected, False: the child starts)."""
-    if kernel.signatures:
-        return True
     try:
+        if kernel.signatures:
+            return True
         magic = kernel.targetctx.codegen().magic_tuple()
         return any(key[1] == magic for key in kernel._cache._cache_file._load_index())
-    except Exception:  # noqa: BLE001 - another numba's internals: compile beside the run, as on a cold cache
+    except Exception:  # noqa: BLE001 - another numba's internals (or none: NUMBA_DISABLE_JIT): compile beside the run, as on a cold cache
         return False
 
 
@@ -71,8 +71,8 @@ class KernelCompilation:
     @classmethod
     def start(cls, *, command: Sequence[str] | None = None) -> "KernelCompilation":
         """Start the child unless the kernels are :func:`ready`; ``command`` replaces its command line."""
-        if command is None and all(ready(kernel) for kernel in (betti.ENTRY_KERNEL, topology.ENTRY_KERNEL)):
-            return cls(None)
+        if command is None and (all(ready(kernel) for kernel in (betti.ENTRY_KERNEL, topology.ENTRY_KERNEL)) or not sys.executable):
+            return cls(None)  # sys.executable is empty where the interpreter is embedded: no child can be started
         package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very package, however it was found
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
         try:
