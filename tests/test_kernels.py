@@ -59,19 +59,22 @@ def test_no_child_starts_when_the_kernels_are_ready_or_no_interpreter_can(monkey
     assert KernelCompilation.start().process is None
 
 
-def test_a_child_that_fails_or_overruns_is_reported_and_stopped() -> None:
-    failing = KernelCompilation.start(command=[sys.executable, "-c", "import sys; sys.exit('no compiler here')"])
+def test_a_child_that_fails_or_overruns_is_reported_and_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "ready", lambda kernel: False)
+    monkeypatch.setattr(kernels, "CHILD_CODE", "import sys; sys.exit('no compiler here')")
+    failing = KernelCompilation.start()
     ctx = Events()
     failing.join(ctx, "distillation")
     (_, _, data), = ctx.seen
     assert data["child"] is True and data["returncode"] == 1 and data["error"] == "no compiler here"
-    slow = KernelCompilation.start(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(kernels, "CHILD_CODE", "import time; time.sleep(60)")
+    slow = KernelCompilation.start()
     t0 = time.monotonic()
     slow.join(ctx, "distillation", timeout_s=0.5)
     assert time.monotonic() - t0 < 30
     assert slow.process is not None and slow.process.poll() is not None  # stopped, not left running
     assert ctx.seen[-1][2]["returncode"] is None and ctx.seen[-1][2]["error"] == "not done in 0.5 s"
-    left = KernelCompilation.start(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    left = KernelCompilation.start()
     left.stop()  # the run ended before it was waited for
     assert left.process is not None and left.process.poll() is not None
 

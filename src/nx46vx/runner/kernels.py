@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import betti, topology
 
@@ -69,14 +69,14 @@ class KernelCompilation:
         self.joined = False
 
     @classmethod
-    def start(cls, *, command: Sequence[str] | None = None) -> "KernelCompilation":
-        """Start the child unless the kernels are :func:`ready`; ``command`` replaces its command line."""
-        if command is None and (all(ready(kernel) for kernel in (betti.ENTRY_KERNEL, topology.ENTRY_KERNEL)) or not sys.executable):
+    def start(cls) -> "KernelCompilation":
+        """Start the child (:data:`CHILD_CODE`) unless the kernels are :func:`ready`."""
+        if all(ready(kernel) for kernel in (betti.ENTRY_KERNEL, topology.ENTRY_KERNEL)) or not sys.executable:
             return cls(None)  # sys.executable is empty where the interpreter is embedded: no child can be started
         package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very package, however it was found
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
         try:
-            process = subprocess.Popen(list(command or (sys.executable, "-c", CHILD_CODE)), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            process = subprocess.Popen([sys.executable, "-c", CHILD_CODE], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, env=env)
         except OSError as exc:
             log.warning("the kernels' compilation could not start beside the run (%s): they compile at first use", exc)
