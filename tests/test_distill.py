@@ -414,3 +414,53 @@ def test_later_weights_within_the_margin_of_the_best_score_are_kept() -> None:
     state.step = 400
     assert distill.keep_if_best(state, 0.81 - margin * 1.1) == (False, False) and state.best["step"] == 300
     assert torch.equal(distill.student_network(state).state_dict()[next(iter(state.best["weights"]))], next(iter(state.best["weights"].values())))
+
+
+def test_precision_is_float16_on_a_gpu_bfloat16_on_a_cpu_that_computes_it_natively_else_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nx46vx import segment
+    from nx46vx.config import load_config
+    from nx46vx.errors import ConfigError
+
+    assert isinstance(segment.native_bfloat16(), bool)  # this machine's answer, whichever it is
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(segment, "native_bfloat16", lambda native=native: native)
+        assert segment.compute_dtype("auto", CPU) == expected
+        assert segment.compute_dtype("auto", torch.device("cuda")) == torch.float16
+        assert segment.compute_dtype("auto", torch.device("mps")) == torch.float32
+        assert all(segment.compute_dtype("float32", torch.device(kind)) == torch.float32 for kind in ("cpu", "cuda", "mps"))
+    for profile in ("demo", "kaggle-train", "kaggle-submit"):
+        assert load_config(profile).distill.precision == "auto", profile
+    with pytest.raises(ConfigError, match="distill.precision"):
+        load_config("demo", overrides=["distill.precision=float16"])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        segment.compute_dtype("bfloat16", CPU)
+
+
+def test_a_bfloat16_student_trains_and_predicts_in_bfloat16_deterministically(monkeypatch: pytest.MonkeyPatch, volumes) -> None:
+    """Under ``auto`` on a CPU with native bfloat16 the convolutions run in bfloat16 (other weights than float32's after
+    the same steps, the same bits twice), the weights stay float32, no loss scaler; a window's map stays within bfloat16's
+    rounding of float32's."""
+    from nx46vx import segment
+
+    monkeypatch.setattr(segment, "native_bfloat16", lambda: True)  # bfloat16 autocast runs (emulated) on any CPU
+    data = [TrainVolume(normalised(image), label, foreground_sample(label, cap=500, seed=0)) for _, image, label in volumes]
+    batches = [make_batch(lambda i: data[i], len(data), s, seed=0, batch=2, patch=16, positive_fraction=0.5, augmentations=()) for s in range(3)]
+    weights = {}
+    for name, precision in (("bf16", "auto"), ("bf16 again", "auto"), ("fp32", "float32")):
+        cfg = replace(CFG, teacher_weight=0.0, precision=precision)
+        state = distill.init_state(cfg, seed=0, device=CPU)
+        assert state.scaler is None
+        for batch in batches:
+            terms = distill.train_step(state, batch, cfg)
+            assert math.isfinite(terms["total"])
+        weights[name] = torch.cat([p.detach().flatten() for p in state.network.parameters()])
+        assert all(p.dtype == torch.float32 for p in state.network.parameters())
+    assert torch.equal(weights["bf16"], weights["bf16 again"])
+    assert not torch.equal(weights["bf16"], weights["fp32"])
+    assert torch.allclose(weights["bf16"], weights["fp32"], atol=0.05)
+    network = state.network.eval()
+    image = volumes[0][1]
+    maps = {dtype: sliding_window(image, network, patch=16, dtype=dtype) for dtype in (torch.bfloat16, torch.float32, None)}
+    assert np.array_equal(maps[None], maps[torch.float32])  # a CPU's default: float32
+    assert maps[torch.bfloat16].dtype == np.float32 and not np.array_equal(maps[torch.bfloat16], maps[torch.float32])
+    assert np.abs(maps[torch.bfloat16] - maps[torch.float32]).max() < 0.05

@@ -580,9 +580,9 @@ def test_the_agreement_probe_after_the_last_step_is_set_aside(demo_data: Path, t
     clock = VirtualClock(tick=0.001, costs={"distill_step": 1.0})
     agreement = distill.agreement
 
-    def slow(student, probe):  # type: ignore[no-untyped-def]
+    def slow(student, probe, **options):  # type: ignore[no-untyped-def]
         clock.now += 15.0
-        return agreement(student, probe)
+        return agreement(student, probe, **options)
 
     monkeypatch.setattr(distill, "agreement", slow)
     overrides = FAST + ["distill.steps=0", "distill.val_every=1000", "budget.total_s=300", "budget.margin_s=5", "search.max_epochs=1"]

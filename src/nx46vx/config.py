@@ -144,7 +144,11 @@ class DistillConfig:
     CPU; else a multiple of ``2**depth``): the network is fully convolutional, and on
     a CPU a window larger than the training patch overlaps less (a 96³ volume in one
     96³ window instead of 27 windows of 48³: 2.8× faster on the demo's student, and no
-    lower score; measured in the README).
+    lower score; measured in the README). ``precision``: what the student's convolutions
+    compute in, in training and prediction: ``auto`` (float16 on a GPU, bfloat16 on a CPU
+    that computes it natively — AVX-512 BF16 or AMX —, float32 on other CPUs;
+    :func:`nx46vx.segment.compute_dtype`) or ``float32``. Weights, optimiser state and
+    losses are float32 either way.
     """
 
     enabled: bool = True
@@ -153,6 +157,7 @@ class DistillConfig:
     teacher_input: bool = False
     init: str = ""
     normalization: str = "auto"
+    precision: str = "auto"
     arch: str = "auto"
     width: int = 32
     depth: int = 4
@@ -572,6 +577,8 @@ RANGES: dict[str, Range] = {
 
 #: What ``distill.normalization`` may be (nnU-Net's CTNormalization needs dataset statistics: it comes with ``distill.init`` only).
 STUDENT_NORMALIZATIONS = ("auto", "percentile", "ZScoreNormalization", "RescaleTo01Normalization", "NoNormalization")
+#: What ``distill.precision`` may be (:func:`nx46vx.segment.compute_dtype`).
+PRECISIONS = ("auto", "float32")
 #: What a ``distill.teachers`` entry may be.
 TEACHER_SPECS = "ensemble, nnunet:<model folder>, torchscript:<path>, tiff:<dir> or python:<module>:<callable>"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -584,6 +591,7 @@ CHOICES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.kernel": (lambda v: v in {"auto", "native", "torch"}, "auto, native or torch"),
     "data.on_bad_test": (lambda v: v in {"error", "empty"}, "error or empty"),
     "distill.arch": (lambda v: v in {"auto", "resenc", "plain"}, "auto, resenc or plain"),
+    "distill.precision": (lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
     "segment.method": (lambda v: v == "auto" or v in SEGMENT_METHODS, f"auto or one of {list(SEGMENT_METHODS)}"),
     "distill.augment": (lambda v: v in AUGMENTATIONS, f"names from {list(AUGMENTATIONS)}"),
     "distill.teachers": (

@@ -15,7 +15,7 @@ it is cheaper) is trained on augmented patches (:mod:`nx46vx.patches`) with Dice
 BCE on the labels (label 2 masked), deep supervision, an optional skeleton-recall
 term and the tempered teacher term ``T²·BCE(σ(z_s/T), σ(logit(p_t)/T))`` with its own
 weight schedule; AdamW, linear warm-up then cosine over the steps the budget granted
-(mixed precision on GPU); the weights kept on validation (:func:`keep_if_best`) segment. With
+(mixed precision by ``distill.precision``: float16 on a GPU, bfloat16 on a CPU that computes it natively); the weights kept on validation (:func:`keep_if_best`) segment. With
 ``distill.teacher_input`` the student is a :class:`~nx46vx.student.PriorResidual`
 fed (image, ensemble probability) (:func:`network_input`). Everything here is
 pure and step-wise: :func:`init_state`, :func:`train_step`, :func:`keep_if_best`,
@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import TEACHER_SPECS, DistillConfig
 from .errors import DistillationNotExecuted, ModelFolderError
-from .segment import ENSEMBLE, PERCENTILE, Intensity, normalised, sliding_window
+from .segment import ENSEMBLE, PERCENTILE, Intensity, compute_dtype, mixed_precision, normalised, sliding_window
 from .student import architecture, build_network, check_start, deep_supervision_weights, downsample_label, label_losses, start_from, teacher_loss
 from .volumes import file_sha256
 from . import nnunet, streams
@@ -246,7 +246,7 @@ def network_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def init_state(config: DistillConfig, *, seed: int, device: torch.device, init: nnunet.NnUNetModel | None = None) -> DistillState:
-    """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (mixed precision on GPU).
+    """A seeded student (:func:`nx46vx.student.build_network`) and AdamW (a loss scaler where it computes in float16: :func:`~nx46vx.segment.compute_dtype`).
 
     ``init``: the nnU-Net model ``distill.init`` names (:func:`load_init`): the student starts
     from its weights and takes its intensity normalisation (:func:`nx46vx.student.start_from`).
@@ -260,7 +260,7 @@ def init_state(config: DistillConfig, *, seed: int, device: torch.device, init: 
         start_from(network, architecture(config.arch, width=config.width, depth=config.depth, blocks=config.blocks), init)
     network = network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if compute_dtype(config.precision, device) == torch.float16 else None
     return DistillState(network, optimizer, scaler, intensity=intensity)
 
 
@@ -351,17 +351,16 @@ def train_step(
     teacher_weight = teacher_weight_at(state.step, config, state.schedule_steps)
     state.network.train()
     state.optimizer.zero_grad(set_to_none=True)
-    if state.scaler is not None:
-        with torch.autocast(device_type="cuda", dtype=torch.float16):
-            outputs = forward(network_input(batch))
-        terms = losses([o.float() for o in outputs], batch, config, teacher_weight=teacher_weight)
+    with mixed_precision(device, compute_dtype(config.precision, device)):
+        outputs = forward(network_input(batch))
+    terms = losses([o.float() for o in outputs], batch, config, teacher_weight=teacher_weight)
+    if state.scaler is not None:  # float16's narrow range: the loss is scaled so that small gradients survive
         state.scaler.scale(terms["total"]).backward()
         state.scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), GRAD_CLIP_NORM)
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
-        terms = losses(forward(network_input(batch)), batch, config, teacher_weight=teacher_weight)
         terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), GRAD_CLIP_NORM)
         state.optimizer.step()
@@ -456,14 +455,15 @@ def student_digest(state: DistillState) -> bytes:
     return b"".join(v.detach().cpu().numpy().tobytes() for v in current.values()) + b"".join(best[k].numpy().tobytes() for k in current if k in best)
 
 
-def agreement(state: DistillState, probe: dict[str, torch.Tensor]) -> float | None:
-    """Fraction of voxels of the covered probe patches where student and teacher agree at probability 0.5."""
+def agreement(state: DistillState, probe: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32) -> float | None:
+    """Fraction of voxels of the covered probe patches where student and teacher agree at probability 0.5; the student
+    computes in ``dtype`` (:func:`~nx46vx.segment.compute_dtype`, as it trains and predicts)."""
     covered = probe["covered"]
     if not bool(covered.any()):
         return None
     device = next(state.network.parameters()).device
     state.network.eval()
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(device, dtype):
         student = torch.sigmoid(state.network(network_input(probe)[covered].to(device)).float()).cpu()
     return float(((student >= 0.5) == (probe["target"][covered] >= 0.5)).float().mean())
 

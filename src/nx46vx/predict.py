@@ -22,11 +22,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import nnunet
-from .config import DistillConfig, FeatureConfig, SegmentConfig
+from .config import PRECISIONS, DistillConfig, FeatureConfig, SegmentConfig
 from .distill import saved_intensity, window
 from .errors import CheckpointError, ConfigError, ModelFolderError
 from .features import resolve_device
-from .segment import STUDENT, PostParams, plain_params, postprocess, probability, sliding_window
+from .segment import STUDENT, PostParams, compute_dtype, plain_params, postprocess, probability, sliding_window
 from .student import architecture, build_network, nnunet_weights
 from .volumes import read_volume
 
@@ -67,6 +67,8 @@ def _student(model: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Disti
     if not saved or not saved.get("network"):
         raise CheckpointError("checkpoint holds no trained student", path=folder, expected="a distillation payload with a student", found="none")
     config: DistillConfig = _from_dict(DistillConfig, saved["network"])
+    if config.precision not in PRECISIONS:
+        raise CheckpointError("checkpoint's student has an unknown precision", path=folder, expected=" or ".join(PRECISIONS), found=config.precision)
     student = saved["student"]
     network = build_network(config.arch, width=config.width, depth=config.depth, blocks=config.blocks, prior=config.teacher_input)
     network.load_state_dict(student["best"]["weights"] if student.get("best") else student["student"])
@@ -153,7 +155,7 @@ def _sliding_window(image: np.ndarray, folder: Path, saved: dict[str, Any], conf
         prior = probability(image, ensemble["thetas"], np.asarray(ensemble["mean"]), np.asarray(ensemble["std"]), _from_dict(FeatureConfig, ensemble["features"]), device=device)
     with torch.inference_mode():
         return sliding_window(image, network, patch=window(config), overlap=overlap, flip_tta=flip_tta, device=device, batch=window_batch, prior=prior,
-                              intensity=saved_intensity(saved["student"]))
+                              intensity=saved_intensity(saved["student"]), dtype=compute_dtype(config.precision, device))
 
 
 def export_nnunet(model: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:

@@ -42,7 +42,7 @@ import torch
 from scipy import ndimage
 from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 
-from .config import SEGMENT_METHODS, FeatureConfig, SegmentConfig
+from .config import PRECISIONS, SEGMENT_METHODS, FeatureConfig, SegmentConfig
 from .features import iter_feature_chunks, normalise
 from .metric import CONN26, Truth, score_volume
 from .search.engine import design_rows
@@ -292,6 +292,34 @@ def windows_per_pass(window_batch: int, device: torch.device) -> int:
     return window_batch or (1 if device.type == "cpu" else ACCELERATOR_WINDOW_BATCH)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so that oneDNN's bfloat16 convolutions run
+    faster than float32 ones rather than emulated: on 2 AVX-512 BF16 cores (AMD EPYC) the demo's student trained a
+    step in 0.55× a float32 step's time and predicted a 96³ window in 0.39× (``bench/bench_precision.py``)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a network's convolutions run in under ``precision`` (``distill.precision``) on ``device``.
+
+    ``auto``: float16 on a GPU, bfloat16 on a CPU that computes it natively (:func:`native_bfloat16`), float32
+    elsewhere; ``float32``: float32 everywhere. Weights, optimiser state and losses stay float32 either way."""
+    if precision == "float32":
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and native_bfloat16() else torch.float32
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device`` (nothing for float32): what :func:`sliding_window` and the student's training step run under."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
 def sliding_window(
     volume: np.ndarray,
     network: Callable[[torch.Tensor], torch.Tensor],
@@ -303,6 +331,7 @@ def sliding_window(
     batch: int = 0,
     prior: np.ndarray | None = None,
     intensity: Intensity = PERCENTILE,
+    dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Probability map of a 3-D network over overlapping windows, float32 (z, y, x).
 
@@ -312,7 +341,8 @@ def sliding_window(
     (:class:`nx46vx.student.PriorResidual`). Windows are blended with
     Gaussian weights; a volume smaller than ``patch`` along an axis is
     edge-padded. With ``flip_tta`` the logits are averaged over the 8 axis flips.
-    On a GPU the network runs in fp16 (autocast); logits are accumulated in float32.
+    The network runs under autocast to ``dtype`` (None: float16 on a GPU, float32 elsewhere; the student's
+    callers pass :func:`compute_dtype` of ``distill.precision``); logits are accumulated in float32.
     Windows go through the network ``batch`` at a time (``segment.window_batch``; 0: by device, :func:`windows_per_pass`).
 
     Memory: besides ``volume`` and the returned map, only the rows the windows in
@@ -331,9 +361,9 @@ def sliding_window(
     flips: Sequence[tuple[int, ...]] = [f for r in range(4) for f in itertools.combinations((2, 3, 4), r)] if flip_tta else [()]
     positions = _window_positions(source.shape, patch, overlap)
     batch = windows_per_pass(batch, device)
-    # fp16 on a GPU (half the memory and several times the tensor-core throughput); float32 on a CPU
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    # fp16 on a GPU (half the memory and several times the tensor-core throughput)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    with torch.no_grad(), mixed_precision(device, dtype):
         for first in range(0, len(positions), batch):
             chunk = positions[first : first + batch]
             boxes = [(slice(z, z + patch), slice(y, y + patch), slice(x, x + patch)) for z, y, x in chunk]

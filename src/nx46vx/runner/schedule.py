@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .. import distill
-from ..segment import sliding_window, window_count, window_stride, windows_per_pass
+from ..segment import compute_dtype, sliding_window, window_count, window_stride, windows_per_pass
 
 if TYPE_CHECKING:
     from ..governor import Governor
@@ -222,7 +222,7 @@ def seconds_per_window(ctx: "RunContext", student: distill.DistillState, cfg: An
     prior = np.zeros(row.shape, np.float32) if cfg.teacher_input else None
     network = student.network.eval()
     run = lambda: sliding_window(row, network, patch=patch, overlap=seg.overlap, device=ctx.distill_device, batch=windows, prior=prior,  # noqa: E731
-                                intensity=student.intensity)
+                                intensity=student.intensity, dtype=compute_dtype(cfg.precision, ctx.distill_device))
     if warm_up:
         run()
     t0 = ctx.governor.clock()

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import distill
 from ..metric import Truth
-from ..segment import BLEND, ENSEMBLE, SEARCH_MODEL, STUDENT, blend, probability, sliding_window
+from ..segment import BLEND, ENSEMBLE, SEARCH_MODEL, STUDENT, blend, compute_dtype, probability, sliding_window
 from ..volumes import SURFACE, read_pair
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def probability_sources(ctx: "RunContext", state: "RunState") -> dict[str, Sourc
             if prior is not None and prior_map is None:
                 prior_map = prior(vol)
             return sliding_window(vol, network, patch=distill.window(cfg), overlap=seg.overlap, flip_tta=seg.flip_tta, device=ctx.distill_device, batch=seg.window_batch,
-                                  prior=prior_map, intensity=intensity)
+                                  prior=prior_map, intensity=intensity, dtype=compute_dtype(cfg.precision, ctx.distill_device))
 
         out[STUDENT] = student
         if ENSEMBLE in out:
