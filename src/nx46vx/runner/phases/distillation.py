@@ -103,7 +103,6 @@ class DistillationPhase:
         self._validated_step: int | None = None  # the step whose weights this session validated last
         self._best_maps: list[np.ndarray] | None = None  # the kept weights' validation maps
         self._saved: dict[str, Any] | None = None
-        self.dtype = torch.float32  # what the student computes in this session (segment.compute_dtype of distill.precision)
 
     def signature(self, config: RunConfig) -> dict[str, Any]:
         from ...features import resolve_device
@@ -188,13 +187,13 @@ class DistillationPhase:
 
     def _train(self, ctx: "RunContext", state: "RunState") -> dict[str, Any]:
         cfg = student_config(ctx, state)
-        self.dtype = compute_dtype(cfg.precision, ctx.distill_device)
+        dtype = compute_dtype(cfg.precision, ctx.distill_device)
         skipped = unusable_ensemble(state) if ENSEMBLE in ctx.config.distill.teachers else None
         if skipped:
             log.warning("the ensemble teacher is skipped: %s", skipped)
         ctx.event("DISTILLATION_START", self.name, {"teachers": list(cfg.teachers), "init": cfg.init or None, "steps": cfg.steps, "arch": cfg.arch, "width": cfg.width, "depth": cfg.depth,
                                                    "patch": cfg.patch, "batch": cfg.batch, "train_volumes": len(state.train_pairs), "device": str(ctx.distill_device),
-                                                   "compute_dtype": str(self.dtype).removeprefix("torch."),
+                                                   "compute_dtype": str(dtype).removeprefix("torch."),
                                                    "teacher_input": cfg.teacher_input, "teacher_input_off": distill.prior_off_reason(ctx.config.distill, len(state.train_pairs)) or skipped,
                                                    "teachers_skipped": {ENSEMBLE: skipped} if skipped else {}})
         teachers = self._teachers(ctx, state)
@@ -223,7 +222,7 @@ class DistillationPhase:
         self.prior = ensemble_prior(ctx, state) if cfg.teacher_input else None
         probe = agreement_probe(ctx, state, val, teachers, cfg, val_priors, intensity=student.intensity)
         t0 = ctx.governor.clock()
-        before = distill.agreement(student, probe, dtype=self.dtype) if probe is not None else None
+        before = distill.agreement(student, probe, dtype=dtype) if probe is not None else None
         # the probe runs again after the last step: a kaggle-train run's took ~1.2 s after its deadline, and the blend missed its time by 0.2 s
         probe_s = ctx.governor.clock() - t0 if probe is not None else 0.0
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
@@ -236,7 +235,7 @@ class DistillationPhase:
         self._best_maps = None
         if student.step == 0 and stopped is None:
             raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
-        after = distill.agreement(student, probe, dtype=self.dtype) if probe is not None else None
+        after = distill.agreement(student, probe, dtype=dtype) if probe is not None else None
         best = student.best or {}
         ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage, "train_volumes": len(pairs),
                                                  "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads,
@@ -446,7 +445,7 @@ class DistillationPhase:
             started = governor.clock()
             probs.append(prior if as_prior else sliding_window(image, network, patch=distill.window(cfg), overlap=seg.overlap, device=ctx.distill_device,
                                                                  batch=seg.window_batch, prior=prior, intensity=student.intensity,
-                                                                 dtype=self.dtype))
+                                                                 dtype=compute_dtype(cfg.precision, ctx.distill_device)))
             inference_s += governor.clock() - started
             started = governor.clock()  # a post-processing grid point costs the clean-up and the metric: what the tuning reserve is sized by
             scores.append(score_volume(postprocess(probs[-1], params, seg)[0], label).score)
