@@ -126,7 +126,7 @@ class SegmentationPhase:
         record = {
             "chosen": choice.chosen,
             "by": ("preference order" if not scored.scores else "validation score" if choice.best_scored is None
-                   else f"validation score: repairs within segment.REPAIR_MARGIN of {choice.best_scored}"),
+                   else f"validation score: within segment.REPAIR_MARGIN / PREFERENCE_MARGIN of {choice.best_scored}"),
             "validation_scores": scored.scores,
             "params": None if choice.chosen == BASELINE else scored.params.get(choice.chosen, plain_params(seg)).to_dict(),
             "predicted_test_seconds": choice.predicted_test_seconds,
