@@ -521,7 +521,7 @@ REPAIR_MARGIN = 0.01
 PREFERENCE_MARGIN = 0.01
 
 
-def prefer_repaired(points: Sequence[tuple[Any, float, bool]]) -> tuple[Any, float]:
+def chosen_point(points: Sequence[tuple[Any, float, bool]]) -> tuple[Any, float]:
     """The point chosen of ``(key, score, repaired)`` points, given in order of preference: the best one; when it is
     unrepaired, the best repaired point within :data:`REPAIR_MARGIN` of it instead; then the first point that scores
     within :data:`PREFERENCE_MARGIN` of that one (and is repaired if it is). Returns its key and score.
@@ -546,7 +546,7 @@ def tune_postprocess(
     to the time it grants (the first point is always scored). The best point wins (the
     first of equals); when it is unrepaired, the best repaired point within
     :data:`REPAIR_MARGIN` of it wins instead, and the first point of the grid within
-    :data:`PREFERENCE_MARGIN` of that one (:func:`prefer_repaired`).
+    :data:`PREFERENCE_MARGIN` of that one (:func:`chosen_point`).
     """
     scored: list[tuple[PostParams, float]] = []
     truths = [label if isinstance(label, Truth) else Truth(label) for _, label in pairs]  # every grid point is scored against the same labels
@@ -556,7 +556,7 @@ def tune_postprocess(
         scored.append((params, float(np.mean([score_volume(postprocess(prob, params, config)[0], truth).score for (prob, _), truth in zip(pairs, truths)]))))
     if not scored:
         return PostParams(), -math.inf, 0
-    best, best_score = prefer_repaired([(params, score, params.repair_tunnels) for params, score in scored])
+    best, best_score = chosen_point([(params, score, params.repair_tunnels) for params, score in scored])
     return best, best_score, len(scored)
 
 
@@ -594,7 +594,7 @@ def choose_segmenter(
     """The best-scoring segmenter whose predicted cost on the test volumes fits the time left; when its tuned
     post-processing leaves the tunnels, a segmenter whose tuning repairs them and that scores within
     :data:`REPAIR_MARGIN` of it is chosen instead, and the first of :data:`PREFERENCE` within :data:`PREFERENCE_MARGIN`
-    of that one (:func:`prefer_repaired`, as the tuning's grid points).
+    of that one (:func:`chosen_point`, as the tuning's grid points).
 
     Parameters
     ----------
@@ -622,6 +622,6 @@ def choose_segmenter(
         feasible = [BASELINE if BASELINE in names else min(names, key=lambda k: predicted.get(k, 0.0))]
     # in preference order, so that the first of equal scores is the preferred segmenter
     ranked = [(k, scores.get(k, -1.0), k in repaired) for k in sorted(feasible, key=PREFERENCE.index)]
-    chosen, _ = prefer_repaired(ranked)
+    chosen, _ = chosen_point(ranked)
     best = max(ranked, key=lambda point: point[1])[0]
     return SegmenterChoice(chosen, predicted, sorted(set(names) - set(feasible)), best_scored=best if best != chosen else None)
