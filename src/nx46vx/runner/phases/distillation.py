@@ -437,7 +437,7 @@ class DistillationPhase:
         """
         seg, governor = ctx.config.segment, ctx.governor
         network = student.network.eval()
-        params = plain_params(seg)
+        params, dtype = plain_params(seg), compute_dtype(cfg.precision, ctx.distill_device)
         scores, probs, inference_s, scoring_s = [], [], 0.0, 0.0
         betti.compile_kernels()  # a first validation would otherwise price the metric by its compilation
         t0 = governor.clock()
@@ -445,7 +445,7 @@ class DistillationPhase:
             started = governor.clock()
             probs.append(prior if as_prior else sliding_window(image, network, patch=distill.window(cfg), overlap=seg.overlap, device=ctx.distill_device,
                                                                  batch=seg.window_batch, prior=prior, intensity=student.intensity,
-                                                                 dtype=compute_dtype(cfg.precision, ctx.distill_device)))
+                                                                 dtype=dtype))
             inference_s += governor.clock() - started
             started = governor.clock()  # a post-processing grid point costs the clean-up and the metric: what the tuning reserve is sized by
             scores.append(score_volume(postprocess(probs[-1], params, seg)[0], label).score)
