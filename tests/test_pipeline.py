@@ -910,6 +910,28 @@ def test_the_reserve_holds_the_blends_test_volumes(demo_data: Path, tmp_path: Pa
     assert {source for source, _ in priced} == {"features", "student"}
 
 
+def test_the_segmenter_choice_prices_the_students_test_volumes_per_window(demo_data: Path, tmp_path: Path) -> None:
+    """With flip TTA the segmenter choice computes the student's validation maps anew, at 8 passes a window; a validation volume
+    smaller than a window still pays a whole one. Its test volumes are priced as the distillation priced them (its windows over
+    the test volumes, flips included, at the latest seconds per window), not by that validation's seconds per voxel."""
+    from nx46vx.governor import VirtualClock
+
+    overrides = FAST + ["distill.teacher_input=false", "budget.total_s=100000", "segment.flip_tta=true", "segment.repair_tunnels=false",
+                        "segment.method=student", "budget.reserve_safety=1.5"]
+    clock = VirtualClock(tick=0.001, costs={"validation_volume": 50.0})  # a student map of a validation volume: 50 s
+    nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=overrides, clock=clock)
+    events = _events(tmp_path / "out" / "journal.jsonl")
+    priced = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")["test_s_per_voxel"]  # at the last validation's seconds per window
+    choice = next(e["data"] for e in events if e["event"] == "SEGMENTER_CHOICE")
+    assert choice["chosen"] == "student" and choice["excluded_for_time"] == []
+    assert choice["seconds_per_voxel"]["student"] == priced > 0
+    test_voxels = sum(tifffile.imread(path).size for path in (demo_data / "test_images").glob("*.tif"))
+    assert choice["predicted_test_seconds"]["student"] == pytest.approx(priced * test_voxels * 1.5)
+    val_ids = next(e["data"] for e in events if e["event"] == "DATASET_DISCOVERY")["split"]["val_ids"]
+    val_voxels = sum(tifffile.imread(demo_data / "train_images" / f"{i}.tif").size for i in val_ids)
+    assert choice["seconds_per_voxel"]["student"] < 50.0 * len(val_ids) / val_voxels / 100  # far under the validation's measure
+
+
 def test_segmenter_choice_respects_the_time_left(demo_data: Path, tmp_path: Path) -> None:
     """A segmenter whose measured cost would not fit the budget left is not chosen; the journal says why."""
     result = nx46vx.run([demo_data], output=tmp_path / "out", profile="demo", overrides=FAST + ["budget.reserve_safety=1e9", "budget.total_s=3600"])

@@ -56,6 +56,10 @@ class RunState:
         Their prepared truths for :func:`~nx46vx.metric.score_volume`.
     validation_probs : dict source → (maps, seconds per voxel)
         Each probability source's validation maps, computed once for the student's and the segmenter's choices.
+    test_prices : dict source → float
+        Seconds per test voxel of a source priced on its windows over the test volumes by the phase that trained it
+        (the student's). The segmenter choice holds it over its own measurement on the validation volumes, which
+        pays a whole window for a volume smaller than one.
     baseline_masks : dict id → Path
         The intensity baseline's mask file per test volume (the first submission and the fallback).
     masks : dict id → Path
@@ -90,6 +94,7 @@ class RunState:
     validation_pairs: "list[TrainPair]" = field(default_factory=list)
     validation_truths: "list[Truth] | None" = None
     validation_probs: dict[str, "tuple[list[np.ndarray | None], float]"] = field(default_factory=dict)
+    test_prices: dict[str, float] = field(default_factory=dict)
     baseline_masks: dict[str, Path] = field(default_factory=dict)
     masks: dict[str, Path] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)

@@ -229,9 +229,10 @@ class DistillationPhase:
         validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
         self._best_maps = None
         stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0, closing_s=probe_s)
+        # the latest price, per window over the test volumes: it does not depend on the weights
+        state.test_prices[STUDENT] = self._test_s_per_voxel + self._prior_seconds_per_voxel
         if self._best_maps is not None and len(validation) == len(val) and not ctx.config.segment.flip_tta:
-            # the segmenter choice scores the same maps (not computed twice) at the latest price: it does not depend on the weights
-            state.validation_probs[STUDENT] = (self._best_maps, self._test_s_per_voxel + self._prior_seconds_per_voxel)
+            state.validation_probs[STUDENT] = (self._best_maps, state.test_prices[STUDENT])  # the segmenter choice scores the same maps, not computed twice
         self._best_maps = None
         if student.step == 0 and stopped is None:
             raise distill.DistillationNotExecuted("no optimiser step ran", expected="at least one step", found="0 steps", hint="give the run more time (budget.total_s) or set distill.enabled = false")
@@ -239,7 +240,7 @@ class DistillationPhase:
         best = student.best or {}
         ctx.event("DISTILLATION_END", self.name, {"steps": student.step, "schedule_steps": student.schedule_steps, "stopped": stopped, "teacher_coverage_percent": coverage, "train_volumes": len(pairs),
                                                  "agreement_before": before, "agreement_after": after, "best_score": best.get("score"), "best_step": best.get("step"), "volume_reads": volumes.reads,
-                                                 "agreement_probe_s": round(probe_s, 3)})
+                                                 "agreement_probe_s": round(probe_s, 3), "test_s_per_voxel": state.test_prices[STUDENT]})
         return {"steps": student.step}
 
     def _reserve_inference(self, ctx: "RunContext", state: "RunState", student: distill.DistillState, cfg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -151,13 +151,14 @@ class SegmentationPhase:
         seg, maps, costs = ctx.config.segment, {}, {}
         parts = {STUDENT, ENSEMBLE} & set(sources) if BLEND in names else set()
         for name in (n for n in MAPS_ORDER if n in set(names) | parts):
-            fits = self._inference_budget(ctx, state, max(costs.values(), default=0.0))
+            test_price = state.test_prices.get(name)
+            fits = self._inference_budget(ctx, state, max(costs.values(), default=0.0), test_price=test_price)
             if name == BLEND:
                 per_voxel = costs.get(STUDENT, 0.0) + costs.get(ENSEMBLE, 0.0)
                 probs = [blend(s, e) for s, e in zip(maps[STUDENT], maps[ENSEMBLE])] if parts <= set(maps) and fits(per_voxel, 0) else None
             else:
                 probs, per_voxel = validation_probabilities(ctx, state, name, lambda _id, vol, source=sources[name]: source(vol), keep=False, fits=fits)
-            costs[name] = per_voxel
+            costs[name] = per_voxel if test_price is None else test_price
             if probs is not None:
                 maps[name] = probs
             elif name in names:  # a part's cut maps cut the blend, not a candidate of its own
@@ -198,11 +199,18 @@ class SegmentationPhase:
                                                       "predicted_test_seconds": {n: record["predicted_test_seconds"].get(n) for n in excluded},
                                                       "validation_cut_for_time": record["validation_cut_for_time"], "time_left_s": record["time_left_s"], **ctx.governor.state()})
 
-    def _inference_budget(self, ctx: "RunContext", state: "RunState", leader_s: float) -> "Fits":
+    def _inference_budget(self, ctx: "RunContext", state: "RunState", leader_s: float, *, test_price: float | None = None) -> "Fits":
         """``fits(seconds_per_voxel, voxels_left)`` for a source's validation maps: the rest of them and the test volumes fit the time
-        left, segmented by this source or by the leader so far (``leader_s`` seconds per voxel), whichever is dearer."""
+        left, segmented by this source or by the leader so far (``leader_s`` seconds per voxel), whichever is dearer. The
+        source's test volumes cost ``test_price`` per voxel where one is known (:attr:`RunState.test_prices`), else what
+        its validation maps cost so far."""
         governor, safety = ctx.governor, ctx.config.budget.reserve_safety
-        return lambda per_voxel, voxels_left: per_voxel * voxels_left + max(per_voxel, leader_s) * state.test_voxels * safety <= governor.remaining() - governor.margin()
+
+        def fits(per_voxel: float, voxels_left: int) -> bool:
+            test_s = max(per_voxel if test_price is None else test_price, leader_s) * state.test_voxels * safety
+            return per_voxel * voxels_left + test_s <= governor.remaining() - governor.margin()
+
+        return fits
 
     def _tuning_budget(self, ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> Callable[[int], bool]:
         """``keep_going(i)``: one more point fits when its measured cost and the test volumes at ``seconds_per_voxel`` fit the time left."""
