@@ -79,8 +79,9 @@ def test_a_child_that_fails_or_overruns_is_reported_and_stopped(monkeypatch: pyt
     assert left.process is not None and left.process.poll() is not None
 
 
-def test_the_run_waits_for_the_child_before_the_distillation(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The child runs beside discovery, features and search; the run waits for it before the distillation phase starts."""
+def test_the_run_waits_for_the_child_before_the_students_first_step(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child runs beside discovery, features, search and the distillation's preparation (the window's price, the
+    teachers' maps); the run waits for it before the student's first step and its first validation."""
     marker = tmp_path / "child-done"
     monkeypatch.setattr(kernels, "ready", lambda kernel: False)
     monkeypatch.setattr(kernels, "CHILD_CODE", f"import time, pathlib; time.sleep(1.0); pathlib.Path({str(marker)!r}).write_text('done')")
@@ -91,9 +92,13 @@ def test_the_run_waits_for_the_child_before_the_distillation(demo_data: Path, tm
     record = journal[ready_at[0]]
     assert record["phase"] == "distillation" and record["data"]["child"] is True and record["data"]["returncode"] == 0
     assert record["data"]["child_s"] >= 1.0 and marker.read_text() == "done"  # waited for the child to end
-    search_end = max(i for i, e in enumerate(journal) if e["event"] == "PHASE_END" and e["phase"] == "search")
-    distillation_start = min(i for i, e in enumerate(journal) if e["event"] == "PHASE_START" and e["phase"] == "distillation")
-    assert search_end < ready_at[0] < distillation_start
+    first = {name: min(i for i, e in enumerate(journal) if e["event"] == name) for name in ("DISTILLATION_INFERENCE", "DISTILLATION_SCHEDULE", "DISTILLATION_VALIDATION")}
+    assert first["DISTILLATION_INFERENCE"] < ready_at[0] < min(first["DISTILLATION_SCHEDULE"], first["DISTILLATION_VALIDATION"])
+    # a run whose distillation stops before its steps waits before the next phase
+    monkeypatch.setattr(kernels, "CHILD_CODE", "import time; time.sleep(0.5)")
+    nx46vx.run([demo_data], output=tmp_path / "off", profile="demo", overrides=FAST + ["distill.enabled=false"])
+    journal = events(tmp_path / "off" / "journal.jsonl")
+    assert [e["phase"] for e in journal if e["event"] == "KERNELS_READY"] == ["segmentation"]
 
 
 def test_the_child_fills_numbas_cache(tmp_path: Path) -> None:

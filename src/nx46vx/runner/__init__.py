@@ -78,11 +78,11 @@ def run(
     )
     state = RunState()
     with ctx.session(state):
-        kernels = KernelCompilation.start()
+        kernels = ctx.kernels = KernelCompilation.start()
         try:
             for phase in ctx.phases:
                 if phase.name not in BEFORE_KERNELS:
-                    kernels.join(ctx, phase.name)
+                    ctx.kernels_ready(phase.name)
                 phase.run(ctx, state)
         finally:
             kernels.stop()

@@ -36,6 +36,7 @@ from .quota import OutputQuota
 from .reporter import Reporter
 
 if TYPE_CHECKING:
+    from .kernels import KernelCompilation
     from .phases.base import Phase
     from .state import RunState
 
@@ -219,7 +220,14 @@ class RunContext:
         self.quota = OutputQuota(output, config.output.quota_gb)
         self.reporter = Reporter(self)
         self.checkpointer = Checkpointer(self)
+        self.kernels: "KernelCompilation | None" = None  # the kernels' compilation beside the run, while one runs
         self._handler = install_log_handler()
+
+    def kernels_ready(self, phase: str) -> None:
+        """Wait, once, for the kernels compiled beside the run (:meth:`~nx46vx.runner.kernels.KernelCompilation.join`); ``phase``
+        is the one about to use them or to time its work. Nothing to wait for when no compilation runs."""
+        if self.kernels is not None:
+            self.kernels.join(self, phase)
 
     @contextlib.contextmanager
     def session(self, state: "RunState") -> Iterator[None]:

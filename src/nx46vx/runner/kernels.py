@@ -7,9 +7,14 @@ taken from its training (a kaggle-train bench run: 13.8 s between its 20th step'
 and its schedule; 2.4 s in the next run, the kernels cached). The kernels are declared ``cache=True``, so a child
 process that compiles them fills numba's on-disk cache while discovery, the features and the
 search run (a lower priority: it takes a core those leave idle), and this process then loads
-them from that cache (~0.2 s). Before the first phase that times the student's network or
-uses the kernels, the runner waits for the child (:meth:`KernelCompilation.join`), so no
-timing is taken beside it. A child that fails or is not done in
+them from that cache (~0.2 s). The distillation waits for the child
+(:meth:`KernelCompilation.join`) before its first step: its steps' times lay out the
+schedule, and a validation (of the prior, at step 0) is the first use of the kernels. What
+it does before (the window's price, the teachers' maps, ~10 s of a demo run that waited
+that long for the child otherwise) runs beside the child, whose lower priority leaves it
+a small share: the window is timed again at the first checkpoint, the lower price
+holding. Any later phase waits before it starts (the distillation may have
+skipped its steps). A child that fails or is not done in
 :data:`JOIN_TIMEOUT_S` changes nothing: the kernels compile in this process at first use,
 as without it. The child runs this package's own code on constant 2×2×2 arrays; nothing
 from an input root is read.
@@ -32,8 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nx46vx")
 
-#: The phases that run before the kernels are waited for: none of them times the student or uses the kernels.
-BEFORE_KERNELS = ("discovery", "features", "search")
+#: The phases that start before the kernels are waited for: none of them times the student's steps or uses the kernels
+#: (the distillation waits itself, before its first step).
+BEFORE_KERNELS = ("discovery", "features", "search", "distillation")
 #: The longest wait for the child before the kernels are compiled here instead.
 JOIN_TIMEOUT_S = 300.0
 #: The child's ``os.nice`` increment: it runs on what the phases beside it leave.

@@ -228,6 +228,7 @@ class DistillationPhase:
         # a student fed the prior is validated only where the prior exists (the ensemble covers every volume it is given)
         validation = [] if cfg.teacher_input and not val_priors else [(image, truth, val_priors[i] if val_priors else None) for i, ((image, _), truth) in enumerate(zip(val[: cfg.val_volumes], validation_truths(ctx, state)))]
         self._best_maps = None
+        ctx.kernels_ready(self.name)  # the steps are timed (they lay out the schedule) and validated on the metric: not beside the child
         stopped = self._steps(ctx, state, student, volumes, validation, cfg, validation_s=validation_s if validation else 0.0, closing_s=probe_s)
         # the latest price, per window over the test volumes: it does not depend on the weights
         state.test_prices[STUDENT] = self._test_s_per_voxel + self._prior_seconds_per_voxel
