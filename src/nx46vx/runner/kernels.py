@@ -10,9 +10,10 @@ search run (a lower priority: it takes a core those leave idle), and this proces
 them from that cache (~0.2 s). The distillation waits for the child
 (:meth:`KernelCompilation.join`) before its first step: its steps' times lay out the
 schedule, and a validation (of the prior, at step 0) is the first use of the kernels. What
-it does before (the window's price, the teachers' maps, ~10 s of a demo run that waited
-that long for the child otherwise) runs beside the child, whose lower priority leaves it
-a small share: the window is timed again at the first checkpoint, the lower price
+it does before (the window's price, the teachers' maps) runs beside the child, whose lower
+priority leaves it a small share of the cores: demo runs on a cold cache waited 10-14 s for
+it before the distillation, and 8-9 s before the first step. A price taken beside the child
+is dearer, not cheaper; the window is timed again at the first checkpoint, the lower price
 holding. Any later phase waits before it starts (the distillation may have
 skipped its steps). A child that fails or is not done in
 :data:`JOIN_TIMEOUT_S` changes nothing: the kernels compile in this process at first use,
