@@ -29,7 +29,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Small but complete: the full 135-candidate grid and 120 iterations on small samples, a tiny student for a fixed
 # number of steps, no time budget (a test that wants one sets it after these).
 FAST = [
-    "distill.steps=30", "distill.checkpoint_every=10", "distill.width=4", "distill.depth=2", "distill.patch=16", "distill.inference_patch=24", "distill.val_every=10",
+    "distill.steps=30", "distill.checkpoint_every=10", "distill.width=4", "distill.depth=2", "distill.patch=16", "distill.batch=2", "distill.inference_patch=24", "distill.val_every=10",
     "distill.warmup_steps=5", "features.pool_per_class=3000", "search.samples_per_class=2000", "search.val_samples_per_class=2000",
     "search.max_epochs=2", "budget.total_s=0",
 ]

@@ -116,8 +116,10 @@ def test_networks_are_nnunets_own_with_deep_supervision() -> None:
     kwargs = architecture("resenc", width=32, depth=5, blocks=(1, 3, 4, 6, 6))["arch_kwargs"]
     assert kwargs["features_per_stage"] == [32, 64, 128, 256, 320, 320] and kwargs["n_blocks_per_stage"] == [1, 3, 4, 6, 6, 6]  # nnU-Net's ResEnc M
     assert kwargs["n_conv_per_stage_decoder"] == [1] * 5 and kwargs["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
-    cpu = distill.resolve(DistillConfig(arch="auto", width=32, depth=4, patch=128), CPU)
-    assert (cpu.arch, cpu.width, cpu.depth, cpu.patch) == ("plain", 16, 3, 48)
+    cpu = distill.resolve(DistillConfig(arch="auto", width=32, depth=4, patch=128, batch=2), CPU)
+    assert (cpu.arch, cpu.width, cpu.depth, cpu.patch, cpu.batch) == ("plain", 16, 3, distill.CPU_PATCH, distill.CPU_BATCH) == ("plain", 16, 3, 32, 4)
+    assert distill.resolve(DistillConfig(arch="auto", patch=16, batch=8), CPU).batch == 8  # at least CPU_BATCH patches a step, not at most
+    assert distill.resolve(DistillConfig(arch="auto", patch=128, batch=2), torch.device("cuda")).batch == 2  # a GPU student is taken as set
 
 
 def test_a_student_fed_the_ensembles_map_starts_as_that_map_and_learns_a_correction(volumes) -> None:
@@ -390,9 +392,10 @@ def test_the_blend_is_the_mean_of_two_maps() -> None:
     assert out.dtype == np.float32 and np.allclose(out, [[[0.4, 0.5]]]) and np.allclose(student, [[[0.2, 1.0]]])  # inputs untouched
 
 
-def test_a_cpu_student_predicts_in_windows_twice_its_patch_unless_set() -> None:
+def test_a_cpu_student_predicts_in_windows_three_times_its_patch_unless_set() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128), cpu)) == 96
+    assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=16), cpu)) == 48
     assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128, inference_patch=48), cpu)) == 48
     assert distill.window(distill.resolve(DistillConfig(arch="auto", patch=128), gpu)) == 128
     assert distill.window(distill.resolve(DistillConfig(arch="plain", patch=32), cpu)) == 32  # an explicit network is taken as set

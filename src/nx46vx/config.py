@@ -113,7 +113,8 @@ class DistillConfig:
     ``torchscript:<path>``, ``tiff:<dir>``, ``python:<module>:<callable>``; every
     listed teacher is required; ``[]`` trains on the labels alone. ``arch``:
     ``resenc`` (residual-encoder U-Net), ``plain``, or ``auto`` (ResEnc on a GPU,
-    plain width ≤ 16 and patch ≤ 48 on a CPU). ``steps`` = 0 trains as long as the
+    plain width ≤ 16, patch ≤ 32 and batch ≥ 4 on a CPU:
+    :data:`nx46vx.distill.CPU_PATCH`). ``steps`` = 0 trains as long as the
     budget grants (``max_steps`` when there is no budget); the learning-rate
     schedule is laid out over the granted steps after ``warmup_steps``. Loss:
     ``dice_weight·Dice + bce_weight·BCE + skeleton_weight·skeleton recall +
@@ -140,7 +141,7 @@ class DistillConfig:
     ``percentile`` (this package's per-volume 1st–99.5th percentile rescale, which an
     exported nnU-Net folder cannot hold: :func:`nx46vx.export_nnunet`).
     ``inference_patch``: the window the student's validations and test volumes are
-    predicted in (0 = ``patch``, or twice the capped patch for ``arch = "auto"`` on a
+    predicted in (0 = ``patch``, or three times the capped patch for ``arch = "auto"`` on a
     CPU; else a multiple of ``2**depth``): the network is fully convolutional, and on
     a CPU a window larger than the training patch overlaps less (a 96³ volume in one
     96³ window instead of 27 windows of 48³: 2.8× faster on the demo's student, and no
