@@ -64,6 +64,8 @@ def test_uninterrupted_run(reference: dict, demo_data: Path) -> None:
     # the reserve holds the tuning's scoring: its prior until the student's validations measure the metric
     budgets = {e["phase"]: e["data"] for e in _events(out / "journal.jsonl") if e["event"] == "TIME_BUDGET_STATE"}
     assert budgets["features"]["score_s_per_mvoxel"] == 0.5 and budgets["segmentation"]["score_s_per_mvoxel"] != 0.5
+    # and each test mask's clean-up and checkpoint, once measured (the student's validations, the checkpoints before)
+    assert budgets["features"]["cleanup_s_per_mvoxel"] == 0 and budgets["segmentation"]["cleanup_s_per_mvoxel"] > 0 and budgets["segmentation"]["checkpoint_s"] > 0
     assert names.count("PHASE_START") == names.count("PHASE_END") == 6
     profile = json.loads((out / "RUN_PROFILE_SUMMARY.json").read_text())
     assert abs(sum(profile["phase_seconds"].values()) - profile["wall_s"]) <= 0.05 * profile["wall_s"]
@@ -924,9 +926,13 @@ def test_the_segmenter_choice_prices_the_students_test_volumes_per_window(demo_d
     priced = next(e["data"] for e in events if e["event"] == "DISTILLATION_END")["test_s_per_voxel"]  # at the last validation's seconds per window
     choice = next(e["data"] for e in events if e["event"] == "SEGMENTER_CHOICE")
     assert choice["chosen"] == "student" and choice["excluded_for_time"] == []
-    assert choice["seconds_per_voxel"]["student"] == priced > 0
-    test_voxels = sum(tifffile.imread(path).size for path in (demo_data / "test_images").glob("*.tif"))
-    assert choice["predicted_test_seconds"]["student"] == pytest.approx(priced * test_voxels * 1.5)
+    test_paths = list((demo_data / "test_images").glob("*.tif"))
+    test_voxels = sum(tifffile.imread(path).size for path in test_paths)
+    # past the inference each test volume pays its mask's clean-up and a checkpoint, as last measured when the choice is made
+    budget = next(e["data"] for e in events if e["event"] == "TIME_BUDGET_STATE" and e["phase"] == "segmentation")
+    finishing = budget["cleanup_s_per_mvoxel"] / 1e6 + budget["checkpoint_s"] * len(test_paths) / test_voxels
+    assert priced > 0 and finishing > 0 and choice["seconds_per_voxel"]["student"] == pytest.approx(priced + finishing, rel=1e-4)
+    assert choice["predicted_test_seconds"]["student"] == pytest.approx((priced + finishing) * test_voxels * 1.5, rel=1e-4)
     val_ids = next(e["data"] for e in events if e["event"] == "DATASET_DISCOVERY")["split"]["val_ids"]
     val_voxels = sum(tifffile.imread(demo_data / "train_images" / f"{i}.tif").size for i in val_ids)
     assert choice["seconds_per_voxel"]["student"] < 50.0 * len(val_ids) / val_voxels / 100  # far under the validation's measure

@@ -224,6 +224,31 @@ def test_the_reserve_counts_the_tunnel_repair_on_validation_and_test_voxels() ->
     assert governor.reserve() == pytest.approx((50 * 3 + 0.2 * 12) * 2.0) and governor.state()["repair_s_per_mvoxel"] == pytest.approx(0.2)
 
 
+def test_the_reserve_and_the_test_price_count_each_masks_cleanup_and_checkpoint() -> None:
+    """Past its inference and tunnel repair every test volume pays its mask's clean-up and the checkpoint written after it: the
+    reserve and the segmentation phase's price of the test volumes keep time for both, as last measured (nothing before)."""
+    from types import SimpleNamespace
+
+    from nx46vx.config import SegmentConfig
+    from nx46vx.runner.phases.segmentation import SegmentationPhase
+
+    budget = BudgetConfig(total_s=100_000, reserve_per_volume_s=50, reserve_safety=2.0, score_s_per_mvoxel=0.0, repair_s_per_mvoxel=0.6)
+    governor = Governor(budget, n_test=3, clock=VirtualClock(tick=0.0))
+    governor.test_voxels = 3 * 10**6
+    assert governor.finishing_seconds(governor.test_voxels, 3) == 0.0 and governor.reserve() == pytest.approx(50 * 3 * 2.0)
+    governor.measured_cleanup_cost(0.1 / 1e6)
+    governor.measured_checkpoint_cost(0.4)
+    governor.measured_checkpoint_cost(0.25)  # the latest replaces it (a checkpoint after a finished phase links its files)
+    assert governor.finishing_seconds(governor.test_voxels, 3) == pytest.approx(0.1 * 3 + 0.25 * 3)
+    assert governor.reserve() == pytest.approx((50 * 3 + 1.05) * 2.0)
+    assert governor.state()["cleanup_s_per_mvoxel"] == pytest.approx(0.1) and governor.state()["checkpoint_s"] == pytest.approx(0.25)
+    ctx = SimpleNamespace(governor=governor, config=SimpleNamespace(segment=SegmentConfig(), budget=budget))
+    # a source at 1 µs a voxel: its inference, the repair the grid may choose (on by default), the clean-up and the checkpoints
+    assert SegmentationPhase._test_seconds(ctx, SimpleNamespace(test_voxels=3 * 10**6), 1e-6) == pytest.approx(((1.0 + 0.6) * 3 + 1.05) * 2.0)
+    ctx.config.segment = SegmentConfig(repair_tunnels=False)
+    assert SegmentationPhase._test_seconds(ctx, SimpleNamespace(test_voxels=3 * 10**6), 1e-6) == pytest.approx((1.0 * 3 + 1.05) * 2.0)
+
+
 def test_the_reserve_keeps_the_dearest_segmenters_latest_price() -> None:
     """Each segmenter's latest measured cost replaces its last one (a price taken during a hiccup does not stay); the reserve
     is sized by the dearest of them, and by the configured guess only until a first measurement."""

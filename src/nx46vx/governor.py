@@ -111,6 +111,9 @@ class Governor:
         self.score_cost = MeasuredCost(budget.score_s_per_mvoxel / 1e6)  # the metric's seconds per voxel
         self.repair_voxels = 0  # voxels the tunnel repair runs on: validation voxels × repairing grid points + the test voxels
         self.repair_cost = MeasuredCost(budget.repair_s_per_mvoxel / 1e6)  # the tunnel repair's seconds per voxel
+        self.test_voxels = 0  # voxels of the test volumes
+        self.cleanup_cost = MeasuredCost(0.0)  # a mask's clean-up (threshold, small components) per voxel: every test mask pays it
+        self.checkpoint_cost = MeasuredCost(0.0)  # one checkpoint's seconds: one is written after every test volume
         self.phase_elapsed: dict[str, float] = {}
         self.previous_elapsed: dict[str, float] = {}
         self._phase: str | None = None
@@ -137,9 +140,10 @@ class Governor:
         (Per volume cost × (test volumes + validation volumes: the post-processing is tuned
         on them, on the student's maps from its last validation and the cheaper sources'
         maps) + the metric's cost per voxel × the voxels one source's tuning scores + the
-        tunnel repair's cost per voxel × the voxels it runs on) × ``reserve_safety``.
+        tunnel repair's cost per voxel × the voxels it runs on + what the test volumes cost past their inference,
+        :meth:`finishing_seconds`) × ``reserve_safety``.
         """
-        volumes = self.per_volume_s * (max(1, self.n_test) + self.n_val)
+        volumes = self.per_volume_s * (max(1, self.n_test) + self.n_val) + self.finishing_seconds(self.test_voxels, self.n_test)
         tuning = self.score_s_per_voxel * self.tuning_voxels + self.repair_s_per_voxel * self.repair_voxels
         reserve = (volumes + tuning) * self.budget.reserve_safety
         return min(reserve, 0.5 * self.budget.total_s) if self.budget.total_s > 0 else reserve
@@ -199,6 +203,20 @@ class Governor:
         """The tunnel repair's seconds per voxel: the latest measurement, else the configured guess."""
         return self.repair_cost.value
 
+    def finishing_seconds(self, voxels: int, volumes: int) -> float:
+        """What ``volumes`` test volumes of ``voxels`` voxels in all cost past their inference and tunnel repair: each mask's
+        clean-up and the checkpoint written after it, as last measured (nothing before a measurement). A demo run that left
+        them out of its price (~0.55 s a volume against ~0.6 s priced) gave its last test volume the baseline's mask."""
+        return self.cleanup_cost.value * voxels + self.checkpoint_cost.value * volumes
+
+    def measured_cleanup_cost(self, seconds_per_voxel: float) -> None:
+        """The latest measured clean-up of a mask (the plain grid point's), per voxel."""
+        self.cleanup_cost.measured(seconds_per_voxel)
+
+    def measured_checkpoint_cost(self, seconds: float) -> None:
+        """The latest checkpoint's seconds."""
+        self.checkpoint_cost.measured(seconds)
+
     def measured_volume_cost(self, seconds_per_voxel: float, test_voxels: int, *, source: str) -> None:
         """Size the reserve from segmenter ``source``'s measured feature/inference cost (:class:`MeasuredCost`: its latest
         measurement replaces its last one; the dearest segmenter sets what segmentation may need)."""
@@ -242,6 +260,8 @@ class Governor:
             "reserve_s": round(self.reserve(), 3),
             "score_s_per_mvoxel": round(self.score_s_per_voxel * 1e6, 4),
             "repair_s_per_mvoxel": round(self.repair_s_per_voxel * 1e6, 4),
+            "cleanup_s_per_mvoxel": round(self.cleanup_cost.value * 1e6, 6),
+            "checkpoint_s": round(self.checkpoint_cost.value, 6),
             "phase": self._phase,
             "stop_reason": self.stop_reason,
         }

@@ -99,7 +99,7 @@ class Checkpointer:
         ctx = self.ctx
         journal = ctx.journal
         assert journal is not None
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), ctx.governor.clock()
         tree_size, root = journal.merkle_root("checkpoint")
         cursor = ctx.reporter.cursor()
         search = ctx.reporter.state.search if ctx.reporter.state is not None else None
@@ -139,6 +139,7 @@ class Checkpointer:
         self._remember_done(path)
         self.merkle_prev = root
         seconds = time.perf_counter() - t0
+        ctx.governor.measured_checkpoint_cost(ctx.governor.clock() - started)  # on the governor's clock: what its reserve is sized by
         ctx.io_seconds += seconds
         self.last = path
         self.bytes_written += sum(len(data) for data in payload.values())

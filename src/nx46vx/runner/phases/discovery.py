@@ -142,6 +142,7 @@ class DiscoveryPhase:
         scored = sum(int(np.prod(volume_shape(p.image) or (0,))) for p in state.val_pairs[: ctx.governor.n_val])  # checked above
         ctx.governor.tuning_voxels = scored * tuning_points(config.segment)
         ctx.governor.repair_voxels = scored * repair_points(config.segment) + (state.test_voxels if config.segment.repair_tunnels else 0)
+        ctx.governor.test_voxels = state.test_voxels
         manifest = [("train", p.id, state.volume_keys[p.id]) for p in state.train_pairs] + [("val", p.id, state.volume_keys[p.id]) for p in state.val_pairs]
         self.data_key = digest(sorted(manifest))
         ctx.event("DATASET_DISCOVERY", self.name, {

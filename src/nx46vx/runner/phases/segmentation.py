@@ -170,9 +170,11 @@ class SegmentationPhase:
             keep_going = self._tuning_budget(ctx, state, max(scored.seconds_per_voxel.values()))
             scored.planned[name] = len(list(postprocess_grid(seg))) if grid is None else len(grid)
             scored.params[name], scored.scores[name], scored.tuned[name] = tune_postprocess(list(zip(maps[name], labels)), seg, grid=grid, keep_going=keep_going)
-        for name, params in scored.params.items():
-            if params.repair_tunnels:  # its test volumes pay the tunnel repair besides the inference
-                scored.seconds_per_voxel[name] = scored.seconds_per_voxel.get(name, 0.0) + ctx.governor.repair_s_per_voxel
+        governor = ctx.governor
+        finishing = governor.finishing_seconds(state.test_voxels, governor.n_test) / max(1, state.test_voxels)
+        for name, params in scored.params.items():  # its test volumes pay the clean-up, a checkpoint each and the tunnel repair where it repairs
+            repair = governor.repair_s_per_voxel if params.repair_tunnels else 0.0
+            scored.seconds_per_voxel[name] = scored.seconds_per_voxel.get(name, 0.0) + finishing + repair
 
     def _report(self, ctx: "RunContext", state: "RunState", labels: list[Any], scored: "Scored") -> None:
         """``VALIDATION_REPORT``: the candidates' scores and the teachers' (a teacher that is no candidate scored at the plain point only:
@@ -204,19 +206,28 @@ class SegmentationPhase:
         left, segmented by this source or by the leader so far (``leader_s`` seconds per voxel), whichever is dearer. The
         source's test volumes cost ``test_price`` per voxel where one is known (:attr:`RunState.test_prices`), else what
         its validation maps cost so far."""
-        governor, safety = ctx.governor, ctx.config.budget.reserve_safety
+        governor = ctx.governor
 
         def fits(per_voxel: float, voxels_left: int) -> bool:
-            test_s = max(per_voxel if test_price is None else test_price, leader_s) * state.test_voxels * safety
+            test_s = self._test_seconds(ctx, state, max(per_voxel if test_price is None else test_price, leader_s))
             return per_voxel * voxels_left + test_s <= governor.remaining() - governor.margin()
 
         return fits
+
+    @staticmethod
+    def _test_seconds(ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> float:
+        """The test volumes' predicted seconds at a source's ``seconds_per_voxel`` (its inference), ``budget.reserve_safety``
+        included: with the tunnel repair where the grid may choose it, each mask's clean-up and a checkpoint after each."""
+        governor = ctx.governor
+        repair = governor.repair_s_per_voxel if ctx.config.segment.repair_tunnels else 0.0
+        test_s = (seconds_per_voxel + repair) * state.test_voxels + governor.finishing_seconds(state.test_voxels, governor.n_test)
+        return test_s * ctx.config.budget.reserve_safety
 
     def _tuning_budget(self, ctx: "RunContext", state: "RunState", seconds_per_voxel: float) -> Callable[[int], bool]:
         """``keep_going(i)``: one more point fits when its measured cost and the test volumes at ``seconds_per_voxel`` fit the time left."""
         governor = ctx.governor
         start = governor.clock()
-        test_s = seconds_per_voxel * state.test_voxels * ctx.config.budget.reserve_safety
+        test_s = self._test_seconds(ctx, state, seconds_per_voxel)
 
         def keep_going(i: int) -> bool:
             governor.account("tune_params")
